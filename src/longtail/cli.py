@@ -1,0 +1,181 @@
+"""`longtail` command line: parses arguments, then calls library functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EPILOG = """examples:
+  longtail train                                   # quickstart: shapes-glt, tiny CNN, ~1 minute on a laptop
+  longtail train cifar10_lt/ce data.root=cifar10-jpeg.zip
+  longtail train my.yaml stages.0.epochs=10 optim.lr=0.05 --out runs/try1
+  longtail train --resume --out runs/try1          # continue an interrupted run
+  longtail eval runs/try1 --split test
+  longtail report runs/*
+  longtail predict runs/try1 cat.jpg dog.png
+  longtail list
+"""
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from longtail.config import load_config
+    from longtail.engine import Interrupted, train
+    from longtail.evaluation.report import load_run, results_table
+
+    if args.resume:
+        if args.config or args.overrides:
+            raise SystemExit("error: --resume continues a run with its saved config; drop CONFIG and key=value")
+        cfg = None
+    else:
+        config, overrides = args.config, list(args.overrides)
+        if config is not None and "=" in config and not Path(config).exists():
+            overrides.insert(0, config)  # `longtail train epochs=3`: no config, only overrides
+            config = None
+        cfg = load_config(config, overrides)
+    try:
+        run_dir = train(cfg, out=args.out, resume=args.resume, progress=not args.quiet)
+    except Interrupted as e:
+        print(f"\n{e}", file=sys.stderr)
+        return 130
+    run = load_run(run_dir)
+    print()
+    print(results_table(run["metrics"], title=f"{run_dir.name}: {run['metrics'].get('selected', '')}"))
+    print(f"\nrun folder: {run_dir}  (config.yaml, metrics.json, train.log, checkpoints/, plots/)")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from longtail.engine.fit import evaluate_run, write_metrics
+    from longtail.engine.inference import load_trained
+    from longtail.evaluation.report import results_table
+
+    run = load_trained(args.run_dir, args.set, device=args.device)
+    splits = None
+    if args.split:
+        splits = [s.strip() for s in args.split.split(",")]
+        unknown = [s for s in splits if s not in run.dataset.splits]
+        if unknown:
+            raise SystemExit(f"error: no split {unknown[0]!r}; this run has {', '.join(run.dataset.splits)}")
+    metrics = evaluate_run(run.method, run.loader, run.cfg, splits=splits)
+    title = f"{Path(args.run_dir).name}" + (f" with {' '.join(args.set)}" if args.set else "")
+    print(results_table(metrics, title=title))
+    if not args.set and args.write:
+        # Merge into metrics.json: re-evaluating one split keeps the others.
+        path = Path(args.run_dir) / "metrics.json"
+        old = json.loads(path.read_text()) if path.is_file() else {}
+        merged = {**old, **{k: v for k, v in metrics.items() if k != "splits"},
+                  "splits": {**old.get("splits", {}), **metrics["splits"]}}
+        write_metrics(Path(args.run_dir), merged, run.cfg)
+        print(f"\nupdated {path}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from longtail.evaluation.report import runs_table
+    from longtail.utils import atomic_write_text
+
+    table = runs_table(args.run_dirs, split=args.split)
+    print(table)
+    if args.out:
+        atomic_write_text(args.out, table + "\n")
+        print(f"\nwritten to {args.out}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from longtail.engine.inference import load_trained, predict_images
+
+    run = load_trained(args.run_dir, device=args.device)
+    for path, top in zip(args.images, predict_images(run, args.images, args.topk), strict=True):
+        print(f"{path}: " + ", ".join(f"{name} {p:.1%}" for name, p in top))
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    import longtail  # noqa: F401  (fills every registry)
+    from longtail import registry
+    from longtail.config import shipped_configs
+
+    for title, reg in (("datasets", registry.DATASETS), ("backbones", registry.BACKBONES),
+                       ("heads", registry.HEADS), ("methods", registry.METHODS), ("samplers", registry.SAMPLERS)):
+        print(f"{title}:")
+        for name, doc in reg.describe().items():
+            print(f"  {name:<18} {doc}")
+    print("configs (longtail train NAME):")
+    for name in shipped_configs():
+        print(f"  {name}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="longtail", description="Train, evaluate and compare long-tailed "
+                                "image classifiers.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from longtail import __version__
+
+    p.add_argument("--version", action="version", version=f"longtail {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a recipe (default: the quickstart)",
+                       description="Train a recipe made of stages, evaluate it, and write a run folder.",
+                       epilog="CONFIG is a YAML file or a shipped recipe name (see `longtail list`). key=value "
+                              "overrides any config field, e.g. stages.0.epochs=5, data.root=/data/cifar, "
+                              "seed=1; stage keys (epochs, optim.lr, method.x) apply to a one-stage recipe.")
+    t.add_argument("config", nargs="?", help="recipe file or shipped recipe name (default: quickstart)")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    t.add_argument("--out", help="run folder (default: runs/<name>-<time>)")
+    t.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("eval", help="re-evaluate a finished run", description="Re-evaluate a finished run "
+                       "with its final weights; --set changes prediction-time method options.")
+    e.add_argument("run_dir")
+    e.add_argument("--split", help="comma-separated splits (default: val if present, then the test splits)")
+    e.add_argument("--set", action="append", default=[], metavar="key=value",
+                   help="prediction-time override, e.g. method.alpha=2.0 (printed, metrics.json untouched)")
+    e.add_argument("--no-write", dest="write", action="store_false", help="do not update metrics.json")
+    e.add_argument("--device", help="cpu, cuda, ... (default: the run's)")
+    e.set_defaults(func=_cmd_eval)
+
+    r = sub.add_parser("report", help="one markdown table comparing runs")
+    r.add_argument("run_dirs", nargs="+")
+    r.add_argument("--split", help="only this split (default: every evaluated split)")
+    r.add_argument("--out", help="also write the table to this file")
+    r.set_defaults(func=_cmd_report)
+
+    pr = sub.add_parser("predict", help="top-k classes of image files")
+    pr.add_argument("run_dir")
+    pr.add_argument("images", nargs="+")
+    pr.add_argument("--topk", type=int, default=5)
+    pr.add_argument("--device", help="cpu, cuda, ... (default: the run's)")
+    pr.set_defaults(func=_cmd_predict)
+
+    ls = sub.add_parser("list", help="registered datasets, backbones, heads, methods, samplers and recipes")
+    ls.set_defaults(func=_cmd_list)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    from longtail.config import ConfigError
+    from longtail.data.base import DataError
+    from longtail.registry import RegistryError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, RegistryError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

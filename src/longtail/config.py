@@ -1,0 +1,435 @@
+"""Strict, typed run configuration: dataclasses are the schema, YAML presets fill them.
+
+Unknown keys are errors with a "did you mean"; ``key.sub=value`` overrides are coerced to the
+field's type. A method's own options are checked against that method's ``Config`` dataclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used: unknown key, wrong type, bad value. Says what to fix."""
+
+
+@dataclass
+class DataConfig:
+    """Which dataset, and how its long tail and loaders are built."""
+
+    name: str = "shapes_glt"  # a registered dataset (`longtail list`)
+    root: str | None = None  # folder or archive of the data; None: the dataset's default location
+    imbalance_ratio: float = 100.0  # n_max / n_min of the training split
+    profile: str = "exp"  # exp: n_i = int(n_max * r^(i/(C-1))); step: half n_max, half n_max*r
+    subset_seed: int = 0  # which images are kept (CIFAR-LT: bit-compatible with Cao et al.)
+    val_fraction: float = 0.0  # held out of train per class for model selection; 0: no val split
+    download: bool = False  # allow downloading standard datasets (never implicit)
+    num_classes: int | None = None  # generated datasets (shapes_glt): how many classes; None = default
+    max_per_class: int | None = None  # generated / digits datasets: n_max; None = default
+    train_variant: str = "lt"  # shapes_glt: lt (Train-GLT) or cbl (class-balanced, attributes LT; ALT)
+    train_list: str | None = None  # list-file datasets: `relative/path label` per line
+    val_list: str | None = None
+    test_list: str | None = None
+    image_size: int | None = None  # network input side; None = the dataset's default
+    in_memory: str = "auto"  # auto | always | never: decode once into RAM and augment in batches
+    augment: str = "auto"  # auto | cifar | imagenet | none
+    num_workers: int = 2  # DataLoader workers for file datasets
+    cache_dir: str | None = None  # decoded/generated data cache; None: $LONGTAIL_CACHE or ~/.cache/longtail
+
+
+@dataclass
+class ModelConfig:
+    """Backbone + classifier head."""
+
+    backbone: str = "resnet32"  # a registered backbone (`longtail list`)
+    head: str = "linear"  # a registered head
+    head_bias: bool = True  # linear head bias (TDE/GLT "Baseline" is bias-free)
+    head_scale: float = 16.0  # cosine head: logit scale s in s * cos(x, w)
+    pretrained: str | None = None  # local weights file for the backbone (never downloaded implicitly)
+    channels_last: bool = True  # memory format on GPU
+
+
+@dataclass
+class OptimConfig:
+    """SGD with momentum (the optimiser of every reference recipe)."""
+
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning rate per epoch: linear warm-up, then multistep or cosine decay."""
+
+    name: str = "multistep"  # multistep | cosine | constant
+    milestones: list[int] = field(default_factory=list)  # multistep: epochs (0-based) where lr *= gamma
+    gamma: float = 0.1
+    warmup_epochs: int = 0
+    warmup_factor: float = 1.0 / 3.0  # lr at the first warm-up epoch, as a fraction of lr
+    min_lr: float = 0.0  # cosine: final lr
+    reference_offset: bool = False  # reproduce the TDE code's one-epoch offset (scheduler stepped first)
+    per_iteration: bool = False  # update the lr every iteration (smooth warm-up / cosine)
+
+
+@dataclass
+class StageConfig:
+    """One stage of a recipe: a method trained for some epochs with a sampler and an optimiser."""
+
+    name: str = "main"
+    method: dict[str, Any] = field(default_factory=lambda: {"name": "ce"})  # name + the method's options
+    epochs: int = 200
+    batch_size: int = 128
+    sampler: str = "instance"  # a registered sampler
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    init_from: str | None = None  # name of an earlier stage whose final weights start this one
+    eval_every: int = 0  # evaluate on val every N epochs (0: only at the end); never on test
+    drop_last: bool = True  # drop the last partial training batch (reference behaviour)
+
+
+@dataclass
+class EvalConfig:
+    """What is measured at the end of a run."""
+
+    batch_size: int = 512
+    many_above: int = 100  # many-shot: > this many training images
+    few_below: int = 20  # few-shot: < this many training images
+    inclusive: bool = False  # OLTR thresholds (>= many_above, <= few_below)
+    select: str = "last"  # last | best_val: which epoch's weights are reported (never chosen on test)
+    plots: bool = True
+
+
+@dataclass
+class RunConfig:
+    """A whole run: data, model, stages, evaluation."""
+
+    name: str = "run"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    deterministic: bool = True  # deterministic kernels (CPU is always bit-reproducible for a seed)
+    amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
+    compile: bool = False  # torch.compile the model (GPU)
+    checkpoint_every: int = 1  # epochs between checkpoints (atomic, resumable)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ----------------------------------------------------------------------------- building from dicts
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML / command-line value to the annotated type ``tp``, or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: cannot be {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+        if not isinstance(value, list | tuple):
+            value = [value]
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if isinstance(value, str):
+            value = {"name": value}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if tp is Any:
+        return value
+    raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")
+
+
+def _unknown_key(cls: type, key: str, where: str) -> ConfigError:
+    names = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else f" (known: {', '.join(names)})"
+    return ConfigError(f"unknown key '{where + '.' if where else ''}{key}'{hint}")
+
+
+def from_dict(cls: type, data: dict, where: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping; unknown keys and wrong types raise ConfigError."""
+    if data is None:
+        data = {}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in hints:
+            raise _unknown_key(cls, key, where)
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain (YAML-safe) dict of a dataclass config."""
+    return dataclasses.asdict(obj)
+
+
+# ----------------------------------------------------------------------------- overrides
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (['a','b','c'], value parsed as YAML scalar/list)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}' has no key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+_STAGE_KEYS = {f.name for f in dataclasses.fields(StageConfig)}
+_RUN_KEYS = {f.name for f in dataclasses.fields(RunConfig)}
+
+
+def apply_override(raw: dict, path: list[str], value: Any) -> None:
+    """Set ``raw[path] = value`` in a raw config dict (before validation).
+
+    Stage keys given at top level (``epochs=5``, ``method.alpha=2``, ``optim.lr=0.1``) apply to the
+    only stage, or to every stage when ``stages`` is absent; with several stages use ``stages.N.key``.
+    """
+    if path[0] not in _RUN_KEYS and path[0] in _STAGE_KEYS:
+        stages = raw.setdefault("stages", [{}])
+        if len(stages) != 1:
+            raise ConfigError(
+                f"'{'.'.join(path)}' is a stage key and this recipe has {len(stages)} stages: "
+                f"write stages.N.{'.'.join(path)} (N from 0)"
+            )
+        path = ["stages", "0", *path]
+    node: Any = raw
+    for i, part in enumerate(path[:-1]):
+        if isinstance(node, list):
+            try:
+                idx = int(part)
+                node = node[idx]
+            except (ValueError, IndexError):
+                raise ConfigError(f"'{'.'.join(path)}': no list item '{part}' (have {len(node)})") from None
+            continue
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = {}
+            node[part] = nxt
+        elif isinstance(nxt, str) and path[i] == "method":
+            nxt = {"name": nxt}
+            node[part] = nxt
+        elif not isinstance(nxt, dict | list):
+            raise ConfigError(f"'{'.'.join(path[: i + 1])}' is a value, not a section")
+        node = nxt
+    last = path[-1]
+    if isinstance(node, list):
+        try:
+            node[int(last)] = value
+        except (ValueError, IndexError):
+            raise ConfigError(f"'{'.'.join(path)}': no list item '{last}'") from None
+    else:
+        node[last] = value
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def configs_dir() -> Path:
+    """The shipped recipes: ``configs/`` in a source checkout, else the copy inside the package."""
+    here = Path(__file__).resolve()
+    for cand in (here.parents[2] / "configs", here.parent / "configs"):
+        if cand.is_dir():
+            return cand
+    return here.parents[2] / "configs"
+
+
+def shipped_configs() -> dict[str, Path]:
+    """name -> path of every shipped recipe (``configs/**/*.yaml``)."""
+    root = configs_dir()
+    return {p.relative_to(root).with_suffix("").as_posix(): p for p in sorted(root.rglob("*.yaml"))}
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A YAML path, or the name of a shipped recipe (``quickstart``, ``cifar10_lt/ce``)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    shipped = shipped_configs()
+    key = name_or_path.removesuffix(".yaml")
+    if key in shipped:
+        return shipped[key]
+    close = difflib.get_close_matches(key, list(shipped), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; `longtail list` shows the shipped recipes"
+    raise ConfigError(f"config '{name_or_path}' is neither a file nor a shipped recipe{hint}")
+
+
+def load_raw(path: str | Path) -> dict:
+    """Read a YAML recipe (safe_load) into a raw dict; ``base: other.yaml`` inherits from another."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of keys, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is not None:
+        base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
+        if not base_path.is_file():
+            base_path = resolve_config_path(str(base))
+        merged = load_raw(base_path)
+        _deep_merge(merged, raw)
+        raw = merged
+    return raw
+
+
+def _deep_merge(dst: dict, src: dict) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict) and k != "method":
+            _deep_merge(dst[k], v)
+        else:
+            dst[k] = v
+
+
+def build_config(raw: dict, overrides: list[str] | None = None) -> RunConfig:
+    """Apply ``key=value`` overrides to a raw dict, validate it strictly, return a RunConfig."""
+    raw = yaml.safe_load(yaml.safe_dump(raw))  # deep copy of plain data
+    for text in overrides or []:
+        path, value = parse_override(text)
+        apply_override(raw, path, value)
+    cfg = from_dict(RunConfig, raw)
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a recipe file or shipped recipe name (None: the quickstart) with overrides."""
+    path = resolve_config_path(str(path) if path is not None else "quickstart")
+    return build_config(load_raw(path), overrides)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Semantic checks beyond types: registered names, ranges, stage references, method options."""
+    from longtail import registry  # registries are filled by importing the subpackages
+    import longtail.data  # noqa: F401
+    import longtail.methods  # noqa: F401
+    import longtail.models  # noqa: F401
+
+    def check(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    def known(reg: registry.Registry, name: str, where: str) -> None:
+        try:
+            reg.get(name)
+        except registry.RegistryError as e:
+            raise ConfigError(f"{where}: {e}") from None
+
+    known(registry.DATASETS, cfg.data.name, "data.name")
+    known(registry.BACKBONES, cfg.model.backbone, "model.backbone")
+    known(registry.HEADS, cfg.model.head, "model.head")
+    check(cfg.data.profile in ("exp", "step"), f"data.profile must be exp or step, got '{cfg.data.profile}'")
+    check(cfg.data.imbalance_ratio >= 1, "data.imbalance_ratio must be >= 1 (n_max / n_min)")
+    check(0 <= cfg.data.val_fraction < 1, "data.val_fraction must be in [0, 1)")
+    check(cfg.data.in_memory in ("auto", "always", "never"), "data.in_memory must be auto, always or never")
+    check(cfg.data.augment in ("auto", "cifar", "imagenet", "none"), "data.augment must be auto, cifar, imagenet or none")
+    check(cfg.data.train_variant in ("lt", "cbl"), "data.train_variant must be lt or cbl")
+    check(cfg.eval.select in ("last", "best_val"), "eval.select must be last or best_val")
+    check(cfg.eval.few_below <= cfg.eval.many_above, "eval.few_below must not exceed eval.many_above")
+    check(cfg.checkpoint_every >= 1, "checkpoint_every must be >= 1")
+    check(len(cfg.stages) >= 1, "a recipe needs at least one stage")
+    names: list[str] = []
+    for i, st in enumerate(cfg.stages):
+        where = f"stages.{i} ('{st.name}')"
+        check(st.name not in names, f"{where}: duplicate stage name")
+        check(st.epochs >= 0, f"{where}: epochs must be >= 0")
+        check(st.batch_size >= 1, f"{where}: batch_size must be >= 1")
+        check(st.optim.lr >= 0, f"{where}: optim.lr must be >= 0")
+        check(st.schedule.name in ("multistep", "cosine", "constant"),
+              f"{where}: schedule.name must be multistep, cosine or constant")
+        check(st.init_from is None or st.init_from in names,
+              f"{where}: init_from '{st.init_from}' is not an earlier stage ({', '.join(names) or 'none'})")
+        known(registry.SAMPLERS, st.sampler, f"{where}.sampler")
+        check("name" in st.method, f"{where}: method needs a name")
+        known(registry.METHODS, st.method["name"], f"{where}.method")
+        method_cls = registry.METHODS.get(st.method["name"])
+        opts = {k: v for k, v in st.method.items() if k != "name"}
+        st.method = {"name": st.method["name"], **to_dict(from_dict(method_cls.Config, opts, f"{where}.method"))}
+        names.append(st.name)
+
+
+def save_yaml(obj: Any, path: str | Path) -> None:
+    """Write a config (dataclass or dict) as YAML atomically."""
+    from longtail.utils import atomic_write_text
+
+    data = to_dict(obj) if dataclasses.is_dataclass(obj) else obj
+    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))

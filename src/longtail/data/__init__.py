@@ -1,0 +1,42 @@
+"""Datasets, imbalance profiles, samplers and loaders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from longtail.config import DataConfig
+from longtail.data import cifar, folder, samplers  # noqa: F401  (fill the registries)
+try:  # TEMP
+    from longtail.data import builtin  # noqa: F401
+except ImportError:  # TEMP
+    pass
+from longtail.data.base import DataError, LTDataset, Split
+from longtail.data.profiles import class_counts, hold_out, index_hash, select_long_tailed
+from longtail.registry import DATASETS
+from longtail.utils import default_cache_dir
+
+__all__ = ["DataError", "LTDataset", "Split", "class_counts", "create_dataset", "select_long_tailed"]
+
+
+def create_dataset(cfg: DataConfig, seed: int = 0) -> LTDataset:
+    """Build the configured dataset; hold out ``cfg.val_fraction`` of train as val when asked.
+
+    The hold-out is seeded by ``cfg.subset_seed`` (the data, not the run seed) so that runs with
+    different training seeds select on the same val split.
+    """
+    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    ds: LTDataset = DATASETS.get(cfg.name)(cfg, cache_dir)
+    if cfg.val_fraction > 0:
+        if "val" in ds.splits:
+            raise DataError(f"{ds.name} has its own val split; drop data.val_fraction")
+        tr, va = hold_out(ds.train.targets.numpy(), cfg.val_fraction, cfg.subset_seed + 1)
+        ds.splits["val"] = ds.train.subset(torch.from_numpy(va))
+        ds.splits["train"] = ds.train.subset(torch.from_numpy(tr))
+        ds.info["val"] = f"held out {cfg.val_fraction:.0%} of train per class (hash {index_hash(va)})"
+    ds.validate()
+    ds.info["train_size"] = len(ds.train)
+    ds.info["train_counts_hash"] = index_hash(np.asarray(ds.train_counts()))
+    return ds

@@ -1,0 +1,148 @@
+"""CIFAR-10-LT and CIFAR-100-LT: from torchvision's CIFAR files or from an image-folder copy (folder or zip)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from longtail.config import DataConfig
+from longtail.data.base import DataError, LTDataset, Split
+from longtail.data.images import IMAGE_EXTENSIONS, decode_bytes
+from longtail.data.profiles import class_counts, index_hash, select_long_tailed
+from longtail.registry import DATASETS
+from longtail.utils import atomic_torch_save
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2023, 0.1994, 0.2010)  # the values of the LDAM-DRW / BBN / TDE code
+
+
+def _default_root(num_classes: int) -> Path:
+    env = os.environ.get("LONGTAIL_DATA")
+    return Path(env) / f"cifar{num_classes}" if env else Path.home() / ".cache" / "longtail" / f"cifar{num_classes}"
+
+
+def _load_torchvision(root: Path, num_classes: int, download: bool) -> tuple[dict, list[str]]:
+    """{'train': (images (N,3,32,32) uint8, targets), 'test': ...} from the pickled CIFAR batches."""
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls = CIFAR10 if num_classes == 10 else CIFAR100
+    out = {}
+    try:
+        for split in ("train", "test"):
+            ds = cls(str(root), train=split == "train", download=download)
+            out[split] = (torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), np.asarray(ds.targets))
+    except RuntimeError as e:
+        raise DataError(
+            f"CIFAR-{num_classes} not found under {root} ({e}). Point data.root at a folder holding "
+            f"the CIFAR python batches, at an image-folder copy (train/<class>/*.jpg, test/<class>/*.jpg, "
+            f"or a .zip of it), or set data.download=true to download it"
+        ) from None
+    return out, list(ds.classes)
+
+
+def _folder_members(root: Path) -> tuple[list[tuple[str, str, str]], callable]:
+    """(split, class, name) of every image in an image-folder copy, and a reader of one member's bytes."""
+    if root.is_file() and zipfile.is_zipfile(root):
+        zf = zipfile.ZipFile(root)
+        members = []
+        for name in zf.namelist():
+            parts = name.split("/")
+            if name.lower().endswith(IMAGE_EXTENSIONS) and len(parts) >= 3 and parts[-3] in ("train", "test"):
+                members.append((parts[-3], parts[-2], name))
+        return members, lambda m: zf.read(m)
+    if root.is_dir():
+        members = []
+        for split in ("train", "test"):
+            for p in sorted((root / split).glob("*/*")) if (root / split).is_dir() else []:
+                if p.suffix.lower() in IMAGE_EXTENSIONS:
+                    members.append((split, p.parent.name, str(p)))
+        return members, lambda m: Path(m).read_bytes()
+    raise DataError(f"dataset root {root} does not exist; set data.root to the CIFAR folder or zip")
+
+
+def _load_image_folder(root: Path, num_classes: int, cache_dir: Path) -> tuple[dict, list[str]]:
+    """Decode an image-folder copy once (cached as uint8 tensors); classes sorted by name, files by name.
+
+    Sorted class names give the canonical CIFAR label order; files numbered within a class keep the
+    original order, so the seeded subset matches the one drawn from the pickled batches' order.
+    """
+    stat = root.stat()
+    key = hashlib.sha1(f"{root.resolve()}|{stat.st_size}|{int(stat.st_mtime)}|v1".encode()).hexdigest()[:16]
+    cache = cache_dir / f"cifar{num_classes}" / f"folder-{key}.pt"
+    if cache.is_file():
+        blob = torch.load(cache, weights_only=True)
+        return {s: (blob[f"{s}_images"], blob[f"{s}_targets"].numpy()) for s in ("train", "test")}, blob["classes"]
+    members, read = _folder_members(root)
+    classes = sorted({c for s, c, _ in members if s == "train"})
+    if len(classes) != num_classes:
+        raise DataError(
+            f"{root}: expected {num_classes} class folders under train/, found {len(classes)} "
+            f"({', '.join(classes[:12])}); is this CIFAR-{num_classes}?"
+        )
+    index = {c: i for i, c in enumerate(classes)}
+    out, blob = {}, {"classes": classes}
+    for split in ("train", "test"):
+        items = sorted((m for m in members if m[0] == split), key=lambda m: (index.get(m[1], -1), m[2]))
+        unknown = [m for m in items if m[1] not in index]
+        if unknown:
+            raise DataError(f"{root}: {split}/{unknown[0][1]} is not one of the training classes")
+        if not items:
+            raise DataError(f"{root}: no images under {split}/")
+        imgs = torch.empty(len(items), 3, 32, 32, dtype=torch.uint8)
+        for i, (_, _, name) in enumerate(tqdm(items, desc=f"decoding CIFAR-{num_classes} {split}", unit="img",
+                                               leave=False, mininterval=1.0)):
+            img = decode_bytes(read(name), f"{root}:{name}")
+            if img.shape != (3, 32, 32):
+                raise DataError(f"{root}:{name}: expected a 32x32 image, got {tuple(img.shape[1:])}")
+            imgs[i] = img
+        targets = np.array([index[m[1]] for m in items], dtype=np.int64)
+        out[split] = (imgs, targets)
+        blob[f"{split}_images"], blob[f"{split}_targets"] = imgs, torch.from_numpy(targets)
+    atomic_torch_save(blob, cache)
+    return out, classes
+
+
+def build_cifar_lt(cfg: DataConfig, cache_dir: Path, num_classes: int) -> LTDataset:
+    root = Path(cfg.root).expanduser() if cfg.root else _default_root(num_classes)
+    is_folder_copy = root.is_file() or (root / "train").is_dir()
+    if is_folder_copy:
+        data, classes = _load_image_folder(root, num_classes, cache_dir)
+    else:
+        data, classes = _load_torchvision(root, num_classes, cfg.download)
+    train_images, train_targets = data["train"]
+    n_max = cfg.max_per_class or int(np.bincount(train_targets).max())
+    counts = class_counts(num_classes, n_max, cfg.imbalance_ratio, cfg.profile)
+    keep = select_long_tailed(train_targets, counts, cfg.subset_seed)
+    test_images, test_targets = data["test"]
+    return LTDataset(
+        name=f"cifar{num_classes}_lt",
+        class_names=classes,
+        splits={
+            "train": Split(targets=torch.from_numpy(train_targets[keep]), images=train_images[keep]),
+            "test": Split(targets=torch.from_numpy(test_targets), images=test_images),
+        },
+        eval_splits=["test"],
+        image_size=32,
+        mean=CIFAR_MEAN,
+        std=CIFAR_STD,
+        info={"source": str(root), "subset_seed": cfg.subset_seed, "subset_hash": index_hash(keep),
+              "counts": counts},
+    )
+
+
+@DATASETS.register("cifar10_lt")
+def cifar10_lt(cfg: DataConfig, cache_dir: Path) -> LTDataset:
+    """CIFAR-10-LT: exp/step profile over CIFAR-10 train (seeded, Cao-compatible), full balanced test."""
+    return build_cifar_lt(cfg, cache_dir, 10)
+
+
+@DATASETS.register("cifar100_lt")
+def cifar100_lt(cfg: DataConfig, cache_dir: Path) -> LTDataset:
+    """CIFAR-100-LT: exp/step profile over CIFAR-100 train (seeded, Cao-compatible), full balanced test."""
+    return build_cifar_lt(cfg, cache_dir, 100)

@@ -1,0 +1,170 @@
+"""The user's own data: image folders (split/class/image) and list files (`relative/path label` per line).
+
+List files are the format of ImageNet-LT, Places-LT and iNaturalist 2018; those three are registered as
+presets that check the published split sizes at load time.
+"""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from longtail.config import DataConfig
+from longtail.data.base import DataError, LTDataset, Split
+from longtail.data.images import IMAGE_EXTENSIONS, read_image, resize_square
+from longtail.registry import DATASETS
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _require_root(cfg: DataConfig, what: str) -> Path:
+    if not cfg.root:
+        raise DataError(f"{what} needs data.root: the folder that holds the images (data.root=/path/to/data)")
+    root = Path(cfg.root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data.root {root} does not exist or is not a folder; check the path")
+    return root
+
+
+def read_list_file(path: str | Path, root: Path) -> tuple[list[str], list[int]]:
+    """Parse `relative/path label` lines (plain or .gz). Paths are joined to ``root``; errors name the line."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"list file not found: {path}")
+    opener = gzip.open if path.suffix == ".gz" else open
+    paths, labels = [], []
+    with opener(path, "rt") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.rsplit(maxsplit=1)
+            if len(parts) != 2:
+                raise DataError(f"{path}:{lineno}: expected 'relative/path label', got {line!r}")
+            try:
+                label = int(parts[1])
+            except ValueError:
+                raise DataError(f"{path}:{lineno}: label {parts[1]!r} is not an integer") from None
+            if label < 0:
+                raise DataError(f"{path}:{lineno}: negative label {label}")
+            paths.append(str(root / parts[0]))
+            labels.append(label)
+    if not paths:
+        raise DataError(f"{path}: no entries")
+    return paths, labels
+
+
+def _materialise(split: Split, size: int, name: str) -> Split:
+    """Decode a file split into memory at ``size`` x ``size`` (for small datasets: fast batched training)."""
+    images = torch.empty(len(split), 3, size, size, dtype=torch.uint8)
+    for i, p in enumerate(tqdm(split.paths, desc=f"decoding {name}", unit="img", leave=False, mininterval=1.0)):
+        images[i] = resize_square(read_image(p), size)
+    return Split(targets=split.targets, images=images, attributes=split.attributes)
+
+
+def _finish(cfg: DataConfig, name: str, class_names: list[str], splits: dict[str, Split],
+            default_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, info: dict | None = None) -> LTDataset:
+    size = cfg.image_size or default_size
+    missing = [p for s in splits.values() for p in s.paths[:1] if not Path(p).is_file()]
+    if missing:
+        raise DataError(f"{name}: image not found: {missing[0]}; check data.root and the list/folder layout")
+    if cfg.in_memory == "always":
+        splits = {k: _materialise(v, size, f"{name} {k}") for k, v in splits.items()}
+    eval_splits = ["test"] if "test" in splits else (["val"] if "val" in splits else [])
+    if not eval_splits:
+        raise DataError(f"{name}: no test split; add a test folder / test_list")
+    return LTDataset(name=name, class_names=class_names, splits=splits, eval_splits=eval_splits,
+                     image_size=size, mean=mean, std=std, info=info or {})
+
+
+@DATASETS.register("image_folder")
+def image_folder(cfg: DataConfig, cache_dir: Path) -> LTDataset:
+    """Your own images: data.root/{train,val,test}/<class>/<image> (val and test optional, test advised)."""
+    root = _require_root(cfg, "image_folder")
+    train_dir = root / "train"
+    if not train_dir.is_dir():
+        raise DataError(f"{root}: no train/ folder; expected {root}/train/<class>/<image>")
+    class_names = sorted(d.name for d in train_dir.iterdir() if d.is_dir())
+    if not class_names:
+        raise DataError(f"{train_dir}: no class folders; expected {train_dir}/<class>/<image>")
+    index = {c: i for i, c in enumerate(class_names)}
+    splits = {}
+    for split in ("train", "val", "test"):
+        d = root / split
+        if not d.is_dir():
+            continue
+        paths, labels = [], []
+        for cdir in sorted(x for x in d.iterdir() if x.is_dir()):
+            if cdir.name not in index:
+                raise DataError(f"{cdir}: class '{cdir.name}' has no train/ folder; add it to train/ or remove it")
+            files = sorted(p for p in cdir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+            if split == "train" and not files:
+                raise DataError(f"{cdir}: empty class (no images with extensions {', '.join(IMAGE_EXTENSIONS)})")
+            paths += [str(p) for p in files]
+            labels += [index[cdir.name]] * len(files)
+        if paths:
+            splits[split] = Split(targets=torch.tensor(labels), paths=paths)
+    return _finish(cfg, "image_folder", class_names, splits, default_size=224, info={"root": str(root)})
+
+
+def _list_dataset(cfg: DataConfig, name: str, default_lists: dict[str, str], expected: dict[str, int],
+                  num_classes: int | None) -> LTDataset:
+    root = _require_root(cfg, name)
+    lists = {"train": cfg.train_list or default_lists.get("train"),
+             "val": cfg.val_list or default_lists.get("val"),
+             "test": cfg.test_list or default_lists.get("test")}
+    splits = {}
+    for split, lst in lists.items():
+        if lst is None:
+            continue
+        lst_path = Path(lst).expanduser()
+        if not lst_path.is_absolute() and not lst_path.is_file():
+            lst_path = root / lst
+        if split != "train" and not lst_path.is_file() and lst == default_lists.get(split):
+            continue  # an optional default list that is not there
+        paths, labels = read_list_file(lst_path, root)
+        if split in expected and len(paths) != expected[split]:
+            raise DataError(f"{lst_path}: {len(paths)} entries, but {name} {split} has {expected[split]}; "
+                            f"is this the right list file?")
+        splits[split] = Split(targets=torch.tensor(labels), paths=paths)
+    if "train" not in splits:
+        raise DataError(f"{name}: set data.train_list to the training list file")
+    c = num_classes or int(max(int(s.targets.max()) for s in splits.values())) + 1
+    for split, s in splits.items():
+        if int(s.targets.max()) >= c:
+            raise DataError(f"{name}: {split} list has label {int(s.targets.max())}, but there are {c} classes")
+    return _finish(cfg, name, [str(i) for i in range(c)], splits, default_size=224,
+                   info={"root": str(root), "lists": {k: str(v) for k, v in lists.items() if v}})
+
+
+@DATASETS.register("list_file")
+def list_file(cfg: DataConfig, cache_dir: Path) -> LTDataset:
+    """Your own list files: data.train_list / val_list / test_list with `relative/path label` lines under data.root."""
+    return _list_dataset(cfg, "list_file", {}, {}, cfg.num_classes)
+
+
+@DATASETS.register("imagenet_lt")
+def imagenet_lt(cfg: DataConfig, cache_dir: Path) -> LTDataset:
+    """ImageNet-LT (OLTR split lists; 115,846 / 20,000 / 50,000) under your ILSVRC-2012 root."""
+    return _list_dataset(cfg, "imagenet_lt", {"train": "ImageNet_LT_train.txt", "val": "ImageNet_LT_val.txt",
+                                              "test": "ImageNet_LT_test.txt"},
+                         {"train": 115846, "val": 20000, "test": 50000}, 1000)
+
+
+@DATASETS.register("places_lt")
+def places_lt(cfg: DataConfig, cache_dir: Path) -> LTDataset:
+    """Places-LT (OLTR split lists; 62,500 / 7,300 / 36,500) under your Places365-Standard root."""
+    return _list_dataset(cfg, "places_lt", {"train": "Places_LT_train.txt", "val": "Places_LT_val.txt",
+                                            "test": "Places_LT_test.txt"},
+                         {"train": 62500, "val": 7300, "test": 36500}, 365)
+
+
+@DATASETS.register("inat2018")
+def inat2018(cfg: DataConfig, cache_dir: Path) -> LTDataset:
+    """iNaturalist 2018 (437,513 train; the official val, 24,426, is the test set) under your iNat root."""
+    return _list_dataset(cfg, "inat2018", {"train": "iNaturalist18_train.txt", "test": "iNaturalist18_val.txt"},
+                         {"train": 437513, "test": 24426}, 8142)

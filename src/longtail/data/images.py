@@ -1,0 +1,44 @@
+"""Image decoding with torchvision.io, with errors that name the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torchvision.io import ImageReadMode, decode_image
+
+from longtail.data.base import DataError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def decode_bytes(data: bytes, name: str) -> torch.Tensor:
+    """(3, H, W) uint8 RGB from encoded image bytes; DataError naming ``name`` if it cannot be decoded."""
+    if not data:
+        raise DataError(f"{name}: empty image file; delete it or replace it with a valid image")
+    try:
+        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError) as e:
+        raise DataError(f"{name}: cannot decode image ({e}); delete or replace this file") from None
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """(3, H, W) uint8 RGB image from a file; DataError if missing or corrupt."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"image not found: {path}; check the dataset root and the list file") from None
+    except OSError as e:
+        raise DataError(f"cannot read image {path}: {e}") from None
+    return decode_bytes(data, str(path))
+
+
+def resize_square(img: torch.Tensor, size: int) -> torch.Tensor:
+    """(3, H, W) uint8 -> (3, size, size) uint8 by resizing the short side then centre-cropping."""
+    from torchvision.transforms.v2 import functional as F
+
+    if img.shape[-2:] == (size, size):
+        return img
+    img = F.resize(img, size, antialias=True)
+    return F.center_crop(img, [size, size])

@@ -1,0 +1,140 @@
+"""Batches for training and evaluation, as uint8 images on the device.
+
+Two paths, one interface:
+- in memory (CIFAR-LT, shapes-glt, digits-lt, or any dataset with data.in_memory=always): the uint8
+  tensor stays on the device and augmentation (pad-and-crop, flip) runs on whole batches;
+- files (ImageNet-LT, Places-LT, iNat, your folders): DataLoader workers decode with torchvision.io and
+  apply transforms v2 per image.
+Normalisation to float happens on the device in ``normalize`` for both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from longtail.data.base import LTDataset, Split
+from longtail.data.images import read_image
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # (B, 3, H, W) uint8 on device, (B,) int64 on device
+
+
+def resolve_augment(name: str, ds: LTDataset) -> str:
+    if name != "auto":
+        return name
+    return "cifar" if ds.train.in_memory and ds.image_size <= 64 else "imagenet"
+
+
+def random_crop_flip(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
+    """Batched RandomCrop(size, padding=pad, zero fill) + RandomHorizontalFlip on (B, C, H, W).
+
+    The random offsets and flips come from ``gen`` (CPU) so the result is the same on any device.
+    """
+    b, _, h, w = x.shape
+    offs = torch.randint(0, 2 * pad + 1, (2, b), generator=gen).to(x.device)  # (2, B) y and x offsets
+    flip = (torch.rand(b, generator=gen) < 0.5).to(x.device)  # (B,)
+    padded = F.pad(x, (pad, pad, pad, pad))  # (B, C, H+2p, W+2p), zero fill as torchvision's RandomCrop
+    rows = offs[0][:, None] + torch.arange(h, device=x.device)  # (B, H)
+    cols = offs[1][:, None] + torch.arange(w, device=x.device)  # (B, W)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)  # flipping = reading columns backwards
+    out = padded.permute(0, 2, 3, 1)[torch.arange(b, device=x.device)[:, None, None], rows[:, :, None],
+                                     cols[:, None, :]]  # (B, H, W, C)
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def file_transform(augment: str, size: int, train: bool) -> v2.Transform:
+    """Per-image transforms v2 on uint8 tensors for file datasets."""
+    if not train or augment == "none":
+        return v2.Compose([v2.Resize(int(round(size * 256 / 224)), antialias=True), v2.CenterCrop(size)])
+    if augment == "cifar":
+        return v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size), v2.RandomCrop(size, padding=4),
+                           v2.RandomHorizontalFlip()])
+    return v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(),
+                       v2.ColorJitter(0.4, 0.4, 0.4, 0.0)])
+
+
+class FileDataset(Dataset):
+    """Decodes one image per item; returns ((3, S, S) uint8, label)."""
+
+    def __init__(self, split: Split, transform: v2.Transform) -> None:
+        self.paths, self.targets, self.transform = split.paths, split.targets, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(read_image(self.paths[i])), int(self.targets[i])
+
+
+class Loader:
+    """Makes train and eval batches of one dataset on one device."""
+
+    def __init__(self, ds: LTDataset, device: torch.device, augment: str = "auto", num_workers: int = 2) -> None:
+        self.ds, self.device = ds, device
+        self.augment = resolve_augment(augment, ds)
+        self.num_workers = num_workers
+        self.mean = torch.tensor(ds.mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(ds.std, device=device).view(1, 3, 1, 1) * 255
+        self._on_device: dict[str, torch.Tensor] = {}
+
+    def _images(self, split: str) -> torch.Tensor:
+        # Move an in-memory split to the device once (a few tens of MB for CIFAR).
+        if split not in self._on_device:
+            self._on_device[split] = self.ds.splits[split].images.to(self.device)
+        return self._on_device[split]
+
+    def normalize(self, x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+        """(B, 3, H, W) uint8 -> float normalised with the dataset's mean / std."""
+        x = (x.float() - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+    def train_batches(self, indices: torch.Tensor, batch_size: int, drop_last: bool, gen: torch.Generator,
+                      start_step: int = 0, split: str = "train") -> Iterator[Batch]:
+        """Batches of ``indices`` (this rank's stream) in order, skipping the first ``start_step``."""
+        n = len(indices)
+        steps = n // batch_size if drop_last else -(-n // batch_size)
+        s = self.ds.splits[split]
+        if s.in_memory:
+            images, targets = self._images(split), s.targets.to(self.device)
+            for step in range(steps):
+                idx = indices[step * batch_size:(step + 1) * batch_size].to(self.device)
+                x = images[idx]
+                if self.augment == "cifar":
+                    x = random_crop_flip(x, 4, gen) if step >= start_step else x
+                elif self.augment == "imagenet":
+                    t = file_transform("imagenet", self.ds.image_size, True)
+                    x = torch.stack([t(img) for img in x]) if step >= start_step else x
+                if step >= start_step:
+                    yield x, targets[idx]
+            return
+        # Files: workers decode and augment; their seeds derive from `gen`, drawn once per epoch.
+        batches = [indices[i * batch_size:(i + 1) * batch_size].tolist() for i in range(steps)][start_step:]
+        dl = DataLoader(FileDataset(s, file_transform(self.augment, self.ds.image_size, True)),
+                        batch_sampler=batches, num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
+                        generator=torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=gen))),
+                        persistent_workers=False)
+        for x, y in dl:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def steps_per_epoch(self, n: int, batch_size: int, drop_last: bool) -> int:
+        return n // batch_size if drop_last else -(-n // batch_size)
+
+    def eval_batches(self, split: str, batch_size: int, indices: torch.Tensor | None = None) -> Iterator[Batch]:
+        """Un-augmented batches of a split in order (optionally only ``indices``)."""
+        s = self.ds.splits[split]
+        idx_all = torch.arange(len(s)) if indices is None else indices
+        if s.in_memory:
+            images, targets = self._images(split), s.targets.to(self.device)
+            for i in range(0, len(idx_all), batch_size):
+                idx = idx_all[i:i + batch_size].to(self.device)
+                yield images[idx], targets[idx]
+            return
+        sub = s if indices is None else s.subset(indices)
+        dl = DataLoader(FileDataset(sub, file_transform("none", self.ds.image_size, False)), batch_size=batch_size,
+                        shuffle=False, num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
+        for x, y in dl:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)

@@ -1,0 +1,304 @@
+"""The one training loop: stages of (method, sampler, optimiser, schedule) over one model.
+
+Every method enters through the Method hooks; this file never asks which method it runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from longtail.config import RunConfig, StageConfig, build_config, load_raw, save_yaml, to_dict
+from longtail.data import LTDataset, create_dataset
+from longtail.data.loaders import Loader
+from longtail.data.samplers import create_sampler, shard
+from longtail.engine.checkpoint import load_checkpoint, model_state, save_checkpoint
+from longtail.engine.evaluate import autocast, evaluate_split, thresholds_of
+from longtail.engine.schedule import lr_at
+from longtail.methods import Method, MethodContext, create_method
+from longtail.models import Classifier, create_model
+from longtail.utils import atomic_write_json, environment_info, resolve_device, seed_everything
+
+log = logging.getLogger("longtail")
+
+
+class Interrupted(RuntimeError):
+    """Training stopped by SIGINT/SIGTERM after saving a resumable checkpoint."""
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag checked after every step; a second SIGINT stops at once."""
+
+    def __init__(self) -> None:
+        self.stop = False
+        self._old: dict = {}
+
+    def _handler(self, signum, frame) -> None:
+        if self.stop and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.stop = True
+        log.warning("received %s: saving a checkpoint after this step", signal.Signals(signum).name)
+
+    def __enter__(self) -> _StopFlag:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread: no signal handling
+                pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+@dataclass
+class RunState:
+    """Where a run is: the stage index, completed epochs in it, and steps into the current epoch."""
+
+    stage: int = 0
+    epoch: int = 0
+    step: int = 0
+
+
+def new_run_dir(cfg: RunConfig, out: str | Path | None) -> Path:
+    if out is not None:
+        return Path(out)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{cfg.name}-{stamp}"
+
+
+def _setup_logging(run_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(run_dir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    return handler
+
+
+def _epoch_seed(seed: int, stage: int, epoch: int) -> int:
+    return (seed * 1_000_003 + stage * 10_007 + epoch) % (2**63)
+
+
+def build_stage_method(cfg: RunConfig, stage_idx: int, model: Classifier, ds: LTDataset, loader: Loader,
+                       device: torch.device) -> tuple[Method, MethodContext]:
+    st = cfg.stages[stage_idx]
+    steps = loader.steps_per_epoch(len(ds.train), st.batch_size, st.drop_last)
+    ctx = MethodContext(num_classes=ds.num_classes, train_counts=ds.train_counts(), epochs=st.epochs,
+                        steps_per_epoch=steps, device=device, stage=st, extras={"dataset": ds, "loader": loader})
+    method = create_method(st.method, model, ctx).to(device)
+    return method, ctx
+
+
+def _make_optimizer(method: Method, st: StageConfig) -> torch.optim.Optimizer:
+    groups = method.param_groups()
+    if not any(p.requires_grad for g in groups for p in g["params"]):
+        raise RuntimeError(f"stage '{st.name}': the method has no trainable parameters")
+    return torch.optim.SGD(groups, lr=st.optim.lr, momentum=st.optim.momentum,
+                           weight_decay=st.optim.weight_decay, nesterov=st.optim.nesterov)
+
+
+def _set_lr(opt: torch.optim.Optimizer, st: StageConfig, t: float) -> float:
+    lr = lr_at(st.optim.lr, st.schedule, st.epochs, t)
+    for g in opt.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+    return lr
+
+
+def train(cfg: RunConfig | None = None, out: str | Path | None = None, resume: bool = False,
+          progress: bool = True) -> Path:
+    """Train a recipe, evaluate it, and write a complete run folder. Returns the run folder.
+
+    With ``resume=True``, ``out`` names an existing run folder; training continues from its last
+    checkpoint with its saved config and ends at the same result as an uninterrupted run.
+    """
+    if resume:
+        if out is None:
+            raise ValueError("--resume needs the run folder: longtail train --resume --out RUN_DIR")
+        run_dir = Path(out)
+        if not (run_dir / "config.yaml").is_file():
+            raise FileNotFoundError(f"{run_dir} has no config.yaml: not a longtail run folder")
+        saved = load_raw(run_dir / "config.yaml")
+        saved.pop("meta", None)
+        cfg = build_config(saved)
+    else:
+        cfg = cfg or build_config({})
+        run_dir = new_run_dir(cfg, out)
+        if (run_dir / "checkpoints" / "last.pt").exists():
+            raise FileExistsError(f"{run_dir} already holds a run; continue it with --resume or pick another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = _setup_logging(run_dir)
+    try:
+        return _train(cfg, run_dir, resume, progress)
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool) -> Path:
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir.mkdir(exist_ok=True)
+    last_path = ckpt_dir / "last.pt"
+    ckpt = load_checkpoint(last_path) if resume and last_path.exists() else None
+    if resume:
+        log.info("resuming %s from %s", run_dir, "its last checkpoint" if ckpt else "the start (no checkpoint yet)")
+
+    t0 = time.time()
+    ds = create_dataset(cfg.data)
+    loader = Loader(ds, device, cfg.data.augment, cfg.data.num_workers)
+    if cfg.eval.select == "best_val" and "val" not in ds.splits:
+        raise ValueError("eval.select=best_val needs a validation split: set data.val_fraction (never select on test)")
+    model = create_model(cfg.model, ds.num_classes).to(device)
+    channels_last = cfg.model.channels_last and device.type == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    if not resume or ckpt is None:
+        meta = {**environment_info(device), "started": datetime.now().isoformat(timespec="seconds"),
+                "dataset": {k: v for k, v in ds.info.items() if k != "counts"},
+                "train_counts": ds.train_counts().tolist()}
+        save_yaml({**to_dict(cfg), "meta": meta}, run_dir / "config.yaml")
+    log.info("run %s: %s, %d classes, %d train images (%s), device %s", run_dir, ds.name, ds.num_classes,
+             len(ds.train), ", ".join(f"{k} {len(v)}" for k, v in ds.splits.items() if k != "train"), device)
+
+    state = RunState(**ckpt["state"]) if ckpt else RunState()
+    best = ckpt.get("best", {"top1": -1.0}) if ckpt else {"top1": -1.0}
+    method = None
+    with _StopFlag() as stop:
+        for si in range(state.stage, len(cfg.stages)):
+            st = cfg.stages[si]
+            if st.init_from is not None:
+                src = load_checkpoint(ckpt_dir / f"stage_{st.init_from}.pt")
+                model.load_state_dict(model_state(src["method"]))
+            method, ctx = build_stage_method(cfg, si, model, ds, loader, device)
+            method.on_stage_start(ctx)
+            opt = _make_optimizer(method, st)
+            start_epoch, start_step, gen_state = 0, 0, None
+            if ckpt is not None and si == state.stage:
+                method.load_state_dict(ckpt["method"])
+                opt.load_state_dict(ckpt["optimizer"])
+                start_epoch, start_step, gen_state = state.epoch, state.step, ckpt.get("gen_state")
+                ckpt = None
+            train_fn = torch.compile(method) if cfg.compile else method
+            sampler = create_sampler(method.sampler_name(st.sampler), ds.train.targets, ds.num_classes,
+                                     seed=_epoch_seed(cfg.seed, si, 0), total_epochs=st.epochs)
+            steps = ctx.steps_per_epoch
+            bar = tqdm(total=st.epochs * steps, initial=start_epoch * steps + start_step, unit="step",
+                       desc=f"{st.name} ({st.method['name']})", disable=not progress, dynamic_ncols=True,
+                       mininterval=0.5 if sys.stderr.isatty() else 30.0, file=sys.stderr)
+            for epoch in range(start_epoch, st.epochs):
+                gen = torch.Generator().manual_seed(_epoch_seed(cfg.seed, si, epoch) ^ 0x5EED)
+                first_step = start_step if epoch == start_epoch else 0
+                if first_step and gen_state is not None:
+                    gen.set_state(gen_state)
+                method.on_epoch_start(epoch, ctx)
+                method.train()
+                lr = _set_lr(opt, st, epoch)
+                indices = shard(sampler.indices(epoch), ctx.rank, ctx.world_size)
+                loss_sum, seen, t_epoch = 0.0, 0, time.time()
+                for step, (x, y) in enumerate(loader.train_batches(indices, st.batch_size, st.drop_last, gen,
+                                                                   first_step), start=first_step):
+                    if st.schedule.per_iteration:
+                        lr = _set_lr(opt, st, epoch + step / steps)
+                    with autocast(device, cfg.amp):
+                        out = train_fn(loader.normalize(x, channels_last), y)
+                    loss = out["loss"]
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(
+                            f"stage '{st.name}' epoch {epoch + 1} step {step + 1}: loss is {loss.item()}; "
+                            f"lower the learning rate (optim.lr={st.optim.lr}) or check the data")
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    loss_sum += loss.item() * len(y)
+                    seen += len(y)
+                    bar.update(1)
+                    if stop.stop:
+                        save_checkpoint(last_path, state=vars(RunState(si, epoch, step + 1)),
+                                        method=method.state_dict(), optimizer=opt.state_dict(),
+                                        gen_state=gen.get_state(), best=best, config=to_dict(cfg))
+                        bar.close()
+                        raise Interrupted(f"interrupted at stage '{st.name}' epoch {epoch + 1} step {step + 1}; "
+                                          f"continue with: longtail train --resume --out {run_dir}")
+                msg = (f"stage {st.name} epoch {epoch + 1}/{st.epochs} loss {loss_sum / max(seen, 1):.4f} "
+                       f"lr {lr:.5g} {seen / max(time.time() - t_epoch, 1e-9):.0f} img/s")
+                bar.set_postfix_str(f"epoch {epoch + 1} loss {loss_sum / max(seen, 1):.3f} lr {lr:.3g}")
+                log.info(msg)
+                last_epoch = epoch + 1 == st.epochs
+                if st.eval_every and "val" in ds.splits and ((epoch + 1) % st.eval_every == 0 or last_epoch):
+                    val = evaluate_split(method, loader, "val", cfg.eval, cfg.amp, channels_last)
+                    log.info("stage %s epoch %d val top1 %.2f", st.name, epoch + 1, val["top1"])
+                    if cfg.eval.select == "best_val" and si == len(cfg.stages) - 1 and val["top1"] > best["top1"]:
+                        best = {"top1": val["top1"], "epoch": epoch + 1, "stage": st.name}
+                        save_checkpoint(ckpt_dir / "best.pt", method=method.state_dict(), best=best,
+                                        config=to_dict(cfg))
+                if (epoch + 1) % cfg.checkpoint_every == 0 or last_epoch or stop.stop:
+                    save_checkpoint(last_path, state=vars(RunState(si, epoch + 1, 0)), method=method.state_dict(),
+                                    optimizer=opt.state_dict(), best=best, config=to_dict(cfg))
+                if stop.stop:
+                    bar.close()
+                    raise Interrupted(f"interrupted after stage '{st.name}' epoch {epoch + 1}; "
+                                      f"continue with: longtail train --resume --out {run_dir}")
+            bar.close()
+            method.on_stage_end(ctx)
+            save_checkpoint(ckpt_dir / f"stage_{st.name}.pt", method=method.state_dict(), config=to_dict(cfg))
+            # The next stage starts at its epoch 0; record that so a resume lands there.
+            save_checkpoint(last_path, state=vars(RunState(si + 1, 0, 0)), method=method.state_dict(),
+                            optimizer=opt.state_dict(), best=best, config=to_dict(cfg))
+
+    if method is None:  # resumed a finished run: rebuild the last stage's method from its checkpoint
+        method, _ = build_stage_method(cfg, len(cfg.stages) - 1, model, ds, loader, device)
+        method.load_state_dict(load_checkpoint(ckpt_dir / f"stage_{cfg.stages[-1].name}.pt")["method"])
+    selected = "last epoch"
+    if cfg.eval.select == "best_val" and (ckpt_dir / "best.pt").exists():
+        b = load_checkpoint(ckpt_dir / "best.pt")
+        method.load_state_dict(b["method"])
+        selected = f"best val top1 {b['best']['top1']:.2f} at stage {b['best']['stage']} epoch {b['best']['epoch']}"
+    save_checkpoint(ckpt_dir / "final.pt", method=method.state_dict(), config=to_dict(cfg), selected=selected)
+    metrics = evaluate_run(method, loader, cfg, channels_last)
+    metrics["selected"] = selected
+    metrics["train_seconds"] = round(time.time() - t0, 1)
+    write_metrics(run_dir, metrics, cfg)
+    log.info("finished in %.0f s; selected: %s", time.time() - t0, selected)
+    return run_dir
+
+
+def evaluate_run(method: Method, loader: Loader, cfg: RunConfig, channels_last: bool = False,
+                 splits: list[str] | None = None) -> dict:
+    """The metrics.json content for ``splits`` (default: val when present, then the dataset's eval splits)."""
+    ds = loader.ds
+    if splits is None:
+        splits = (["val"] if "val" in ds.splits else []) + ds.eval_splits
+    results = {s: evaluate_split(method, loader, s, cfg.eval, cfg.amp, channels_last) for s in splits}
+    return {
+        "splits": results,
+        "train_counts": ds.train_counts().tolist(),
+        "class_names": ds.class_names,
+        "attribute_names": ds.attribute_names,
+        "stage": cfg.stages[-1].name,
+        "epoch": cfg.stages[-1].epochs,
+        "thresholds": thresholds_of(cfg.eval).describe(),
+        "finished": datetime.now().isoformat(timespec="seconds"),
+    }
+
+
+def write_metrics(run_dir: Path, metrics: dict, cfg: RunConfig) -> None:
+    """metrics.json (atomic) and, when configured, the plots."""
+    atomic_write_json(run_dir / "metrics.json", metrics)
+    if cfg.eval.plots:
+        from longtail.evaluation.plots import save_run_plots
+
+        save_run_plots(run_dir, metrics)

@@ -1,0 +1,72 @@
+"""Use a finished run: reload its data, model and method from the run folder; evaluate or predict."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from longtail.config import RunConfig, build_config, load_raw
+from longtail.data import LTDataset, create_dataset
+from longtail.data.images import read_image, resize_square
+from longtail.data.loaders import Loader
+from longtail.engine.checkpoint import load_checkpoint
+from longtail.engine.fit import build_stage_method
+from longtail.methods import Method
+from longtail.models import create_model
+from longtail.utils import resolve_device
+
+
+@dataclass
+class TrainedRun:
+    run_dir: Path
+    cfg: RunConfig
+    dataset: LTDataset
+    loader: Loader
+    method: Method
+
+
+def load_trained(run_dir: str | Path, overrides: list[str] | None = None, device: str | None = None) -> TrainedRun:
+    """Rebuild a run's last-stage method with the weights it was evaluated with (``final.pt``).
+
+    ``overrides`` (``key=value``) change prediction-time settings such as ``method.<option>``; they
+    must not change the architecture (the weights are loaded strictly).
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a longtail run folder (no config.yaml)")
+    final = run_dir / "checkpoints" / "final.pt"
+    if not final.is_file():
+        raise FileNotFoundError(f"{run_dir} has no checkpoints/final.pt: the run has not finished; "
+                                f"continue it with longtail train --resume --out {run_dir}")
+    raw = load_raw(run_dir / "config.yaml")
+    raw.pop("meta", None)
+    ov = []
+    for o in overrides or []:
+        key = o.split("=", 1)[0]
+        # `method.x` addresses the last stage's method, the one that predicts.
+        ov.append(f"stages.{len(raw.get('stages', [{}])) - 1}.{o}" if key.split(".")[0] == "method" else o)
+    cfg = build_config(raw, ov)
+    if device is not None:
+        cfg.device = device
+    dev = resolve_device(cfg.device)
+    ds = create_dataset(cfg.data)
+    loader = Loader(ds, dev, cfg.data.augment, cfg.data.num_workers)
+    model = create_model(cfg.model, ds.num_classes).to(dev)
+    method, _ = build_stage_method(cfg, len(cfg.stages) - 1, model, ds, loader, dev)
+    method.load_state_dict(load_checkpoint(final)["method"])
+    method.eval()
+    return TrainedRun(run_dir, cfg, ds, loader, method)
+
+
+@torch.no_grad()
+def predict_images(run: TrainedRun, paths: list[str | Path], topk: int = 5) -> list[list[tuple[str, float]]]:
+    """Top-k (class name, probability) for each image file, with the run's test-time preprocessing."""
+    size = run.dataset.image_size
+    k = min(topk, run.dataset.num_classes)
+    x = torch.stack([resize_square(read_image(p), size) for p in paths]).to(run.loader.device)
+    probs = run.method.predict(run.loader.normalize(x)).float().softmax(1).cpu()  # (N, C)
+    p, idx = probs.topk(k, dim=1)
+    return [[(run.dataset.class_names[int(i)], float(v)) for v, i in zip(pr, ix, strict=True)]
+            for pr, ix in zip(p, idx, strict=True)]

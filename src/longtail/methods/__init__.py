@@ -1,0 +1,21 @@
+"""Methods: one file per method family, each a Method plugin registered by name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from longtail.config import from_dict
+from longtail.methods import ce  # noqa: F401  (fill the registry)
+from longtail.methods.base import Method, MethodContext
+from longtail.models import Classifier
+from longtail.registry import METHODS
+
+__all__ = ["Method", "MethodContext", "create_method"]
+
+
+def create_method(spec: dict, model: Classifier, ctx: MethodContext) -> Method:
+    """Instantiate the method ``spec['name']`` with its options (checked against its Config)."""
+    cls = METHODS.get(spec["name"])
+    opts = {k: v for k, v in spec.items() if k != "name"}
+    cfg: dataclass = from_dict(cls.Config, opts, "method")
+    return cls(model, cfg, ctx)

@@ -1,0 +1,77 @@
+"""The Method plugin: a training recipe's loss, its own state, and how it predicts.
+
+The fit loop never asks which method it runs; everything varies through these hooks. Method state
+(a head direction, class centres, flow parameters) lives in registered buffers/parameters of the
+Method, so ``state_dict()`` saves it together with the model weights it belongs to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from longtail.models import Classifier
+
+
+@dataclass
+class MethodContext:
+    """What a method may know about the run. Built by the engine for each stage."""
+
+    num_classes: int
+    train_counts: torch.Tensor  # (C,) training images per class
+    epochs: int  # epochs of this stage
+    steps_per_epoch: int
+    device: torch.device
+    world_size: int = 1
+    rank: int = 0
+    stage: Any = None  # the StageConfig
+    extras: dict = field(default_factory=dict)  # e.g. the dataset, for methods that need it
+
+
+class Method(nn.Module):
+    """Base method: plain cross-entropy on the model's logits. Subclasses override what differs."""
+
+    @dataclass
+    class Config:
+        """The method's own options (strict: unknown keys are config errors)."""
+
+    def __init__(self, model: Classifier, cfg: Any, ctx: MethodContext) -> None:
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self.num_classes = ctx.num_classes
+        self.register_buffer("class_counts", ctx.train_counts.clone().float(), persistent=False)  # (C,)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, targets)
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Training step outputs: at least 'loss' (scalar) and 'logits' (B, C)."""
+        logits = self.model(images)
+        return {"loss": self.loss(logits, targets), "logits": logits}
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C) scores used for prediction (argmax) and top-k; default: the model's logits."""
+        return self.model(images)
+
+    def param_groups(self) -> list[dict]:
+        """Parameters the optimiser updates; default: every trainable one."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    def sampler_name(self, configured: str) -> str:
+        """The sampler this method trains with; default: the stage's configured one."""
+        return configured
+
+    def on_stage_start(self, ctx: MethodContext) -> None:
+        """Freeze parts, re-initialise a head, build environments..."""
+
+    def on_epoch_start(self, epoch: int, ctx: MethodContext) -> None:
+        """Per-epoch schedules (deferred re-weighting, environment refresh)."""
+
+    def on_stage_end(self, ctx: MethodContext) -> None:
+        """Anything to finalise (e.g. class means)."""

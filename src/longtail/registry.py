@@ -1,0 +1,73 @@
+"""One small strict registry: names map to code in one place, filled at import time."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+def _canonical(name: str) -> str:
+    # `shapes-glt` and `shapes_glt` name the same thing: users type either.
+    return name.strip().lower().replace("-", "_")
+
+
+class RegistryError(KeyError):
+    """Unknown or duplicate name. The message lists close matches."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class Registry(Generic[T]):
+    """Maps lower_snake names to factories. Duplicate names raise; unknown names suggest close matches."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._items: dict[str, T] = {}
+        self._help: dict[str, str] = {}
+
+    def register(self, name: str, help: str = "") -> Callable[[T], T]:
+        key = _canonical(name)
+
+        def deco(obj: T) -> T:
+            if key in self._items:
+                raise RegistryError(f"{self.kind} '{key}' is already registered")
+            self._items[key] = obj
+            doc = help or (getattr(obj, "__doc__", None) or "").strip().split("\n")[0]
+            self._help[key] = doc
+            return obj
+
+        return deco
+
+    def get(self, name: str) -> T:
+        key = _canonical(name)
+        if key not in self._items:
+            close = difflib.get_close_matches(key, list(self._items), n=3, cutoff=0.5)
+            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            raise RegistryError(
+                f"unknown {self.kind} '{name}'{hint} (known: {', '.join(sorted(self._items))})"
+            )
+        return self._items[key]
+
+    def __contains__(self, name: str) -> bool:
+        return _canonical(name) in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._items))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def describe(self) -> dict[str, str]:
+        """name -> one-line description, for `longtail list`."""
+        return {k: self._help[k] for k in sorted(self._items)}
+
+
+DATASETS: Registry = Registry("dataset")
+BACKBONES: Registry = Registry("backbone")
+HEADS: Registry = Registry("head")
+METHODS: Registry = Registry("method")
+SAMPLERS: Registry = Registry("sampler")
