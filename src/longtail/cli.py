@@ -22,7 +22,6 @@ EPILOG = """examples:
 def _cmd_train(args: argparse.Namespace) -> int:
     from longtail.config import load_config
     from longtail.engine import Interrupted, train
-    from longtail.evaluation.report import load_run, results_table
 
     if args.resume:
         if args.config or args.overrides:
@@ -39,6 +38,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except Interrupted as e:
         print(f"\n{e}", file=sys.stderr)
         return 130
+    from longtail.evaluation.report import load_run, results_table
+
     run = load_run(run_dir)
     print()
     print(results_table(run["metrics"], title=f"{run_dir.name}: {run['metrics'].get('selected', '')}"))
