@@ -19,13 +19,17 @@ EPILOG = """examples:
 """
 
 
+class UsageError(Exception):
+    """A command used wrongly; main() prints it and exits with 2."""
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from longtail.config import load_config
     from longtail.engine import Interrupted, train
 
     if args.resume:
         if args.config or args.overrides:
-            raise SystemExit("error: --resume continues a run with its saved config; drop CONFIG and key=value")
+            raise UsageError("--resume continues a run with its saved config; drop CONFIG and key=value")
         cfg = None
     else:
         config, overrides = args.config, list(args.overrides)
@@ -58,7 +62,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         splits = [s.strip() for s in args.split.split(",")]
         unknown = [s for s in splits if s not in run.dataset.splits]
         if unknown:
-            raise SystemExit(f"error: no split {unknown[0]!r}; this run has {', '.join(run.dataset.splits)}")
+            raise UsageError(f"no split {unknown[0]!r}; this run has {', '.join(run.dataset.splits)}")
     metrics = evaluate_run(run.method, run.loader, run.cfg, splits=splits)
     title = f"{Path(args.run_dir).name}" + (f" with {' '.join(args.set)}" if args.set else "")
     print(results_table(metrics, title=title))
@@ -111,8 +115,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="longtail", description="Train, evaluate and compare long-tailed "
-                                "image classifiers.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="longtail", description="Train, evaluate and compare long-tailed image "
+                                "classifiers.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     from longtail import __version__
 
     p.add_argument("--version", action="version", version=f"longtail {__version__}")
@@ -170,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, RegistryError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (UsageError, ConfigError, DataError, RegistryError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

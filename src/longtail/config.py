@@ -282,7 +282,8 @@ def apply_override(raw: dict, path: list[str], value: Any) -> None:
             continue
         nxt = node.get(part)
         if nxt is None:
-            nxt = {}
+            # `stages` defaults to one stage: `stages.0.x=...` on a recipe without stages means that one.
+            nxt = [{}] if (i == 0 and part == "stages") else {}
             node[part] = nxt
         elif isinstance(nxt, str) and path[i] == "method":
             nxt = {"name": nxt}
@@ -379,10 +380,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def validate(cfg: RunConfig) -> None:
     """Semantic checks beyond types: registered names, ranges, stage references, method options."""
-    from longtail import registry  # registries are filled by importing the subpackages
     import longtail.data  # noqa: F401
     import longtail.methods  # noqa: F401
     import longtail.models  # noqa: F401
+    from longtail import registry  # registries are filled by importing the subpackages
 
     def check(ok: bool, msg: str) -> None:
         if not ok:
@@ -401,7 +402,8 @@ def validate(cfg: RunConfig) -> None:
     check(cfg.data.imbalance_ratio >= 1, "data.imbalance_ratio must be >= 1 (n_max / n_min)")
     check(0 <= cfg.data.val_fraction < 1, "data.val_fraction must be in [0, 1)")
     check(cfg.data.in_memory in ("auto", "always", "never"), "data.in_memory must be auto, always or never")
-    check(cfg.data.augment in ("auto", "cifar", "imagenet", "none"), "data.augment must be auto, cifar, imagenet or none")
+    check(cfg.data.augment in ("auto", "cifar", "imagenet", "none"),
+          "data.augment must be auto, cifar, imagenet or none")
     check(cfg.data.train_variant in ("lt", "cbl"), "data.train_variant must be lt or cbl")
     check(cfg.eval.select in ("last", "best_val"), "eval.select must be last or best_val")
     check(cfg.eval.few_below <= cfg.eval.many_above, "eval.few_below must not exceed eval.many_above")

@@ -7,6 +7,7 @@ import os
 import platform
 import random
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,8 @@ def git_commit() -> str | None:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    cpu = platform.processor() or platform.machine()
+    return f"cpu ({cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
 def environment_info(device: torch.device) -> dict:
@@ -98,4 +100,5 @@ def environment_info(device: torch.device) -> dict:
         "torchvision": str(torchvision.__version__),
         "device": device_name(device),
         "host": platform.node(),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
     }

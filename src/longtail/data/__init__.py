@@ -9,6 +9,7 @@ import torch
 
 from longtail.config import DataConfig
 from longtail.data import cifar, folder, samplers  # noqa: F401  (fill the registries)
+
 try:  # TEMP
     from longtail.data import builtin  # noqa: F401
 except ImportError:  # TEMP

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
 from torchvision.io import ImageReadMode, decode_image
 
 from longtail.data.base import DataError
+
+# torchvision 0.29 announces that its decoders move to TorchCodec; they still work and are the fastest
+# option here, so keep them and keep the notice out of every user's log.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 

@@ -10,7 +10,7 @@ import torch
 from longtail.config import RunConfig, build_config, load_raw
 from longtail.data import LTDataset, create_dataset
 from longtail.data.images import read_image, resize_square
-from longtail.data.loaders import Loader
+from longtail.data.loaders import Loader, file_transform
 from longtail.engine.checkpoint import load_checkpoint
 from longtail.engine.fit import build_stage_method
 from longtail.methods import Method
@@ -65,7 +65,13 @@ def predict_images(run: TrainedRun, paths: list[str | Path], topk: int = 5) -> l
     """Top-k (class name, probability) for each image file, with the run's test-time preprocessing."""
     size = run.dataset.image_size
     k = min(topk, run.dataset.num_classes)
-    x = torch.stack([resize_square(read_image(p), size) for p in paths]).to(run.loader.device)
+    # The preprocessing of the run's own test images: in-memory datasets were resized once to `size`,
+    # file datasets use the eval transform (resize, centre crop).
+    if run.dataset.train.in_memory:
+        prep = lambda img: resize_square(img, size)  # noqa: E731
+    else:
+        prep = file_transform("none", size, train=False)
+    x = torch.stack([prep(read_image(p)) for p in paths]).to(run.loader.device)
     probs = run.method.predict(run.loader.normalize(x)).float().softmax(1).cpu()  # (N, C)
     p, idx = probs.topk(k, dim=1)
     return [[(run.dataset.class_names[int(i)], float(v)) for v, i in zip(pr, ix, strict=True)]

@@ -1,0 +1,71 @@
+"""Record a finished run as a benchmark result: benchmarks/results/<name>.json.
+
+    python benchmarks/record.py RUN_DIR --name cifar10_lt_r100_ce_s0 [--command "longtail train ..."]
+
+The JSON holds what a reader needs to trust and repeat the figure: method, dataset, ratio, epochs, seed,
+top1 / many / medium / few (and precision), the shot thresholds, commit, device, the exact command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from longtail.utils import atomic_write_json
+
+
+def record(run_dir: Path, name: str, command: str | None, split: str | None, note: str | None) -> dict:
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    meta = cfg.get("meta", {})
+    splits = metrics["splits"]
+    split = split or [s for s in splits if s != "val"][0]
+    m = splits[split]
+    result = {
+        "method": " -> ".join(st["method"]["name"] for st in cfg["stages"]),
+        "dataset": cfg["data"]["name"],
+        "ratio": cfg["data"]["imbalance_ratio"],
+        "backbone": cfg["model"]["backbone"],
+        "epochs": sum(st["epochs"] for st in cfg["stages"]),
+        "seed": cfg["seed"],
+        "subset_seed": cfg["data"]["subset_seed"],
+        "split": split,
+        "top1": m["top1"], "many": m["many"], "medium": m["medium"], "few": m["few"],
+        "precision": m.get("precision"),
+        "thresholds": metrics.get("thresholds"),
+        "selected": metrics.get("selected"),
+        "commit": meta.get("commit"),
+        "device": meta.get("device"),
+        "command": command or meta.get("command"),
+        "train_seconds": metrics.get("train_seconds"),
+        "finished": metrics.get("finished"),
+        "versions": {k: meta.get(k) for k in ("longtail", "torch", "torchvision", "python")},
+        "data": meta.get("dataset"),
+    }
+    if note:
+        result["note"] = note
+    out = Path(__file__).parent / "results" / f"{name}.json"
+    atomic_write_json(out, result)
+    return result
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--name", required=True, help="result file name (without .json)")
+    p.add_argument("--command", help="the exact command that produced the run (default: the one the run recorded)")
+    p.add_argument("--split", help="split to record (default: the first non-val split)")
+    p.add_argument("--note", help="free text, e.g. deviations from the paper recipe")
+    args = p.parse_args()
+    res = record(args.run_dir, args.name, args.command, args.split, args.note)
+    json.dump(res, sys.stdout, indent=2)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,195 @@
+"""Markdown tables of results: one run's splits, or several run folders side by side."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+DASH = "–"  # shown for a missing value (an empty shot group, a split a run lacks)
+
+
+def load_run(run_dir: str | Path) -> dict:
+    """Read a run folder: ``{"run_dir": Path, "name": str, "config": dict, "metrics": dict}``.
+
+    Raises FileNotFoundError naming the folder and the missing file when the folder does not exist or
+    lacks ``config.yaml`` or ``metrics.json``, and ValueError when one of them cannot be parsed.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir} is not a longtail run folder: no such folder")
+    metrics_path = run_dir / "metrics.json"
+    if not metrics_path.is_file():
+        raise FileNotFoundError(
+            f"{run_dir} is not a longtail run folder: no metrics.json; did the run finish? "
+            f"`longtail eval {run_dir}` re-creates it"
+        )
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a longtail run folder: no config.yaml")
+    try:
+        config = yaml.safe_load(config_path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{config_path}: not valid YAML ({e})") from e
+    try:
+        metrics = json.loads(metrics_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{metrics_path}: not valid JSON ({e})") from e
+    if not isinstance(config, dict) or not isinstance(metrics, dict):
+        raise ValueError(f"{run_dir}: config.yaml and metrics.json must each hold a mapping")
+    return {"run_dir": run_dir, "name": run_dir.name, "config": config, "metrics": metrics}
+
+
+# --------------------------------------------------------------------------------------------- formatting
+
+
+def _fmt(v, digits: int = 1) -> str:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return DASH
+    return f"{v:.{digits}f}"
+
+
+def _cell(v) -> str:
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]], right: set[int]) -> str:
+    """A markdown table padded to column width, so it also reads well as plain text."""
+    cells = [[_cell(h) for h in header]] + [[_cell(c) for c in r] for r in rows]
+    widths = [max(3, *(len(r[i]) for r in cells)) for i in range(len(header))]
+
+    def line(r: Sequence[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) if i in right else c.ljust(w)
+                                 for i, (c, w) in enumerate(zip(r, widths, strict=True))) + " |"
+
+    rule = "|" + "|".join(("-" * (w + 1) + ":") if i in right else ("-" * (w + 2))
+                          for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
+
+
+def _thresholds(metrics: dict, split: dict | None) -> str | None:
+    if isinstance(split, dict) and split.get("thresholds"):
+        return str(split["thresholds"])
+    return str(metrics["thresholds"]) if metrics.get("thresholds") else None
+
+
+# --------------------------------------------------------------------------------------------- run facts
+
+
+def _dataset(config: dict) -> str:
+    data = config.get("data") or {}
+    name = data.get("name") if isinstance(data, dict) else None
+    if not name:
+        return DASH
+    ratio = data.get("imbalance_ratio")
+    if isinstance(ratio, (int, float)) and not isinstance(ratio, bool):
+        return f"{name} (IR {ratio:g})"
+    return str(name)
+
+
+def _backbone(config: dict) -> str:
+    model = config.get("model") or {}
+    return str(model.get("backbone")) if isinstance(model, dict) and model.get("backbone") else DASH
+
+
+def _stages(config: dict) -> list[dict]:
+    stages = config.get("stages")
+    if isinstance(stages, list) and stages:
+        return [s for s in stages if isinstance(s, dict)]
+    # a config without stages: its top-level method / epochs are the one stage
+    return [{k: config[k] for k in ("method", "epochs") if k in config}]
+
+
+def _method(config: dict) -> str:
+    names = []
+    for st in _stages(config):
+        m = st.get("method")
+        name = m.get("name") if isinstance(m, dict) else m
+        names.append(str(name) if name else "?")
+    return " -> ".join(names) if any(n != "?" for n in names) else DASH
+
+
+def _epochs(config: dict) -> str:
+    eps = [st.get("epochs") for st in _stages(config)]
+    if not eps or not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in eps):
+        return DASH
+    return f"{sum(eps):g}"
+
+
+# --------------------------------------------------------------------------------------------- tables
+
+
+def runs_table(run_dirs: Sequence[str | Path], split: str | None = None) -> str:
+    """One markdown table comparing run folders, one row per run per split.
+
+    Columns: run (folder name), dataset (name and imbalance ratio), backbone, method (stage methods
+    joined with " -> "), epochs (summed over stages), split, top1, many, medium, few (percent, one
+    decimal, "–" when missing). ``split`` keeps only that split (a run without it gets a row of "–");
+    None shows every split of each run. A line under the table states the shot thresholds, and says so
+    when the runs do not share them.
+    """
+    runs = [load_run(d) for d in run_dirs]
+    header = ["run", "dataset", "backbone", "method", "epochs", "split", "top1", "many", "medium", "few"]
+    rows: list[list[str]] = []
+    thresholds: dict[str, list[str]] = {}  # description -> runs using it
+    missing: list[str] = []
+    for run in runs:
+        cfg, metrics = run["config"], run["metrics"]
+        splits = metrics.get("splits") or {}
+        facts = [run["name"], _dataset(cfg), _backbone(cfg), _method(cfg), _epochs(cfg)]
+        names = [split] if split is not None else list(splits)
+        if not names:
+            missing.append(f"{run['name']} has no evaluated split")
+        for s in names:
+            m = splits.get(s)
+            if not isinstance(m, dict):
+                missing.append(f"{run['name']} has no split '{s}'")
+                m = {}
+            rows.append(facts + [s] + [_fmt(m.get(k)) for k in ("top1", "many", "medium", "few")])
+            t = _thresholds(metrics, m or None)
+            if t is not None:
+                thresholds.setdefault(t, [])
+                if run["name"] not in thresholds[t]:
+                    thresholds[t].append(run["name"])
+    lines = [_markdown(header, rows, right={4, 6, 7, 8, 9}), ""]
+    if not thresholds:
+        lines.append("Shot groups: thresholds not recorded.")
+    elif len(thresholds) == 1:
+        lines.append(f"Shot groups: {next(iter(thresholds))}.")
+    else:
+        per = "; ".join(f"{t} ({', '.join(names)})" for t, names in thresholds.items())
+        lines.append(f"Shot groups: the runs differ in thresholds, so many / medium / few are not "
+                     f"comparable across them: {per}.")
+    if missing:
+        lines.append("Missing: " + "; ".join(missing) + ".")
+    return "\n".join(lines)
+
+
+def results_table(metrics: dict, title: str | None = None) -> str:
+    """A compact markdown table of one run's splits (split, top1, many, medium, few, precision, n).
+
+    ``metrics`` is a ``metrics.json`` dict; the shot thresholds go on a line under the table. Padded,
+    so it reads well printed in a terminal at the end of training.
+    """
+    splits = metrics.get("splits") or {}
+    rows = []
+    seen: list[str] = []
+    for s, m in splits.items():
+        if not isinstance(m, dict):
+            continue
+        n = m.get("num_samples")
+        rows.append([s] + [_fmt(m.get(k)) for k in ("top1", "many", "medium", "few", "precision")]
+                    + [str(n) if isinstance(n, int) else DASH])
+        t = _thresholds(metrics, m)
+        if t is not None and t not in seen:
+            seen.append(t)
+    header = ["split", "top1", "many", "medium", "few", "precision", "n"]
+    lines = [title, ""] if title else []
+    lines.append(_markdown(header, rows, right={1, 2, 3, 4, 5, 6}))
+    if seen:
+        lines.append("")
+        lines.append("Shot groups: " + "; ".join(seen) + ".")
+    return "\n".join(lines)

@@ -1,0 +1,165 @@
+"""User data: image folders, list files, CIFAR image-folder copies, and the errors bad input gets."""
+
+import gzip
+import zipfile
+
+import pytest
+import torch
+
+from conftest import SHARED_DATA, make_image_folder
+from longtail.config import DataConfig
+from longtail.data import DataError, class_counts, create_dataset
+from longtail.data.folder import read_list_file
+
+
+def test_image_folder_loads(image_folder):
+    ds = create_dataset(DataConfig(name="image_folder", root=str(image_folder), image_size=16))
+    assert ds.class_names == ["ant", "bee", "cat"]
+    assert ds.train_counts().tolist() == [24, 8, 3]
+    assert len(ds.splits["test"]) == 12 and ds.eval_splits == ["test"]
+    assert not ds.train.in_memory
+
+
+def test_image_folder_in_memory(image_folder):
+    ds = create_dataset(DataConfig(name="image_folder", root=str(image_folder), image_size=16, in_memory="always"))
+    assert ds.train.images.shape == (35, 3, 16, 16) and ds.train.images.dtype == torch.uint8
+
+
+def test_val_fraction_holds_out_from_train(image_folder):
+    ds = create_dataset(DataConfig(name="image_folder", root=str(image_folder), val_fraction=0.25))
+    assert len(ds.train) + len(ds.splits["val"]) == 35
+    assert set(ds.train.paths).isdisjoint(ds.splits["val"].paths)
+    assert set(ds.splits["val"].paths).isdisjoint(ds.splits["test"].paths)
+
+
+def test_missing_root_is_clear(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        create_dataset(DataConfig(name="image_folder", root=str(tmp_path / "nope")))
+    with pytest.raises(DataError, match="needs data.root"):
+        create_dataset(DataConfig(name="image_folder"))
+
+
+def test_empty_class_is_clear(image_folder):
+    (image_folder / "train" / "dog").mkdir()
+    with pytest.raises(DataError, match="dog: empty class"):
+        create_dataset(DataConfig(name="image_folder", root=str(image_folder)))
+
+
+def test_corrupt_image_names_the_file(image_folder):
+    bad = image_folder / "train" / "bee" / "0003.png"
+    bad.write_bytes(b"not an image at all")
+    with pytest.raises(DataError, match="0003.png: cannot decode"):
+        create_dataset(DataConfig(name="image_folder", root=str(image_folder), in_memory="always"))
+
+
+def test_test_class_without_train_folder(image_folder):
+    make_image_folder(image_folder, {"test": {"zebra": 1}})
+    with pytest.raises(DataError, match="zebra"):
+        create_dataset(DataConfig(name="image_folder", root=str(image_folder)))
+
+
+def _write_lists(root, lines_train, lines_test, gz=False):
+    def write(name, lines):
+        p = root / name
+        if gz:
+            with gzip.open(p, "wt") as f:
+                f.write("\n".join(lines) + "\n")
+        else:
+            p.write_text("\n".join(lines) + "\n")
+        return p
+
+    ext = ".txt.gz" if gz else ".txt"
+    return write("train" + ext, lines_train), write("test" + ext, lines_test)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_list_files(image_folder, gz):
+    train = [f"train/ant/{i:04d}.png 0" for i in range(5)] + ["train/bee/0000.png 1", "train/cat/0000.png 2"]
+    test = ["test/ant/0000.png 0", "test/bee/0000.png 1", "test/cat/0000.png 2"]
+    tr, te = _write_lists(image_folder, train, test, gz)
+    ds = create_dataset(DataConfig(name="list_file", root=str(image_folder), train_list=str(tr), test_list=str(te)))
+    assert ds.num_classes == 3 and ds.train_counts().tolist() == [5, 1, 1]
+
+
+def test_list_file_label_out_of_range(image_folder):
+    tr, te = _write_lists(image_folder, ["train/ant/0000.png 0", "train/bee/0000.png 1"], ["test/ant/0000.png 5"])
+    with pytest.raises(DataError, match="label 5"):
+        create_dataset(DataConfig(name="list_file", root=str(image_folder), train_list=str(tr), test_list=str(te),
+                                  num_classes=2))
+
+
+def test_list_file_missing_image(image_folder):
+    tr, te = _write_lists(image_folder, ["train/ant/9999.png 0"], ["test/ant/0000.png 0"])
+    with pytest.raises(DataError, match="image not found: .*9999.png"):
+        create_dataset(DataConfig(name="list_file", root=str(image_folder), train_list=str(tr), test_list=str(te)))
+
+
+def test_list_file_bad_line(tmp_path):
+    p = tmp_path / "l.txt"
+    p.write_text("a.jpg 0\nb.jpg x\n")
+    with pytest.raises(DataError, match=r"l.txt:2: label 'x' is not an integer"):
+        read_list_file(p, tmp_path)
+
+
+def test_empty_class_in_list_file(image_folder):
+    tr, te = _write_lists(image_folder, ["train/ant/0000.png 0", "train/cat/0000.png 2"], ["test/ant/0000.png 0"])
+    with pytest.raises(DataError, match="no training image"):
+        create_dataset(DataConfig(name="list_file", root=str(image_folder), train_list=str(tr), test_list=str(te)))
+
+
+def test_imagenet_lt_checks_split_sizes(image_folder):
+    tr, te = _write_lists(image_folder, ["train/ant/0000.png 0"], ["test/ant/0000.png 0"])
+    with pytest.raises(DataError, match="imagenet_lt train has 115846"):
+        create_dataset(DataConfig(name="imagenet_lt", root=str(image_folder), train_list=str(tr)))
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "splits" / "Places_LT_train.txt.gz").exists(), reason="shared splits absent")
+def test_shared_places_lt_list_parses(tmp_path):
+    paths, labels = read_list_file(SHARED_DATA / "splits" / "Places_LT_train.txt.gz", tmp_path)
+    assert len(paths) == 62500 and max(labels) == 364
+    counts = torch.bincount(torch.tensor(labels))
+    # spec baselines.md 8.3: Places-LT has 131 / 163 / 71 classes with > 100 / 20-100 / < 20 images.
+    assert ((counts > 100).sum(), ((counts >= 20) & (counts <= 100)).sum(), (counts < 20).sum()) == (131, 163, 71)
+
+
+def _cifar_like_zip(tmp_path, num_classes=10, per_class=30):
+    folder = make_image_folder(tmp_path / "cifar", {
+        "train": {f"c{i}": per_class for i in range(num_classes)},
+        "test": {f"c{i}": 2 for i in range(num_classes)}}, size=32)
+    zpath = tmp_path / "cifar.zip"
+    with zipfile.ZipFile(zpath, "w") as z:
+        for p in folder.rglob("*.png"):
+            z.write(p, "cifar-copy/" + str(p.relative_to(folder)))
+    return zpath
+
+
+def test_cifar_lt_from_an_image_folder_zip(tmp_path):
+    zpath = _cifar_like_zip(tmp_path)
+    cfg = DataConfig(name="cifar10_lt", root=str(zpath), imbalance_ratio=10)
+    ds = create_dataset(cfg)
+    assert ds.train_counts().tolist() == class_counts(10, 30, 10)
+    assert len(ds.splits["test"]) == 20 and ds.train.images.shape[1:] == (3, 32, 32)
+    again = create_dataset(cfg)  # from the decoded cache now
+    assert torch.equal(again.train.images, ds.train.images)
+    other = create_dataset(DataConfig(name="cifar10_lt", root=str(zpath), imbalance_ratio=10, subset_seed=1))
+    assert not torch.equal(other.train.images, ds.train.images)
+
+
+def test_cifar_wrong_class_count(tmp_path):
+    zpath = _cifar_like_zip(tmp_path, num_classes=3, per_class=2)
+    with pytest.raises(DataError, match="expected 10 class folders"):
+        create_dataset(DataConfig(name="cifar10_lt", root=str(zpath)))
+
+
+def test_cifar_missing_files_suggest_download(tmp_path):
+    with pytest.raises(DataError, match="download"):
+        create_dataset(DataConfig(name="cifar10_lt", root=str(tmp_path / "empty")))
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "cifar10-jpeg.zip").exists(), reason="shared CIFAR-10 JPEG copy absent")
+def test_shared_cifar10_lt_r100_exact_counts():
+    ds = create_dataset(DataConfig(name="cifar10_lt", root=str(SHARED_DATA / "cifar10-jpeg.zip")))
+    assert ds.train_counts().tolist() == [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+    assert len(ds.train) == 12406 and len(ds.splits["test"]) == 10000
+    assert ds.splits["test"].class_counts(10).tolist() == [1000] * 10
+    assert ds.class_names[:3] == ["airplane", "automobile", "bird"]

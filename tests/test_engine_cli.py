@@ -1,0 +1,176 @@
+"""The fit loop end to end on a tiny image folder: determinism, resume, stages, the CLI commands."""
+
+import json
+import os
+import signal
+from dataclasses import dataclass
+
+import pytest
+import torch
+import yaml
+
+from longtail.cli import main
+from longtail.config import build_config
+from longtail.engine import Interrupted, train
+from longtail.engine.checkpoint import load_checkpoint
+from longtail.methods.ce import CrossEntropy
+from longtail.registry import METHODS
+
+_FIRED = {"done": False}
+
+
+@METHODS.register("interrupt_test", help="test only: CE that sends itself SIGINT once at a given step")
+class _InterruptOnce(CrossEntropy):
+    @dataclass
+    class Config:
+        label_smoothing: float = 0.0
+        at_step: int = -1
+
+    calls = 0
+
+    def forward(self, images, targets):
+        type(self).calls += 1
+        if type(self).calls == self.cfg.at_step and not _FIRED["done"]:
+            _FIRED["done"] = True
+            os.kill(os.getpid(), signal.SIGINT)
+        return super().forward(images, targets)
+
+
+def tiny_raw(root, epochs=3, method="ce", **method_opts):
+    return {
+        "name": "tiny", "seed": 0,
+        "data": {"name": "image_folder", "root": str(root), "image_size": 16, "in_memory": "always",
+                 "augment": "cifar"},
+        "model": {"backbone": "tiny"},
+        "stages": [{"name": "main", "method": {"name": method, **method_opts}, "epochs": epochs, "batch_size": 8,
+                    "optim": {"lr": 0.05}, "schedule": {"name": "cosine", "warmup_epochs": 1}}],
+        "eval": {"batch_size": 16, "many_above": 20, "few_below": 5},
+    }
+
+
+def final_weights(run_dir):
+    return load_checkpoint(run_dir / "checkpoints" / "final.pt")["method"]
+
+
+def assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_run_folder_contents(image_folder, tmp_path):
+    run = train(build_config(tiny_raw(image_folder)), out=tmp_path / "run", progress=False)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["seed"] == 0 and {"torch", "torchvision", "commit", "longtail", "device"} <= set(cfg["meta"])
+    m = json.loads((run / "metrics.json").read_text())
+    test = m["splits"]["test"]
+    assert {"top1", "many", "medium", "few", "per_class", "precision"} <= set(test)
+    assert len(test["per_class"]) == 3 and m["train_counts"] == [24, 8, 3]
+    assert (run / "train.log").read_text().count("epoch") >= 3
+    assert {"final.pt", "last.pt", "stage_main.pt"} <= {p.name for p in (run / "checkpoints").iterdir()}
+    plots = {p.name for p in (run / "plots").iterdir()}
+    assert {"per_class_test.png", "shots.png", "confusion_test.png"} <= plots
+
+
+def test_training_is_deterministic(image_folder, tmp_path):
+    a = train(build_config(tiny_raw(image_folder, epochs=2)), out=tmp_path / "a", progress=False)
+    b = train(build_config(tiny_raw(image_folder, epochs=2)), out=tmp_path / "b", progress=False)
+    assert_same_state(final_weights(a), final_weights(b))
+    c = train(build_config(tiny_raw(image_folder, epochs=2), ["seed=1"]), out=tmp_path / "c", progress=False)
+    assert not torch.equal(final_weights(a)["model.head.fc.weight"], final_weights(c)["model.head.fc.weight"])
+
+
+def test_resume_after_sigint_matches_uninterrupted_run(image_folder, tmp_path):
+    ref = train(build_config(tiny_raw(image_folder)), out=tmp_path / "ref", progress=False)
+    _InterruptOnce.calls, _FIRED["done"] = 0, False
+    cfg = build_config(tiny_raw(image_folder, method="interrupt_test", at_step=6))  # epoch 2, mid-epoch (4 steps/epoch)
+    with pytest.raises(Interrupted, match="--resume"):
+        train(cfg, out=tmp_path / "int", progress=False)
+    state = load_checkpoint(tmp_path / "int" / "checkpoints" / "last.pt")["state"]
+    assert state == {"stage": 0, "epoch": 1, "step": 2}
+    assert not (tmp_path / "int" / "metrics.json").exists()
+    resumed = train(out=tmp_path / "int", resume=True, progress=False)
+    assert_same_state(final_weights(ref), final_weights(resumed))
+    ref_m = json.loads((ref / "metrics.json").read_text())["splits"]["test"]
+    res_m = json.loads((resumed / "metrics.json").read_text())["splits"]["test"]
+    assert ref_m["per_class"] == res_m["per_class"]
+
+
+def test_file_dataset_path_trains_and_predicts(image_folder, tmp_path):
+    # Not in memory: DataLoader workers decode files and apply transforms v2.
+    raw = tiny_raw(image_folder, epochs=1)
+    raw["data"].update(in_memory="never", num_workers=0, augment="imagenet")
+    run = train(build_config(raw), out=tmp_path / "files", progress=False)
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["splits"]["test"]["num_samples"] == 12
+    from longtail.engine.inference import load_trained, predict_images
+
+    top = predict_images(load_trained(run), [next((image_folder / "test" / "ant").iterdir())], topk=3)
+    assert len(top[0]) == 3 and abs(sum(p for _, p in top[0]) - 1) < 1e-5
+
+
+def test_refuses_to_overwrite_a_run(image_folder, tmp_path):
+    train(build_config(tiny_raw(image_folder, epochs=1)), out=tmp_path / "r", progress=False)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(build_config(tiny_raw(image_folder, epochs=1)), out=tmp_path / "r", progress=False)
+
+
+def test_two_stages_with_init_from(image_folder, tmp_path):
+    raw = tiny_raw(image_folder, epochs=1)
+    raw["stages"].append({**raw["stages"][0], "name": "second", "init_from": "main", "epochs": 1})
+    run = train(build_config(raw), out=tmp_path / "two", progress=False)
+    log = (run / "train.log").read_text()
+    assert "stage main epoch 1/1" in log and "stage second epoch 1/1" in log
+    assert (run / "checkpoints" / "stage_second.pt").exists()
+
+
+def test_best_val_needs_val_split(image_folder, tmp_path):
+    with pytest.raises(ValueError, match="val"):
+        train(build_config(tiny_raw(image_folder, epochs=1), ["eval.select=best_val"]), out=tmp_path / "x",
+              progress=False)
+
+
+def test_best_val_selection(image_folder, tmp_path):
+    cfg = build_config(tiny_raw(image_folder, epochs=2), ["eval.select=best_val", "data.val_fraction=0.2",
+                                                          "stages.0.eval_every=1"])
+    run = train(cfg, out=tmp_path / "bv", progress=False)
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["selected"].startswith("best val") and "val" in m["splits"]
+
+
+def test_cli_train_eval_report_predict_list(image_folder, tmp_path, capsys):
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_raw(image_folder, epochs=1)))
+    out = tmp_path / "cli"
+    assert main(["train", str(cfg_path), "seed=2", "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "top1" in printed and "many" in printed and str(out) in printed
+    assert yaml.safe_load((out / "config.yaml").read_text())["seed"] == 2
+
+    assert main(["eval", str(out), "--split", "test"]) == 0
+    assert "test" in capsys.readouterr().out
+    assert main(["eval", str(out), "--split", "nope"]) != 0
+
+    assert main(["report", str(out), str(out)]) == 0
+    assert capsys.readouterr().out.count("| cli ") == 2
+
+    img = next((image_folder / "test" / "cat").iterdir())
+    assert main(["predict", str(out), str(img), "--topk", "2"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(str(img)) and line.count("%") == 2
+
+    assert main(["list"]) == 0
+    listed = capsys.readouterr().out
+    assert "quickstart" in listed and "resnet32" in listed and "ce " in listed
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    assert main(["train", "data.name=nope", "--out", str(tmp_path / "e"), "--quiet"]) == 2
+    assert "unknown dataset 'nope'" in capsys.readouterr().err
+    assert main(["train", "data.imbalance_ration=3", "--quiet"]) == 2
+    assert "did you mean 'imbalance_ratio'" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "missing")]) == 2
+    assert "not a longtail run folder" in capsys.readouterr().err
+    assert main(["train", "data.name=image_folder", f"data.root={tmp_path / 'nowhere'}", "--quiet",
+                 "--out", str(tmp_path / "e2")]) == 2
+    assert "does not exist" in capsys.readouterr().err

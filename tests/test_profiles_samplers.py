@@ -1,0 +1,84 @@
+import numpy as np
+import pytest
+import torch
+
+from longtail.data.profiles import class_counts, hold_out, select_long_tailed
+from longtail.data.samplers import InstanceSampler, shard
+
+
+def test_cifar10_lt_r100_counts():
+    counts = class_counts(10, 5000, 100, "exp")
+    assert counts == [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+    assert sum(counts) == 12406
+
+
+@pytest.mark.parametrize(("c", "n_max", "ratio", "total"), [
+    (10, 5000, 50, 13996), (10, 5000, 10, 20431),
+    (100, 500, 100, 10847), (100, 500, 50, 12608), (100, 500, 10, 19573),
+])
+def test_cifar_lt_totals_match_spec(c, n_max, ratio, total):
+    assert sum(class_counts(c, n_max, ratio, "exp")) == total
+
+
+def test_cifar100_lt_shot_groups():
+    n = np.array(class_counts(100, 500, 100))
+    assert ((n > 100).sum(), ((n >= 20) & (n <= 100)).sum(), (n < 20).sum()) == (35, 35, 30)
+    assert n[0] == 500 and n[-1] == 5
+
+
+def test_step_profile():
+    assert class_counts(4, 100, 10, "step") == [100, 100, 10, 10]
+
+
+def test_bad_profile_arguments():
+    with pytest.raises(ValueError, match="unknown imbalance profile"):
+        class_counts(10, 100, 10, "linear")
+    with pytest.raises(ValueError, match=">= 1"):
+        class_counts(10, 100, 0.5)
+
+
+def test_selection_is_cao_compatible():
+    # The LDAM-DRW generator: global np.random.seed(seed), then per class shuffle and keep the first n.
+    rng = np.random.default_rng(1)
+    targets = rng.integers(0, 5, 500)
+    counts = [40, 20, 10, 5, 2]
+    np.random.seed(7)
+    expected = []
+    for c, n in enumerate(counts):
+        idx = np.where(targets == c)[0]
+        np.random.shuffle(idx)
+        expected.append(idx[:n])
+    got = select_long_tailed(targets, counts, 7)
+    np.testing.assert_array_equal(got, np.concatenate(expected))
+    assert np.bincount(targets[got], minlength=5).tolist() == counts
+    assert not np.array_equal(got, select_long_tailed(targets, counts, 8))
+
+
+def test_selection_asks_for_too_many():
+    with pytest.raises(ValueError, match="fewer than"):
+        select_long_tailed(np.array([0, 0, 1]), [1, 2], 0)
+
+
+def test_hold_out_per_class():
+    targets = np.repeat(np.arange(3), [50, 10, 2])
+    tr, va = hold_out(targets, 0.2, 0)
+    assert len(set(tr) & set(va)) == 0 and len(tr) + len(va) == len(targets)
+    assert np.bincount(targets[va], minlength=3).tolist() == [10, 2, 1]
+    tr2, va2 = hold_out(targets, 0.2, 0)
+    np.testing.assert_array_equal(va, va2)
+
+
+def test_instance_sampler_is_a_seeded_permutation():
+    s = InstanceSampler(torch.arange(10) % 3, 3, seed=1)
+    a, b = s.indices(0), s.indices(1)
+    assert sorted(a.tolist()) == list(range(10)) and not torch.equal(a, b)
+    assert torch.equal(a, InstanceSampler(torch.arange(10) % 3, 3, seed=1).indices(0))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_shards_cover_the_global_stream(world):
+    stream = torch.randperm(10, generator=torch.Generator().manual_seed(0))
+    shards = [shard(stream, r, world) for r in range(world)]
+    assert len({len(s) for s in shards}) == 1  # equal length on every rank
+    assert set(torch.cat(shards).tolist()) == set(stream.tolist())
+    assert sum(len(s) for s in shards) == -(-10 // world) * world
