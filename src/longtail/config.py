@@ -284,6 +284,8 @@ def apply_override(raw: dict, path: list[str], value: Any) -> None:
         if nxt is None:
             # `stages` defaults to one stage: `stages.0.x=...` on a recipe without stages means that one.
             nxt = [{}] if (i == 0 and part == "stages") else {}
+            if part == "method":  # a stage that had no method had the default one: keep its name
+                nxt = {"name": StageConfig().method["name"]}
             node[part] = nxt
         elif isinstance(nxt, str) and path[i] == "method":
             nxt = {"name": nxt}

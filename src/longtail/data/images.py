@@ -34,7 +34,7 @@ def read_image(path: str | Path) -> torch.Tensor:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise DataError(f"image not found: {path}; check the dataset root and the list file") from None
+        raise DataError(f"image not found: {path}") from None
     except OSError as e:
         raise DataError(f"cannot read image {path}: {e}") from None
     return decode_bytes(data, str(path))
