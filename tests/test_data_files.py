@@ -163,3 +163,53 @@ def test_shared_cifar10_lt_r100_exact_counts():
     assert len(ds.train) == 12406 and len(ds.splits["test"]) == 10000
     assert ds.splits["test"].class_counts(10).tolist() == [1000] * 10
     assert ds.class_names[:3] == ["airplane", "automobile", "bird"]
+
+
+def test_cifar_download_from_a_loopback_server(tmp_path, monkeypatch):
+    """data.download=true fetches and checks the archive (here a tiny one served on 127.0.0.1)."""
+    import hashlib
+    import http.server
+    import pickle
+    import tarfile
+    import threading
+    from functools import partial
+
+    from torchvision.datasets import CIFAR10
+
+    g = torch.Generator().manual_seed(0)
+    src = tmp_path / "src" / "cifar-10-batches-py"
+    src.mkdir(parents=True)
+
+    def batch(name, labels):
+        data = torch.randint(0, 256, (len(labels), 3 * 32 * 32), generator=g, dtype=torch.uint8).numpy()
+        (src / name).write_bytes(pickle.dumps({"data": data, "labels": labels}))
+        return [name, hashlib.md5((src / name).read_bytes()).hexdigest()]
+
+    train = batch("data_batch_1", [c for c in range(10) for _ in range(12)])
+    test = batch("test_batch", list(range(10)) * 2)
+    (src / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
+    serve = tmp_path / "serve"
+    serve.mkdir()
+    with tarfile.open(serve / "cifar-10-python.tar.gz", "w:gz") as tar:
+        tar.add(src, arcname="cifar-10-batches-py")
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(serve))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(CIFAR10, "url", f"http://127.0.0.1:{server.server_port}/cifar-10-python.tar.gz")
+        archive_md5 = hashlib.md5((serve / "cifar-10-python.tar.gz").read_bytes()).hexdigest()
+        monkeypatch.setattr(CIFAR10, "tgz_md5", archive_md5)
+        monkeypatch.setattr(CIFAR10, "train_list", [train])
+        monkeypatch.setattr(CIFAR10, "test_list", [test])
+        monkeypatch.setattr(CIFAR10, "meta", {"filename": "batches.meta", "key": "label_names",
+                                              "md5": hashlib.md5((src / "batches.meta").read_bytes()).hexdigest()})
+        root = tmp_path / "downloaded"
+        with pytest.raises(DataError, match="data.download=true"):
+            create_dataset(DataConfig(name="cifar10_lt", root=str(root), imbalance_ratio=4))
+        ds = create_dataset(DataConfig(name="cifar10_lt", root=str(root), imbalance_ratio=4, download=True))
+    finally:
+        server.shutdown()
+    assert ds.train_counts().tolist() == class_counts(10, 12, 4)
+    assert len(ds.splits["test"]) == 20 and ds.class_names[0] == "c0"
+    assert (root / "cifar-10-batches-py" / "data_batch_1").is_file()
