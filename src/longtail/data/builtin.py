@@ -18,8 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +28,7 @@ from longtail.config import DataConfig
 from longtail.data.base import DataError, LTDataset, Split
 from longtail.data.profiles import class_counts, index_hash, select_long_tailed
 from longtail.registry import DATASETS
+from longtail.utils import atomic_torch_save
 
 # ----------------------------------------------------------------------------------------------- shapes
 
@@ -338,20 +337,6 @@ def shapes_glt_counts(num_classes: int, n_max: int, imbalance_ratio: float, prof
     }
 
 
-def _atomic_save(obj: dict, path: Path) -> None:
-    # Write next to the target, then rename: readers never see a half-written cache file.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _load_cache(path: Path, splits: list[str]) -> dict[str, Split] | None:
     if not path.is_file():
         return None
@@ -398,7 +383,7 @@ def shapes_glt(cfg: DataConfig, cache_dir: Path) -> LTDataset:
         for s, sp in splits.items():
             blob |= {f"{s}_targets": sp.targets, f"{s}_images": sp.images, f"{s}_attributes": sp.attributes}
         try:
-            _atomic_save(blob, path)
+            atomic_torch_save(blob, path)
         except OSError:  # read-only cache: still usable, just regenerated next time
             pass
 

@@ -109,6 +109,8 @@ def _load_image_folder(root: Path, num_classes: int, cache_dir: Path) -> tuple[d
 
 
 def build_cifar_lt(cfg: DataConfig, cache_dir: Path, num_classes: int) -> LTDataset:
+    if cfg.image_size not in (None, 32):
+        raise DataError(f"cifar{num_classes}_lt keeps the 32x32 images in memory; drop data.image_size")
     root = Path(cfg.root).expanduser() if cfg.root else _default_root(num_classes)
     is_folder_copy = root.is_file() or (root / "train").is_dir()
     if is_folder_copy:
