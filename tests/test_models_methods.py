@@ -85,14 +85,15 @@ def _ctx(counts):
 @pytest.mark.parametrize("name", list(METHODS))
 def test_every_method_trains_one_step_and_round_trips(name):
     torch.manual_seed(0)
-    model = create_model(ModelConfig(backbone="tiny"), 3)
+    head = getattr(METHODS.get(name), "requires_head", None) or "linear"
+    model = create_model(ModelConfig(backbone="tiny", head=head), 3)
     method = create_method({"name": name}, model, _ctx([10, 5, 2]))
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
     out = method(x, y)
     assert out["logits"].shape == (4, 3) and out["loss"].ndim == 0
     out["loss"].backward()
     method.eval()
-    other = create_method({"name": name}, create_model(ModelConfig(backbone="tiny"), 3), _ctx([10, 5, 2]))
+    other = create_method({"name": name}, create_model(ModelConfig(backbone="tiny", head=head), 3), _ctx([10, 5, 2]))
     other.load_state_dict(method.state_dict())
     other.eval()
     torch.testing.assert_close(method.predict(x), other.predict(x))

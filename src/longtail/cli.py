@@ -57,6 +57,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from longtail.evaluation.report import results_table
 
     run = load_trained(args.run_dir, args.set, device=args.device)
+    if args.sweep:
+        return _sweep(args, run)
     splits = None
     if args.split:
         splits = [s.strip() for s in args.split.split(",")]
@@ -74,6 +76,36 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                   "splits": {**old.get("splits", {}), **metrics["splits"]}}
         write_metrics(Path(args.run_dir), merged, run.cfg)
         print(f"\nupdated {path}")
+    return 0
+
+
+def _sweep(args: argparse.Namespace, run) -> int:
+    from longtail.engine.evaluate import parse_sweep, sweep_option
+    from longtail.evaluation.plots import plot_sweep
+    from longtail.utils import atomic_write_json, atomic_write_text
+
+    option, values = parse_sweep(args.sweep)
+    split = args.split or ("val" if "val" in run.dataset.splits else run.dataset.eval_splits[0])
+    if split not in run.dataset.splits:
+        raise UsageError(f"no split {split!r}; this run has {', '.join(run.dataset.splits)}")
+    rows = sweep_option(run.method, run.loader, split, option, values, run.cfg.eval, run.cfg.amp)
+
+    def cell(v):
+        return "–" if v is None else f"{v:.2f}"
+
+    lines = [f"| {option} | top1 | many | medium | few | precision |", "|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r[option]:g} | " + " | ".join(cell(r[k]) for k in ("top1", "many", "medium", "few", "precision"))
+              + " |" for r in rows]
+    table = "\n".join(lines)
+    print(f"{Path(args.run_dir).name}: {option} sweep on {split}\n\n{table}")
+    if split != "val":
+        print(f"\nnote: {split} is not a validation split: read this curve, do not choose {option} on it")
+    out = Path(args.run_dir) / "sweeps"
+    stem = f"{option}_{split}"
+    atomic_write_json(out / f"{stem}.json", {"option": option, "split": split, "rows": rows})
+    atomic_write_text(out / f"{stem}.md", table + "\n")
+    plot_sweep(rows, option, out / f"{stem}.png", title=f"{Path(args.run_dir).name}: {option} on {split}")
+    print(f"\nwritten: {out / stem}.json, .md, .png")
     return 0
 
 
@@ -140,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", help="comma-separated splits (default: val if present, then the test splits)")
     e.add_argument("--set", action="append", default=[], metavar="key=value",
                    help="prediction-time override, e.g. method.alpha=2.0 (printed, metrics.json untouched)")
+    e.add_argument("--sweep", metavar="method.OPTION=START:STOP:STEP",
+                   help="metrics against a prediction-time option, e.g. method.alpha=0:3:0.25 (on --split, "
+                        "default val if present); writes a table and a plot to RUN_DIR/sweeps/")
     e.add_argument("--no-write", dest="write", action="store_false", help="do not update metrics.json")
     e.add_argument("--device", help="cpu, cuda, ... (default: the run's)")
     e.set_defaults(func=_cmd_eval)

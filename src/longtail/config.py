@@ -52,7 +52,9 @@ class ModelConfig:
     backbone: str = "resnet32"  # a registered backbone (`longtail list`)
     head: str = "linear"  # a registered head
     head_bias: bool = True  # linear head bias (TDE/GLT "Baseline" is bias-free)
-    head_scale: float = 16.0  # cosine head: logit scale s in s * cos(x, w)
+    head_scale: float = 16.0  # cosine head: logit scale s; causal_norm head: tau (split as tau / K over heads)
+    num_heads: int = 2  # causal_norm head: K heads, each a contiguous D/K chunk of the feature
+    head_gamma: float = 0.03125  # causal_norm head: weight-norm damping gamma in w / (||w|| + gamma)
     pretrained: str | None = None  # local weights file for the backbone (never downloaded implicitly)
     channels_last: bool = True  # memory format on GPU
 
@@ -426,6 +428,9 @@ def validate(cfg: RunConfig) -> None:
         check("name" in st.method, f"{where}: method needs a name")
         known(registry.METHODS, st.method["name"], f"{where}.method")
         method_cls = registry.METHODS.get(st.method["name"])
+        need = getattr(method_cls, "requires_head", None)
+        check(need is None or need == cfg.model.head,
+              f"{where}: method '{st.method['name']}' needs model.head={need} (got '{cfg.model.head}')")
         opts = {k: v for k, v in st.method.items() if k != "name"}
         st.method = {"name": st.method["name"], **to_dict(from_dict(method_cls.Config, opts, f"{where}.method"))}
         names.append(st.name)

@@ -204,9 +204,9 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool) -> Path:
                 first_step = start_step if epoch == start_epoch else 0
                 if first_step and gen_state is not None:
                     gen.set_state(gen_state)
+                lr = ctx.lr = _set_lr(opt, st, epoch)
                 method.on_epoch_start(epoch, ctx)
                 method.train()
-                lr = _set_lr(opt, st, epoch)
                 indices = shard(sampler.indices(epoch), ctx.rank, ctx.world_size)
                 loss_sum, seen, t_epoch = 0.0, 0, time.time()
                 for step, (x, y) in enumerate(loader.train_batches(indices, st.batch_size, st.drop_last, gen,

@@ -29,11 +29,14 @@ class MethodContext:
     world_size: int = 1
     rank: int = 0
     stage: Any = None  # the StageConfig
+    lr: float = 0.0  # the learning rate at the start of the current epoch (set by the engine)
     extras: dict = field(default_factory=dict)  # e.g. the dataset, for methods that need it
 
 
 class Method(nn.Module):
     """Base method: plain cross-entropy on the model's logits. Subclasses override what differs."""
+
+    requires_head: str | None = None  # a registered head the method needs (checked by config validation)
 
     @dataclass
     class Config:
@@ -57,7 +60,13 @@ class Method(nn.Module):
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C) scores used for prediction (argmax) and top-k; default: the model's logits."""
-        return self.model(images)
+        return self.predict_features(self.model.forward_features(images))
+
+    @torch.no_grad()
+    def predict_features(self, feats: torch.Tensor) -> torch.Tensor:
+        """(B, D) backbone features -> (B, C) scores. Prediction-time settings (TDE alpha, post-hoc tau) act
+        here, so a sweep over them reuses one pass of features."""
+        return self.model.forward_head(feats)
 
     def param_groups(self) -> list[dict]:
         """Parameters the optimiser updates; default: every trainable one."""

@@ -41,6 +41,66 @@ class CosineHead(nn.Module):
         return self.scale * F.normalize(x, dim=1, eps=1e-12) @ F.normalize(self.weight, dim=1, eps=1e-12).T
 
 
+def _chunks(t: torch.Tensor, k: int) -> torch.Tensor:
+    """(..., D) -> (..., K, D/K): the K contiguous channel chunks of the causal-norm heads."""
+    if t.shape[-1] % k:
+        raise ValueError(f"feature dim {t.shape[-1]} is not divisible by num_heads={k}")
+    return t.unflatten(-1, (k, t.shape[-1] // k))
+
+
+def causal_norm_logits(f: torch.Tensor, weight: torch.Tensor, k: int, tau: float, gamma: float,
+                       eps: float = 1e-12) -> torch.Tensor:
+    """De-confound logits (TDE paper Eq. 7): (tau/K) sum_k w_i^k . x^k / ((||w_i^k|| + gamma) ||x^k||).
+
+    f: (B, D) features; weight: (C, D). Returns (B, C). The eps keeps a zero feature chunk finite
+    (the reference code has none: TDE defect D3).
+    """
+    xk = _chunks(f, k)
+    xk = xk / (xk.norm(dim=-1, keepdim=True) + eps)  # (B, K, D/K) unit per head
+    wk = _chunks(weight, k)
+    wk = wk / (wk.norm(dim=-1, keepdim=True) + gamma)  # (C, K, D/K) damped per class and head
+    return (tau / k) * torch.einsum("bkd,ckd->bc", xk, wk)
+
+
+def tde_logits(f: torch.Tensor, weight: torch.Tensor, direction: torch.Tensor, alpha: float, k: int, tau: float,
+               gamma: float, eps: float = 1e-12) -> torch.Tensor:
+    """Counterfactual TDE logits (TDE paper Eq. 8): remove alpha times each unit feature's projection on the
+    head direction, per head, before the damped classifier. alpha = 0 gives ``causal_norm_logits``.
+
+    f: (B, D); weight: (C, D); direction: (D,) the moving average of features (only its direction is used).
+    """
+    xk = _chunks(f, k)
+    xk = xk / (xk.norm(dim=-1, keepdim=True) + eps)  # (B, K, D/K)
+    dk = _chunks(direction, k)
+    dk = dk / (dk.norm(dim=-1, keepdim=True) + eps)  # (K, D/K) unit head direction per head
+    cos = torch.einsum("bkd,kd->bk", xk, dk)  # (B, K)
+    wk = _chunks(weight, k)
+    wk = wk / (wk.norm(dim=-1, keepdim=True) + gamma)  # (C, K, D/K)
+    return (tau / k) * torch.einsum("bkd,ckd->bc", xk - alpha * cos[..., None] * dk, wk)
+
+
+class CausalNormHead(nn.Module):
+    """The De-confound classifier: K-head, norm-damped cosine classifier, no bias (TDE paper Eq. 7).
+
+    Defaults K=2, tau=16, gamma=1/32; W initialised U(-1/sqrt(D), 1/sqrt(D)) as in the reference code.
+    """
+
+    def __init__(self, in_dim: int, num_classes: int, num_heads: int = 2, tau: float = 16.0,
+                 gamma: float = 1 / 32) -> None:
+        super().__init__()
+        if in_dim % num_heads:
+            raise ValueError(f"causal_norm head: feature dim {in_dim} is not divisible by num_heads={num_heads}")
+        self.weight = nn.Parameter(torch.empty(num_classes, in_dim))  # (C, D)
+        nn.init.uniform_(self.weight, -1 / math.sqrt(in_dim), 1 / math.sqrt(in_dim))
+        self.num_heads, self.tau, self.gamma = num_heads, tau, gamma
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return causal_norm_logits(x, self.weight, self.num_heads, self.tau, self.gamma)
+
+    def tde(self, x: torch.Tensor, direction: torch.Tensor, alpha: float) -> torch.Tensor:
+        return tde_logits(x, self.weight, direction, alpha, self.num_heads, self.tau, self.gamma)
+
+
 @HEADS.register("linear")
 def linear(in_dim: int, num_classes: int, cfg: ModelConfig) -> nn.Module:
     """Linear classifier (bias per model.head_bias)."""
@@ -51,3 +111,9 @@ def linear(in_dim: int, num_classes: int, cfg: ModelConfig) -> nn.Module:
 def cosine(in_dim: int, num_classes: int, cfg: ModelConfig) -> nn.Module:
     """Cosine classifier with scale model.head_scale."""
     return CosineHead(in_dim, num_classes, scale=cfg.head_scale)
+
+
+@HEADS.register("causal_norm")
+def causal_norm(in_dim: int, num_classes: int, cfg: ModelConfig) -> nn.Module:
+    """De-confound (TDE) classifier: model.num_heads K, model.head_scale tau, model.head_gamma gamma."""
+    return CausalNormHead(in_dim, num_classes, cfg.num_heads, cfg.head_scale, cfg.head_gamma)
