@@ -184,3 +184,18 @@ def test_parse_sweep():
         parse_sweep("seed=0:1:1")
     with pytest.raises(ValueError, match="step > 0"):
         parse_sweep("method.alpha=0:1:0")
+
+
+def test_alpha_auto(image_folder, tmp_path):
+    from longtail.engine import train
+    from longtail.engine.inference import load_trained
+
+    raw = {"data": {"name": "image_folder", "root": str(image_folder), "image_size": 16, "in_memory": "always"},
+           "model": {"backbone": "tiny", "head": "causal_norm"},
+           "stages": [{"method": {"name": "tde", "alpha": "auto"}, "epochs": 1, "batch_size": 8}]}
+    run = train(build_config(raw), out=tmp_path / "auto", progress=False)
+    m = load_trained(run).method
+    # the rule of thumb on the (un-augmented) training features, never on test
+    assert m.alpha() == pytest.approx(m.suggested_alpha.item()) and m.alpha() >= 1.0
+    with pytest.raises(ConfigError, match="number or 'auto'"):
+        build_config(raw, ["method.alpha=big"])

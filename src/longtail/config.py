@@ -229,7 +229,10 @@ def from_dict(cls: type, data: dict, where: str = "") -> Any:
         if key not in hints:
             raise _unknown_key(cls, key, where)
         kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # a Config's __post_init__ rejecting a value
+        raise ConfigError(f"{where}: {e}" if where else str(e)) from None
 
 
 def to_dict(obj: Any) -> Any:

@@ -33,17 +33,22 @@ class Deconfound(Method):
         momentum_schedule: str = "fixed"  # fixed | lr_scaled: mu = 1 - 0.1 min(50 lr, 1) per epoch (ImageNet-LT)
         average: str = "accumulate"  # accumulate: e = mu e + mean(f) (reference); ema: e = mu e + (1-mu) mean(f)
 
+        def __post_init__(self) -> None:
+            if self.momentum_schedule not in ("fixed", "lr_scaled"):
+                raise ValueError(f"momentum_schedule must be fixed or lr_scaled, got '{self.momentum_schedule}'")
+            if self.average not in ("accumulate", "ema"):
+                raise ValueError(f"average must be accumulate or ema, got '{self.average}'")
+
     def __init__(self, model: Classifier, cfg, ctx: MethodContext) -> None:
         super().__init__(model, cfg, ctx)
         if not isinstance(model.head, CausalNormHead):  # config validation says so earlier; API users too
             raise ValueError(f"{type(self).__name__.lower()} needs model.head=causal_norm "
                              f"(got {type(model.head).__name__})")
-        if cfg.momentum_schedule not in ("fixed", "lr_scaled"):
-            raise ValueError(f"method.momentum_schedule must be fixed or lr_scaled, got '{cfg.momentum_schedule}'")
-        if cfg.average not in ("accumulate", "ema"):
-            raise ValueError(f"method.average must be accumulate or ema, got '{cfg.average}'")
         # (D,) moving average of batch-mean features; saved with the weights it belongs to (defect D4).
         self.register_buffer("head_direction", torch.zeros(model.feature_dim))
+        # alpha by the rule of thumb (alpha x mean cos = 1) on val (else train) features at the end of training;
+        # 0 until computed. Used by alpha=auto.
+        self.register_buffer("suggested_alpha", torch.zeros(()))
         self.mu = cfg.momentum
 
     def on_epoch_start(self, epoch: int, ctx: MethodContext) -> None:
@@ -70,6 +75,19 @@ class Deconfound(Method):
             self._update_direction(feats)
         return {"loss": F.cross_entropy(logits, targets), "logits": logits}
 
+    @torch.no_grad()
+    def on_stage_end(self, ctx: MethodContext) -> None:
+        loader = ctx.extras.get("loader")
+        if loader is None or self.head_direction.norm() == 0:
+            return
+        split = "val" if "val" in loader.ds.splits else "train"  # never test
+        was_training = self.training
+        self.eval()
+        feats = torch.cat([self.model.forward_features(loader.normalize(x)).float()
+                           for x, _ in loader.eval_batches(split, 512)])
+        self.train(was_training)
+        self.suggested_alpha.fill_(suggest_alpha(feats, self.head_direction, self.model.head.num_heads))
+
     def alpha(self) -> float:
         return 0.0
 
@@ -93,10 +111,21 @@ class TDE(Deconfound):
 
     @dataclass
     class Config(Deconfound.Config):
-        alpha: float = 1.0  # TDE strength at prediction time (CIFAR-10 1.0, CIFAR-100 1.5, ImageNet-LT 3.0)
+        # TDE strength at prediction time (CIFAR-10 1.0, CIFAR-100 1.5, ImageNet-LT 3.0), or "auto": the rule
+        # of thumb alpha x mean cos(x, d) = 1 measured on val (else train) features when training ended.
+        alpha: float | str = 1.0
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            if isinstance(self.alpha, str) and self.alpha != "auto":
+                raise ValueError(f"alpha must be a number or 'auto', got '{self.alpha}'")
 
     def alpha(self) -> float:
-        return self.cfg.alpha
+        if self.cfg.alpha == "auto":
+            if self.suggested_alpha.item() <= 0:
+                raise RuntimeError("alpha=auto: this model has no suggested alpha (it is computed when training ends)")
+            return self.suggested_alpha.item()
+        return float(self.cfg.alpha)
 
 
 def suggest_alpha(features: torch.Tensor, direction: torch.Tensor, num_heads: int) -> float:
