@@ -79,6 +79,8 @@ def test_semantic_checks():
         build_config({"stages": [{"name": "a", "init_from": "nope"}]})
     with pytest.raises(ConfigError, match="profile"):
         build_config({"data": {"profile": "linear"}})
+    with pytest.raises(ConfigError, match="eval_every"):
+        build_config({"eval": {"select": "best_val"}})
     with pytest.raises(ConfigError, match="duplicate stage name"):
         build_config({"stages": [{"name": "a"}, {"name": "a"}]})
 

@@ -126,8 +126,8 @@ def test_two_stages_with_init_from(image_folder, tmp_path):
 
 def test_best_val_needs_val_split(image_folder, tmp_path):
     with pytest.raises(ValueError, match="val"):
-        train(build_config(tiny_raw(image_folder, epochs=1), ["eval.select=best_val"]), out=tmp_path / "x",
-              progress=False)
+        cfg = build_config(tiny_raw(image_folder, epochs=1), ["eval.select=best_val", "stages.0.eval_every=1"])
+        train(cfg, out=tmp_path / "x", progress=False)
 
 
 def test_best_val_selection(image_folder, tmp_path):

@@ -416,6 +416,8 @@ def validate(cfg: RunConfig) -> None:
     check(cfg.eval.few_below <= cfg.eval.many_above, "eval.few_below must not exceed eval.many_above")
     check(cfg.checkpoint_every >= 1, "checkpoint_every must be >= 1")
     check(len(cfg.stages) >= 1, "a recipe needs at least one stage")
+    check(cfg.eval.select != "best_val" or cfg.stages[-1].eval_every > 0,
+          "eval.select=best_val needs val evaluations during the last stage: set its eval_every (e.g. 1)")
     names: list[str] = []
     for i, st in enumerate(cfg.stages):
         where = f"stages.{i} ('{st.name}')"
