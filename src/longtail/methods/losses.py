@@ -1,0 +1,167 @@
+"""Re-balancing losses (spec baselines.md section 2): focal, class-balanced, Balanced Softmax / logit
+adjustment, LDAM with deferred re-weighting. Each is a pure function plus a Method plugin."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from longtail.methods.base import Method, MethodContext
+from longtail.models import Classifier
+from longtail.registry import METHODS
+
+# ----------------------------------------------------------------------------- pure functions
+
+
+def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0,
+               weight: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+    """Softmax focal loss (Lin et al. 2017): -(1 - p_y)^gamma log p_y, optionally class-weighted (w_y).
+
+    reduction: mean (plain mean over the batch) or weighted_mean (sum w_y l / sum w_y, PyTorch's convention).
+    """
+    logp = F.log_softmax(logits.float(), dim=1).gather(1, targets[:, None]).squeeze(1)  # (B,)
+    loss = -((1 - logp.exp()) ** gamma) * logp
+    return _reduce(loss, targets, weight, reduction)
+
+
+def _reduce(loss: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None, reduction: str) -> torch.Tensor:
+    if weight is None:
+        return loss.mean()
+    w = weight[targets]  # (B,)
+    if reduction == "weighted_mean":
+        return (w * loss).sum() / w.sum()
+    return (w * loss).mean()
+
+
+def class_balanced_weights(counts: torch.Tensor, beta: float) -> torch.Tensor:
+    """Cui et al. 2019: w_c = (1 - beta) / (1 - beta^n_c), normalised to sum to C. beta = 0 gives all ones."""
+    counts = counts.double()
+    eff = 1.0 - torch.pow(torch.full_like(counts, beta), counts)  # (1 - beta^n) ; effective number * (1 - beta)
+    w = (1.0 - beta) / eff.clamp_min(1e-12)
+    return (w * len(counts) / w.sum()).float()
+
+
+def logit_adjusted_loss(logits: torch.Tensor, targets: torch.Tensor, counts: torch.Tensor,
+                        tau: float = 1.0) -> torch.Tensor:
+    """Logit-adjusted CE (Menon et al. 2021), CE(z + tau log pi, y); tau = 1 is Balanced Softmax (Ren et al.).
+
+    pi = counts / sum(counts), with pi^tau + 1e-12 inside the log as in the LA code.
+    """
+    prior = counts.float() / counts.float().sum()
+    return F.cross_entropy(logits + torch.log(prior**tau + 1e-12), targets)
+
+
+def ldam_margins(counts: torch.Tensor, max_margin: float = 0.5) -> torch.Tensor:
+    """LDAM (Cao et al. 2019): Delta_c = K / n_c^(1/4), K chosen so that the largest margin is max_margin."""
+    m = 1.0 / counts.float().clamp_min(1) ** 0.25
+    return m * (max_margin / m.max())
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+@METHODS.register("focal")
+class Focal(Method):
+    """Focal loss, -(1 - p_y)^gamma log p_y (gamma = 2 as in TDE's and GLT's baselines)."""
+
+    @dataclass
+    class Config:
+        gamma: float = 2.0
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return focal_loss(logits, targets, self.cfg.gamma)
+
+
+@METHODS.register("cb_loss")
+class ClassBalanced(Method):
+    """Class-balanced loss by effective number (Cui et al., CVPR 2019), with softmax CE or focal."""
+
+    @dataclass
+    class Config:
+        beta: float = 0.9999
+        loss: str = "softmax"  # softmax | focal
+        gamma: float = 2.0  # focal only
+        reduction: str = "weighted_mean"  # weighted_mean (LDAM-DRW / RIDE code) | mean
+
+        def __post_init__(self) -> None:
+            if self.loss not in ("softmax", "focal"):
+                raise ValueError(f"loss must be softmax or focal, got '{self.loss}'")
+            if self.reduction not in ("weighted_mean", "mean"):
+                raise ValueError(f"reduction must be weighted_mean or mean, got '{self.reduction}'")
+            if not 0 <= self.beta < 1:
+                raise ValueError(f"beta must be in [0, 1), got {self.beta}")
+
+    def __init__(self, model: Classifier, cfg, ctx: MethodContext) -> None:
+        super().__init__(model, cfg, ctx)
+        self.register_buffer("weights", class_balanced_weights(ctx.train_counts, cfg.beta), persistent=False)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        gamma = self.cfg.gamma if self.cfg.loss == "focal" else 0.0
+        return focal_loss(logits, targets, gamma, self.weights, self.cfg.reduction)
+
+
+@METHODS.register("logit_adjust")
+class LogitAdjust(Method):
+    """Logit-adjusted loss (Menon et al., ICLR 2021): CE(z + tau log pi, y); predict argmax z."""
+
+    @dataclass
+    class Config:
+        tau: float = 1.0
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return logit_adjusted_loss(logits, targets, self.class_counts, self.cfg.tau)
+
+
+@METHODS.register("balanced_softmax")
+class BalancedSoftmax(Method):
+    """Balanced Softmax (Ren et al., NeurIPS 2020): CE(z + log n, y), i.e. logit adjustment with tau = 1."""
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return logit_adjusted_loss(logits, targets, self.class_counts, 1.0)
+
+
+@METHODS.register("logit_adjust_posthoc")
+class LogitAdjustPosthoc(Method):
+    """Post-hoc logit adjustment: train with CE, predict argmax z - tau log pi (tau sweepable at eval)."""
+
+    @dataclass
+    class Config:
+        tau: float = 1.0  # prediction-time: longtail eval RUN --sweep method.tau=0:2:0.25
+
+    @torch.no_grad()
+    def predict_features(self, feats: torch.Tensor) -> torch.Tensor:
+        prior = self.class_counts / self.class_counts.sum()
+        return self.model.forward_head(feats) - torch.log(prior**self.cfg.tau + 1e-12)
+
+
+@METHODS.register("ldam_drw")
+class LDAMDRW(Method):
+    """LDAM margins (Cao et al., NeurIPS 2019) on a cosine head, with deferred re-weighting from drw_epoch.
+
+    z = s (cos - Delta_y on the true class), s = the cosine head's scale (model.head_scale, 30 in the paper).
+    """
+
+    requires_head = "cosine"
+
+    @dataclass
+    class Config:
+        max_margin: float = 0.5
+        drw_epoch: int = 160  # 0-based epoch from which class-balanced weights apply (-1: never)
+        beta: float = 0.9999
+
+    def __init__(self, model: Classifier, cfg, ctx: MethodContext) -> None:
+        super().__init__(model, cfg, ctx)
+        self.register_buffer("margins", ldam_margins(ctx.train_counts, cfg.max_margin), persistent=False)
+        self.register_buffer("drw_weights", class_balanced_weights(ctx.train_counts, cfg.beta), persistent=False)
+        self.reweight = False
+
+    def on_epoch_start(self, epoch: int, ctx: MethodContext) -> None:
+        self.reweight = 0 <= self.cfg.drw_epoch <= epoch
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        s = self.model.head.scale
+        onehot = F.one_hot(targets, logits.shape[1]).to(logits.dtype)
+        z = logits - s * self.margins[targets][:, None] * onehot
+        return F.cross_entropy(z, targets, weight=self.drw_weights if self.reweight else None)

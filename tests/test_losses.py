@@ -1,0 +1,122 @@
+"""Golden values and invariants for every re-balancing loss (spec baselines.md section 2)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from longtail.config import ModelConfig
+from longtail.methods import MethodContext, create_method
+from longtail.methods.losses import (
+    class_balanced_weights,
+    focal_loss,
+    ldam_margins,
+    logit_adjusted_loss,
+)
+from longtail.models import create_model
+
+LOGITS = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]])
+TARGETS = torch.tensor([0, 2])
+COUNTS = torch.tensor([100, 10, 1])
+
+
+def _method(name, counts=COUNTS, head="linear", **opts):
+    model = create_model(ModelConfig(backbone="tiny", head=head, head_scale=30.0 if head == "cosine" else 16.0),
+                         len(counts))
+    ctx = MethodContext(len(counts), counts, epochs=1, steps_per_epoch=1, device=torch.device("cpu"))
+    return create_method({"name": name, **opts}, model, ctx), ctx
+
+
+def _p(logits, t):
+    return torch.softmax(logits, 1)[torch.arange(len(t)), t]
+
+
+def test_focal_golden_value():
+    p = _p(LOGITS, TARGETS)
+    expected = (-((1 - p) ** 2) * p.log()).mean()
+    assert focal_loss(LOGITS, TARGETS, 2.0).item() == pytest.approx(expected.item(), rel=1e-6)
+    # by hand for the first sample: p = e^2 / (e^2 + 1 + e^-1)
+    p0 = math.exp(2) / (math.exp(2) + 1 + math.exp(-1))
+    assert focal_loss(LOGITS[:1], TARGETS[:1]).item() == pytest.approx(-((1 - p0) ** 2) * math.log(p0), rel=1e-6)
+
+
+def test_focal_gamma_zero_is_ce():
+    assert focal_loss(LOGITS, TARGETS, 0.0).item() == pytest.approx(F.cross_entropy(LOGITS, TARGETS).item())
+
+
+def test_class_balanced_weights_golden():
+    w = class_balanced_weights(torch.tensor([100, 10, 1]), 0.9)
+    raw = torch.tensor([(1 - 0.9) / (1 - 0.9**n) for n in (100, 10, 1)], dtype=torch.float64)
+    torch.testing.assert_close(w, (raw * 3 / raw.sum()).float())
+    assert w.sum().item() == pytest.approx(3.0)
+
+
+def test_cb_beta_zero_is_ce():
+    m, _ = _method("cb_loss", beta=0.0)
+    assert m.loss(LOGITS, TARGETS).item() == pytest.approx(F.cross_entropy(LOGITS, TARGETS).item(), rel=1e-6)
+
+
+def test_cb_weighted_mean_matches_torch():
+    m, _ = _method("cb_loss", beta=0.99)
+    expected = F.cross_entropy(LOGITS, TARGETS, weight=class_balanced_weights(COUNTS, 0.99))
+    assert m.loss(LOGITS, TARGETS).item() == pytest.approx(expected.item(), rel=1e-6)
+    m_mean, _ = _method("cb_loss", beta=0.99, reduction="mean")
+    w = class_balanced_weights(COUNTS, 0.99)[TARGETS]
+    per = F.cross_entropy(LOGITS, TARGETS, reduction="none")
+    assert m_mean.loss(LOGITS, TARGETS).item() == pytest.approx((w * per).mean().item(), rel=1e-6)
+
+
+def test_balanced_softmax_golden_and_uniform_invariant():
+    m, _ = _method("balanced_softmax")
+    expected = F.cross_entropy(LOGITS + torch.log(COUNTS.float() / COUNTS.sum() + 1e-12), TARGETS)
+    assert m.loss(LOGITS, TARGETS).item() == pytest.approx(expected.item(), rel=1e-6)
+    uniform, _ = _method("balanced_softmax", counts=torch.tensor([7, 7, 7]))
+    assert uniform.loss(LOGITS, TARGETS).item() == pytest.approx(F.cross_entropy(LOGITS, TARGETS).item(), rel=1e-5)
+
+
+def test_logit_adjust_tau_zero_is_ce_and_tau_one_is_balanced_softmax():
+    la0, _ = _method("logit_adjust", tau=0.0)
+    assert la0.loss(LOGITS, TARGETS).item() == pytest.approx(F.cross_entropy(LOGITS, TARGETS).item(), rel=1e-5)
+    la1, _ = _method("logit_adjust", tau=1.0)
+    bs, _ = _method("balanced_softmax")
+    assert la1.loss(LOGITS, TARGETS).item() == pytest.approx(bs.loss(LOGITS, TARGETS).item(), rel=1e-6)
+    assert logit_adjusted_loss(LOGITS, TARGETS, COUNTS, 2.0).item() == pytest.approx(
+        F.cross_entropy(LOGITS + 2 * torch.log(COUNTS.float() / COUNTS.sum()), TARGETS).item(), rel=1e-5)
+
+
+def test_posthoc_logit_adjustment():
+    m, _ = _method("logit_adjust_posthoc", tau=1.0)
+    f = torch.randn(2, 32)
+    prior = COUNTS.float() / COUNTS.sum()
+    torch.testing.assert_close(m.predict_features(f), m.model.forward_head(f) - torch.log(prior + 1e-12))
+    uniform, _ = _method("logit_adjust_posthoc", counts=torch.tensor([5, 5, 5]))
+    uniform.model.load_state_dict(m.model.state_dict())
+    assert torch.equal(uniform.predict_features(f).argmax(1), uniform.model.forward_head(f).argmax(1))
+    m.cfg.tau = 0.0
+    torch.testing.assert_close(m.predict_features(f), m.model.forward_head(f), rtol=0, atol=1e-5)
+
+
+def test_ldam_margins_golden():
+    d = ldam_margins(torch.tensor([10000, 16, 1]), 0.5)
+    torch.testing.assert_close(d, torch.tensor([0.05, 0.25, 0.5]))
+
+
+def test_ldam_zero_margin_is_scaled_ce():
+    m, ctx = _method("ldam_drw", head="cosine", max_margin=0.0)
+    cos = torch.tensor([[0.5, -0.2, 0.1], [0.3, 0.9, -0.4]])
+    logits = 30.0 * cos
+    assert m.loss(logits, TARGETS).item() == pytest.approx(F.cross_entropy(logits, TARGETS).item(), rel=1e-6)
+
+
+def test_ldam_margin_and_drw():
+    m, ctx = _method("ldam_drw", head="cosine", drw_epoch=2)
+    logits = torch.zeros(2, 3)
+    z = logits.clone()
+    z[0, 0] -= 30 * m.margins[0]
+    z[1, 2] -= 30 * m.margins[2]
+    m.on_epoch_start(1, ctx)
+    assert m.loss(logits, TARGETS).item() == pytest.approx(F.cross_entropy(z, TARGETS).item(), rel=1e-6)
+    m.on_epoch_start(2, ctx)  # deferred re-weighting switched on
+    w = class_balanced_weights(COUNTS, 0.9999)
+    assert m.loss(logits, TARGETS).item() == pytest.approx(F.cross_entropy(z, TARGETS, weight=w).item(), rel=1e-6)
