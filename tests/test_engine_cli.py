@@ -109,6 +109,13 @@ def test_file_dataset_path_trains_and_predicts(image_folder, tmp_path):
     assert len(top[0]) == 3 and abs(sum(p for _, p in top[0]) - 1) < 1e-5
 
 
+@pytest.mark.parametrize("sampler", ["class_balanced", "square_root", "progressive"])
+def test_every_sampler_trains(image_folder, tmp_path, sampler):
+    run = train(build_config(tiny_raw(image_folder, epochs=1), [f"stages.0.sampler={sampler}"]),
+                out=tmp_path / sampler, progress=False)
+    assert json.loads((run / "metrics.json").read_text())["splits"]["test"]["num_samples"] == 12
+
+
 def test_refuses_to_overwrite_a_run(image_folder, tmp_path):
     train(build_config(tiny_raw(image_folder, epochs=1)), out=tmp_path / "r", progress=False)
     with pytest.raises(FileExistsError, match="--resume"):

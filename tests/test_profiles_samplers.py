@@ -82,3 +82,61 @@ def test_shards_cover_the_global_stream(world):
     assert len({len(s) for s in shards}) == 1  # equal length on every rank
     assert set(torch.cat(shards).tolist()) == set(stream.tolist())
     assert sum(len(s) for s in shards) == -(-10 // world) * world
+
+
+def _freqs(sampler, epoch=0):
+    idx = sampler.indices(epoch)
+    return torch.bincount(sampler.targets[idx], minlength=sampler.num_classes).double() / len(idx), idx
+
+
+TARGETS = torch.repeat_interleave(torch.arange(4), torch.tensor([400, 100, 25, 4]))
+
+
+def test_class_aware_sampler_is_balanced():
+    from longtail.data.samplers import ClassAwareSampler
+
+    s = ClassAwareSampler(TARGETS, 4, seed=0)
+    f, idx = _freqs(s)
+    assert len(idx) == 400 * 4 and torch.allclose(f, torch.full((4,), 0.25, dtype=torch.float64), atol=0.01)
+    # every sample of the 4-image class is used, each about equally often
+    few = torch.bincount(idx[TARGETS[idx] == 3])
+    assert few[-4:].tolist() == [100] * 4
+    assert torch.equal(idx, ClassAwareSampler(TARGETS, 4, seed=0).indices(0))
+
+
+def test_class_aware_skips_missing_classes():
+    from longtail.data.samplers import ClassAwareSampler
+
+    targets = torch.tensor([0] * 8 + [2] * 8)  # class 1 absent
+    idx = ClassAwareSampler(targets, 3, seed=0).indices(0)
+    assert len(idx) == 16 and torch.bincount(targets[idx], minlength=3).tolist() == [8, 0, 8]
+
+
+def test_square_root_frequencies():
+    from longtail.data.samplers import SquareRootSampler
+
+    f, _ = _freqs(SquareRootSampler(TARGETS.repeat(20), 4, seed=0))
+    expected = torch.tensor([20.0, 10.0, 5.0, 2.0]) / 37
+    assert torch.allclose(f, expected.double(), atol=0.01)
+
+
+def test_progressive_moves_from_instance_to_balanced():
+    from longtail.data.samplers import ProgressiveSampler
+
+    s = ProgressiveSampler(TARGETS.repeat(100), 4, seed=0, total_epochs=10)
+    f0, _ = _freqs(s, 0)
+    inst = torch.tensor([400, 100, 25, 4]).double() / 529
+    assert torch.allclose(f0, inst, atol=0.01)
+    f5, _ = _freqs(s, 5)
+    assert torch.allclose(f5, 0.5 * inst + 0.5 * 0.25, atol=0.01)
+
+
+@pytest.mark.parametrize("name", ["instance", "class_balanced", "square_root", "progressive"])
+def test_sharded_union_equals_single_process_stream(name):
+    from longtail.data.samplers import create_sampler
+
+    s = create_sampler(name, TARGETS, 4, seed=3, total_epochs=5)
+    stream = s.indices(2)
+    shards = [shard(stream, r, 3) for r in range(3)]
+    merged = torch.stack([torch.cat([sh, sh.new_full((1,), -1)])[: len(shards[0])] for sh in shards], 1).flatten()
+    assert torch.equal(merged[: len(stream)], stream)  # interleaving the shards gives back the global stream

@@ -40,6 +40,73 @@ class InstanceSampler(Sampler):
         return torch.randperm(len(self.targets), generator=self.generator(epoch))
 
 
+@SAMPLERS.register("class_balanced")
+class ClassAwareSampler(Sampler):
+    """Class-balanced (q = 0), the class-aware sampler of OLTR / Decoupling (spec baselines.md 4).
+
+    Cycle over the classes in a shuffled order (reshuffled after each full pass); for each class emit the
+    next ``per_class`` samples of that class's own shuffled cycle. Epoch length n_max * C as the reference.
+    Classes without samples are skipped (label subsets may miss classes).
+    """
+
+    per_class = 4  # num_samples_cls of the Decoupling cRT / LWS configs
+
+    def __len__(self) -> int:
+        counts = torch.bincount(self.targets, minlength=self.num_classes)
+        return int(counts.max()) * int((counts > 0).sum())
+
+    def indices(self, epoch: int) -> torch.Tensor:
+        g = self.generator(epoch)
+        classes = [c for c in range(self.num_classes) if (self.targets == c).any()]
+        members = {c: (self.targets == c).nonzero().flatten() for c in classes}
+        pos = dict.fromkeys(classes, 0)
+        order = {c: members[c][torch.randperm(len(members[c]), generator=g)] for c in classes}
+        out, total = [], len(self)
+        while len(out) < total:
+            for ci in torch.randperm(len(classes), generator=g).tolist():  # one pass over the classes
+                c = classes[ci]
+                for _ in range(self.per_class):
+                    if pos[c] == len(order[c]):  # end of this class's cycle: reshuffle
+                        order[c], pos[c] = members[c][torch.randperm(len(members[c]), generator=g)], 0
+                    out.append(int(order[c][pos[c]]))
+                    pos[c] += 1
+                if len(out) >= total:
+                    break
+        return torch.tensor(out[:total], dtype=torch.int64)
+
+
+class _ClassWeightedSampler(Sampler):
+    """Draw N samples with replacement: class j with probability p_j, uniformly inside the class."""
+
+    def class_probs(self, epoch: int, counts: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def indices(self, epoch: int) -> torch.Tensor:
+        counts = torch.bincount(self.targets, minlength=self.num_classes).double()
+        p = self.class_probs(epoch, counts)  # (C,) sums to 1 over present classes
+        per_sample = p[self.targets] / counts[self.targets]  # (N,)
+        return torch.multinomial(per_sample, len(self.targets), replacement=True, generator=self.generator(epoch))
+
+
+@SAMPLERS.register("square_root")
+class SquareRootSampler(_ClassWeightedSampler):
+    """Square-root sampling (q = 1/2): p_j proportional to sqrt(n_j) (Decoupling feat_squareroot)."""
+
+    def class_probs(self, epoch: int, counts: torch.Tensor) -> torch.Tensor:
+        w = counts.sqrt()
+        return w / w.sum()
+
+
+@SAMPLERS.register("progressive")
+class ProgressiveSampler(_ClassWeightedSampler):
+    """Progressively balanced: p_j(t) = (1 - t/T) n_j / N + (t/T) / C over the stage's epochs t = 0..T-1."""
+
+    def class_probs(self, epoch: int, counts: torch.Tensor) -> torch.Tensor:
+        t = epoch / max(self.total_epochs, 1)
+        present = (counts > 0).double()
+        return (1 - t) * counts / counts.sum() + t * present / present.sum()
+
+
 def shard(indices: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     """This rank's part of a global stream: pad by wrapping to a multiple of world_size, then stride.
 

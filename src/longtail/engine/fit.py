@@ -195,7 +195,9 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool) -> Path:
             train_fn = torch.compile(method) if cfg.compile else method
             sampler = create_sampler(method.sampler_name(st.sampler), ds.train.targets, ds.num_classes,
                                      seed=_epoch_seed(cfg.seed, si, 0), total_epochs=st.epochs)
-            steps = ctx.steps_per_epoch
+            # An epoch is the sampler's stream (n_max * C for class-aware sampling), this rank's share of it.
+            steps = ctx.steps_per_epoch = loader.steps_per_epoch(-(-len(sampler) // ctx.world_size), st.batch_size,
+                                                                 st.drop_last)
             bar = tqdm(total=st.epochs * steps, initial=start_epoch * steps + start_step, unit="step",
                        desc=f"{st.name} ({st.method['name']})", disable=not progress, dynamic_ncols=True,
                        mininterval=0.5 if sys.stderr.isatty() else 30.0, file=sys.stderr)
