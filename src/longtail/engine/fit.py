@@ -185,11 +185,12 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool) -> Path:
                 model.load_state_dict(model_state(src["method"]))
             method, ctx = build_stage_method(cfg, si, model, ds, loader, device)
             method.on_stage_start(ctx)
-            opt = _make_optimizer(method, st)
+            opt = _make_optimizer(method, st) if st.epochs > 0 else None  # tau_norm / ncm: nothing to train
             start_epoch, start_step, gen_state = 0, 0, None
             if ckpt is not None and si == state.stage:
                 method.load_state_dict(ckpt["method"])
-                opt.load_state_dict(ckpt["optimizer"])
+                if opt is not None:
+                    opt.load_state_dict(ckpt["optimizer"])
                 start_epoch, start_step, gen_state = state.epoch, state.step, ckpt.get("gen_state")
                 ckpt = None
             train_fn = torch.compile(method) if cfg.compile else method
@@ -259,7 +260,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool) -> Path:
             save_checkpoint(ckpt_dir / f"stage_{st.name}.pt", method=method.state_dict(), config=to_dict(cfg))
             # The next stage starts at its epoch 0; record that so a resume lands there.
             save_checkpoint(last_path, state=vars(RunState(si + 1, 0, 0)), method=method.state_dict(),
-                            optimizer=opt.state_dict(), best=best, config=to_dict(cfg))
+                            optimizer=opt.state_dict() if opt is not None else {}, best=best, config=to_dict(cfg))
 
     if method is None:  # resumed a finished run: rebuild the last stage's method from its checkpoint
         method, _ = build_stage_method(cfg, len(cfg.stages) - 1, model, ds, loader, device)

@@ -1,0 +1,142 @@
+"""Decoupled two-stage training (Kang et al., ICLR 2020; spec baselines.md section 5): stage-2 methods that
+re-balance only the classifier on top of a frozen stage-1 backbone (``init_from`` the stage-1 stage).
+
+Frozen means ``requires_grad=False`` and BatchNorm in eval mode (the GLT code left BN training: defect G8).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from longtail.methods.base import Method, MethodContext
+from longtail.models import Classifier
+from longtail.models.heads import LinearHead
+from longtail.registry import METHODS
+
+
+class _FrozenBackbone(Method):
+    """Base of the stage-2 methods: the backbone is frozen and stays in eval mode."""
+
+    requires_head = "linear"
+
+    def __init__(self, model: Classifier, cfg, ctx: MethodContext) -> None:
+        super().__init__(model, cfg, ctx)
+        for p in model.backbone.parameters():
+            p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> _FrozenBackbone:
+        super().train(mode)
+        self.model.backbone.eval()  # frozen BN statistics, also while the classifier trains
+        return self
+
+    @torch.no_grad()
+    def train_features(self, ctx: MethodContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, D) un-augmented training features and (N,) labels, on the method's device."""
+        loader = ctx.extras["loader"]
+        was = self.training
+        self.eval()
+        feats, labels = [], []
+        for x, y in loader.eval_batches("train", 512):
+            feats.append(self.model.forward_features(loader.normalize(x)).float())
+            labels.append(y)
+        self.train(was)
+        return torch.cat(feats), torch.cat(labels)
+
+
+@METHODS.register("crt")
+class ClassifierRetraining(_FrozenBackbone):
+    """cRT: re-initialise the linear classifier (with bias) and re-train it with CE, backbone frozen."""
+
+    @dataclass
+    class Config:
+        pass
+
+    def __init__(self, model: Classifier, cfg, ctx: MethodContext) -> None:
+        super().__init__(model, cfg, ctx)
+        # A fresh classifier, in __init__ so that a reloaded cRT model has the same architecture.
+        head = LinearHead(model.feature_dim, ctx.num_classes, bias=True)
+        model.reset_classifier(head.to(next(model.backbone.parameters()).device))
+
+    def sampler_name(self, configured: str) -> str:
+        return configured  # recipes set class_balanced; an explicit choice is respected
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": list(self.model.head.parameters())}]
+
+
+@METHODS.register("lws")
+class LearnableWeightScaling(_FrozenBackbone):
+    """LWS: keep the stage-1 classifier (W, b) frozen and learn one scale per class, z_c = s_c (w_c x + b_c)."""
+
+    @dataclass
+    class Config:
+        pass
+
+    def __init__(self, model: Classifier, cfg, ctx: MethodContext) -> None:
+        super().__init__(model, cfg, ctx)
+        for p in model.head.parameters():
+            p.requires_grad_(False)
+        self.scales = nn.Parameter(torch.ones(ctx.num_classes))  # (C,) s_c, initialised to 1
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.scales * self.model(images)
+        return {"loss": F.cross_entropy(logits, targets), "logits": logits}
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": [self.scales]}]
+
+    @torch.no_grad()
+    def predict_features(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.scales * self.model.forward_head(feats)
+
+
+@METHODS.register("tau_norm")
+class TauNormalization(_FrozenBackbone):
+    """tau-normalisation: no training; w_c / ||w_c||^tau, bias dropped (tau sweepable at eval, choose on val)."""
+
+    @dataclass
+    class Config:
+        tau: float = 1.0
+
+    @torch.no_grad()
+    def predict_features(self, feats: torch.Tensor) -> torch.Tensor:
+        w = self.model.head.weight  # (C, D)
+        w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-12) ** self.cfg.tau
+        return feats @ w.T
+
+
+@METHODS.register("ncm")
+class NearestClassMean(_FrozenBackbone):
+    """NCM: nearest class centroid of the stage-1 training features, 'cl2n' transform (subtract the mean
+    training feature, L2-normalise) and Euclidean distance, as the reference KNNClassifier defaults."""
+
+    @dataclass
+    class Config:
+        pass
+
+    def __init__(self, model: Classifier, cfg, ctx: MethodContext) -> None:
+        super().__init__(model, cfg, ctx)
+        self.register_buffer("feature_mean", torch.zeros(model.feature_dim))  # (D,)
+        self.register_buffer("centroids", torch.zeros(ctx.num_classes, model.feature_dim))  # (C, D)
+
+    def _cl2n(self, feats: torch.Tensor) -> torch.Tensor:
+        return F.normalize(feats - self.feature_mean, dim=1, eps=1e-12)
+
+    def on_stage_start(self, ctx: MethodContext) -> None:
+        feats, labels = self.train_features(ctx)
+        self.feature_mean.copy_(feats.mean(0))
+        z = self._cl2n(feats)
+        sums = torch.zeros_like(self.centroids).index_add_(0, labels, z)
+        counts = torch.bincount(labels, minlength=self.num_classes).clamp_min(1)[:, None]
+        self.centroids.copy_(sums / counts)
+
+    def param_groups(self) -> list[dict]:
+        return []
+
+    @torch.no_grad()
+    def predict_features(self, feats: torch.Tensor) -> torch.Tensor:
+        return -torch.cdist(self._cl2n(feats.float()), self.centroids)  # (B, C): higher is nearer
