@@ -120,3 +120,27 @@ def test_ldam_margin_and_drw():
     m.on_epoch_start(2, ctx)  # deferred re-weighting switched on
     w = class_balanced_weights(COUNTS, 0.9999)
     assert m.loss(logits, TARGETS).item() == pytest.approx(F.cross_entropy(z, TARGETS, weight=w).item(), rel=1e-6)
+
+
+def test_mixup_is_the_mixed_loss_of_its_base():
+    torch.manual_seed(0)
+    m, _ = _method("mixup", alpha=0.4, base="balanced_softmax")
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    m.train()
+    torch.manual_seed(1)
+    out = m(x, y)
+    torch.manual_seed(1)
+    lam = float(torch.distributions.Beta(0.4, 0.4).sample())
+    perm = torch.randperm(4)
+    logits = m.model(lam * x + (1 - lam) * x[perm])
+    bs, _ = _method("balanced_softmax")
+    expected = lam * bs.loss(logits, y) + (1 - lam) * bs.loss(logits, y[perm])
+    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert not any(k.startswith("_base") for k in m.state_dict())
+
+
+def test_mixup_rejects_unknown_base():
+    from longtail.config import ConfigError
+
+    with pytest.raises(ConfigError, match="base must be"):
+        _method("mixup", base="nope")

@@ -165,3 +165,39 @@ class LDAMDRW(Method):
         onehot = F.one_hot(targets, logits.shape[1]).to(logits.dtype)
         z = logits - s * self.margins[targets][:, None] * onehot
         return F.cross_entropy(z, targets, weight=self.drw_weights if self.reweight else None)
+
+
+@METHODS.register("mixup")
+class Mixup(Method):
+    """Mixup (Zhang et al., ICLR 2018) around any loss method: x~ = lam x + (1 - lam) x[j], lam ~ Beta(a, a),
+    L = lam l(f(x~), y) + (1 - lam) l(f(x~), y[j]), with l the loss of method ``base`` at its defaults."""
+
+    @dataclass
+    class Config:
+        alpha: float = 1.0
+        base: str = "ce"  # a registered method whose loss is mixed (ce, focal, cb_loss, balanced_softmax, ...)
+
+        def __post_init__(self) -> None:
+            if self.alpha <= 0:
+                raise ValueError(f"alpha must be > 0, got {self.alpha}")
+            if self.base == "mixup" or self.base not in METHODS:
+                raise ValueError(f"base must be a registered loss method other than mixup, got '{self.base}'")
+
+    def __init__(self, model: Classifier, cfg, ctx: MethodContext) -> None:
+        super().__init__(model, cfg, ctx)
+        base_cls = METHODS.get(cfg.base)
+        # The base method shares the model; kept outside the module tree so its weights are not saved twice.
+        base = base_cls(model, base_cls.Config(), ctx).to(ctx.device)
+        object.__setattr__(self, "_base", base)
+
+    def on_epoch_start(self, epoch: int, ctx: MethodContext) -> None:
+        self._base.on_epoch_start(epoch, ctx)  # e.g. deferred re-weighting
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not self.training:
+            return super().forward(images, targets)
+        lam = float(torch.distributions.Beta(self.cfg.alpha, self.cfg.alpha).sample())
+        perm = torch.randperm(len(images), device=images.device)
+        logits = self.model(lam * images + (1 - lam) * images[perm])
+        loss = lam * self._base.loss(logits, targets) + (1 - lam) * self._base.loss(logits, targets[perm])
+        return {"loss": loss, "logits": logits}
