@@ -8,6 +8,8 @@ import torch
 
 from longtail.config import EvalConfig
 from longtail.data.loaders import Loader
+from longtail.data.samplers import shard
+from longtail.engine.distributed import DistInfo, gather_in_order
 from longtail.evaluation.metrics import ShotThresholds, classification_metrics
 from longtail.methods import Method
 
@@ -24,48 +26,52 @@ def autocast(device: torch.device, enabled: bool):
 
 
 @torch.no_grad()
-def predict_split(method: Method, loader: Loader, split: str, batch_size: int, amp: bool = True,
-                  channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, C) float scores and (N,) targets of a whole split, in split order, on the CPU."""
+def _run_split(fn, method: Method, loader: Loader, split: str, batch_size: int, amp: bool, channels_last: bool,
+               dist: DistInfo | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fn(images)`` over a whole split in order -> ((N, ...) float outputs, (N,) targets) on the CPU.
+
+    Under DDP each rank runs its shard of the split and the shards are gathered back into split order with
+    the padding dropped, so every sample counts exactly once.
+    """
+    dist = dist or DistInfo()
+    n = len(loader.ds.splits[split])
+    indices = shard(torch.arange(n), dist.rank, dist.world_size) if dist.enabled else None
     was_training = method.training
     method.eval()
-    scores, targets = [], []
+    outs, targets = [], []
     try:
-        for x, y in loader.eval_batches(split, batch_size):
+        for x, y in loader.eval_batches(split, batch_size, indices):
             with autocast(loader.device, amp):
-                s = method.predict(loader.normalize(x, channels_last))
-            scores.append(s.float().cpu())
-            targets.append(y.cpu())
+                o = fn(loader.normalize(x, channels_last))
+            outs.append(o.float())
+            targets.append(y)
     finally:
         method.train(was_training)
-    return torch.cat(scores), torch.cat(targets)
+    out, tgt = torch.cat(outs), torch.cat(targets)
+    if dist.enabled:
+        out, tgt = gather_in_order(out, n, dist), gather_in_order(tgt, n, dist)
+    return out.cpu(), tgt.cpu()
+
+
+def predict_split(method: Method, loader: Loader, split: str, batch_size: int, amp: bool = True,
+                  channels_last: bool = False, dist: DistInfo | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, C) float scores and (N,) targets of a whole split, in split order, on the CPU."""
+    return _run_split(method.predict, method, loader, split, batch_size, amp, channels_last, dist)
 
 
 def evaluate_split(method: Method, loader: Loader, split: str, cfg: EvalConfig, amp: bool = True,
-                   channels_last: bool = False) -> dict:
-    """Metrics dict of one split (see ``classification_metrics``)."""
-    scores, targets = predict_split(method, loader, split, cfg.batch_size, amp, channels_last)
+                   channels_last: bool = False, dist: DistInfo | None = None) -> dict:
+    """Metrics dict of one split (see ``classification_metrics``); identical on every rank under DDP."""
+    scores, targets = predict_split(method, loader, split, cfg.batch_size, amp, channels_last, dist)
     s = loader.ds.splits[split]
     return classification_metrics(scores.argmax(1), targets, loader.ds.train_counts(), thresholds_of(cfg),
                                   attributes=s.attributes)
 
 
-@torch.no_grad()
 def extract_features(method: Method, loader: Loader, split: str, batch_size: int, amp: bool = True,
-                     channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                     channels_last: bool = False, dist: DistInfo | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, D) float backbone features and (N,) targets of a split, in order, on the CPU."""
-    was_training = method.training
-    method.eval()
-    feats, targets = [], []
-    try:
-        for x, y in loader.eval_batches(split, batch_size):
-            with autocast(loader.device, amp):
-                f = method.model.forward_features(loader.normalize(x, channels_last))
-            feats.append(f.float().cpu())
-            targets.append(y.cpu())
-    finally:
-        method.train(was_training)
-    return torch.cat(feats), torch.cat(targets)
+    return _run_split(method.model.forward_features, method, loader, split, batch_size, amp, channels_last, dist)
 
 
 def parse_sweep(text: str) -> tuple[str, list[float]]:

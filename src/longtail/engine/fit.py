@@ -21,6 +21,15 @@ from longtail.data import LTDataset, create_dataset
 from longtail.data.loaders import Loader
 from longtail.data.samplers import create_sampler, shard
 from longtail.engine.checkpoint import load_checkpoint, model_state, save_checkpoint
+from longtail.engine.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    any_rank,
+    average_buffers,
+    barrier,
+    init_distributed,
+    shutdown,
+)
 from longtail.engine.evaluate import autocast, evaluate_split, thresholds_of
 from longtail.engine.schedule import lr_at
 from longtail.methods import Method, MethodContext, create_method
@@ -89,11 +98,13 @@ def _epoch_seed(seed: int, stage: int, epoch: int) -> int:
 
 
 def build_stage_method(cfg: RunConfig, stage_idx: int, model: Classifier, ds: LTDataset, loader: Loader,
-                       device: torch.device) -> tuple[Method, MethodContext]:
+                       device: torch.device, dist: DistInfo | None = None) -> tuple[Method, MethodContext]:
     st = cfg.stages[stage_idx]
+    dist = dist or DistInfo()
     steps = loader.steps_per_epoch(len(ds.train), st.batch_size, st.drop_last)
     ctx = MethodContext(num_classes=ds.num_classes, train_counts=ds.train_counts(), epochs=st.epochs,
-                        steps_per_epoch=steps, device=device, stage=st, extras={"dataset": ds, "loader": loader})
+                        steps_per_epoch=steps, device=device, world_size=dist.world_size, rank=dist.rank,
+                        stage=st, extras={"dataset": ds, "loader": loader})
     method = create_method(st.method, model, ctx).to(device)
     return method, ctx
 
@@ -119,6 +130,10 @@ def train(cfg: RunConfig | None = None, out: str | Path | None = None, resume: b
 
     With ``resume=True``, ``out`` names an existing run folder; training continues from its last
     checkpoint with its saved config and ends at the same result as an uninterrupted run.
+
+    Under ``torchrun`` (or inside a process group the caller started) this trains with DDP: every rank
+    calls ``train`` with the same arguments; ``stages[].batch_size`` stays the GLOBAL batch; rank 0 alone
+    writes the run folder.
     """
     if resume:
         if out is None:
@@ -134,17 +149,25 @@ def train(cfg: RunConfig | None = None, out: str | Path | None = None, resume: b
         run_dir = new_run_dir(cfg, out)
         if (run_dir / "checkpoints" / "last.pt").exists():
             raise FileExistsError(f"{run_dir} already holds a run; continue it with --resume or pick another --out")
+    dist, device = init_distributed(resolve_device(cfg.device))
     run_dir.mkdir(parents=True, exist_ok=True)
-    handler = _setup_logging(run_dir)
+    handler = _setup_logging(run_dir) if dist.is_main else None
     try:
-        return _train(cfg, run_dir, resume, progress)
+        return _train(cfg, run_dir, resume, progress and dist.is_main, dist, device)
     finally:
-        log.removeHandler(handler)
-        handler.close()
+        if handler is not None:
+            log.removeHandler(handler)
+            handler.close()
+        shutdown(dist)
 
 
-def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool) -> Path:
-    device = resolve_device(cfg.device)
+def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: DistInfo,
+           device: torch.device) -> Path:
+    main = dist.is_main
+    for st in cfg.stages:
+        if st.batch_size % dist.world_size:
+            raise ValueError(f"stage '{st.name}': batch_size {st.batch_size} is the global batch and must divide "
+                             f"evenly over {dist.world_size} processes")
     seed_everything(cfg.seed)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -166,7 +189,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool) -> Path:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
 
-    if not resume or ckpt is None:
+    if main and (not resume or ckpt is None):
         meta = {**environment_info(device), "started": datetime.now().isoformat(timespec="seconds"),
                 "dataset": {k: v for k, v in ds.info.items() if k != "counts"},
                 "train_counts": ds.train_counts().tolist()}
@@ -183,7 +206,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool) -> Path:
             if st.init_from is not None:
                 src = load_checkpoint(ckpt_dir / f"stage_{st.init_from}.pt")
                 model.load_state_dict(model_state(src["method"]))
-            method, ctx = build_stage_method(cfg, si, model, ds, loader, device)
+            method, ctx = build_stage_method(cfg, si, model, ds, loader, device, dist)
             method.on_stage_start(ctx)
             opt = _make_optimizer(method, st) if st.epochs > 0 else None  # tau_norm / ncm: nothing to train
             start_epoch, start_step, gen_state = 0, 0, None
@@ -193,11 +216,19 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool) -> Path:
                     opt.load_state_dict(ckpt["optimizer"])
                 start_epoch, start_step, gen_state = state.epoch, state.step, ckpt.get("gen_state")
                 ckpt = None
-            train_fn = torch.compile(method) if cfg.compile else method
+            train_fn = method
+            if dist.enabled and opt is not None:
+                # Wrapped per stage, after the method froze what it freezes (DDP registers only trainable
+                # parameters at wrap time); the wrapper broadcasts rank 0's weights, then averages gradients.
+                train_fn = torch.nn.parallel.DistributedDataParallel(
+                    method, device_ids=[device.index] if device.type == "cuda" else None)
+            if cfg.compile:
+                train_fn = torch.compile(train_fn)
+            local_batch = st.batch_size // dist.world_size
             sampler = create_sampler(method.sampler_name(st.sampler), ds.train.targets, ds.num_classes,
                                      seed=_epoch_seed(cfg.seed, si, 0), total_epochs=st.epochs)
             # An epoch is the sampler's stream (n_max * C for class-aware sampling), this rank's share of it.
-            steps = ctx.steps_per_epoch = loader.steps_per_epoch(-(-len(sampler) // ctx.world_size), st.batch_size,
+            steps = ctx.steps_per_epoch = loader.steps_per_epoch(-(-len(sampler) // ctx.world_size), local_batch,
                                                                  st.drop_last)
             bar = tqdm(total=st.epochs * steps, initial=start_epoch * steps + start_step, unit="step",
                        desc=f"{st.name} ({st.method['name']})", disable=not progress, dynamic_ncols=True,
@@ -212,7 +243,8 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool) -> Path:
                 method.train()
                 indices = shard(sampler.indices(epoch), ctx.rank, ctx.world_size)
                 loss_sum, seen, t_epoch = 0.0, 0, time.time()
-                for step, (x, y) in enumerate(loader.train_batches(indices, st.batch_size, st.drop_last, gen,
+                # Every rank uses the same augmentation stream `gen`, so its state (saved by rank 0) resumes all.
+                for step, (x, y) in enumerate(loader.train_batches(indices, local_batch, st.drop_last, gen,
                                                                    first_step), start=first_step):
                     if st.schedule.per_iteration:
                         lr = _set_lr(opt, st, epoch + step / steps)
@@ -229,63 +261,78 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool) -> Path:
                     loss_sum += loss.item() * len(y)
                     seen += len(y)
                     bar.update(1)
-                    if stop.stop:
-                        save_checkpoint(last_path, state=vars(RunState(si, epoch, step + 1)),
-                                        method=method.state_dict(), optimizer=opt.state_dict(),
-                                        gen_state=gen.get_state(), best=best, config=to_dict(cfg))
+                    if any_rank(stop.stop, dist, device):  # all ranks stop at the same step
+                        stop.stop = True
+                        if main:
+                            save_checkpoint(last_path, state=vars(RunState(si, epoch, step + 1)),
+                                            method=method.state_dict(), optimizer=opt.state_dict(),
+                                            gen_state=gen.get_state(), best=best, config=to_dict(cfg))
+                        barrier(dist)
                         bar.close()
                         raise Interrupted(f"interrupted at stage '{st.name}' epoch {epoch + 1} step {step + 1}; "
                                           f"continue with: longtail train --resume --out {run_dir}")
+                average_buffers(method, dist)
+                loss_sum, seen = all_reduce_sum([loss_sum, seen], dist, device)
                 msg = (f"stage {st.name} epoch {epoch + 1}/{st.epochs} loss {loss_sum / max(seen, 1):.4f} "
                        f"lr {lr:.5g} {seen / max(time.time() - t_epoch, 1e-9):.0f} img/s")
                 bar.set_postfix_str(f"epoch {epoch + 1} loss {loss_sum / max(seen, 1):.3f} lr {lr:.3g}")
                 log.info(msg)
                 last_epoch = epoch + 1 == st.epochs
                 if st.eval_every and "val" in ds.splits and ((epoch + 1) % st.eval_every == 0 or last_epoch):
-                    val = evaluate_split(method, loader, "val", cfg.eval, cfg.amp, channels_last)
+                    val = evaluate_split(method, loader, "val", cfg.eval, cfg.amp, channels_last, dist)
                     log.info("stage %s epoch %d val top1 %.2f", st.name, epoch + 1, val["top1"])
                     if cfg.eval.select == "best_val" and si == len(cfg.stages) - 1 and val["top1"] > best["top1"]:
                         best = {"top1": val["top1"], "epoch": epoch + 1, "stage": st.name}
-                        save_checkpoint(ckpt_dir / "best.pt", method=method.state_dict(), best=best,
-                                        config=to_dict(cfg))
-                if (epoch + 1) % cfg.checkpoint_every == 0 or last_epoch or stop.stop:
+                        if main:
+                            save_checkpoint(ckpt_dir / "best.pt", method=method.state_dict(), best=best,
+                                            config=to_dict(cfg))
+                stop.stop = any_rank(stop.stop, dist, device)
+                if main and ((epoch + 1) % cfg.checkpoint_every == 0 or last_epoch or stop.stop):
                     save_checkpoint(last_path, state=vars(RunState(si, epoch + 1, 0)), method=method.state_dict(),
                                     optimizer=opt.state_dict(), best=best, config=to_dict(cfg))
                 if stop.stop:
+                    barrier(dist)
                     bar.close()
                     raise Interrupted(f"interrupted after stage '{st.name}' epoch {epoch + 1}; "
                                       f"continue with: longtail train --resume --out {run_dir}")
             bar.close()
             method.on_stage_end(ctx)
-            save_checkpoint(ckpt_dir / f"stage_{st.name}.pt", method=method.state_dict(), config=to_dict(cfg))
-            # The next stage starts at its epoch 0; record that so a resume lands there.
-            save_checkpoint(last_path, state=vars(RunState(si + 1, 0, 0)), method=method.state_dict(),
-                            optimizer=opt.state_dict() if opt is not None else {}, best=best, config=to_dict(cfg))
+            if main:
+                save_checkpoint(ckpt_dir / f"stage_{st.name}.pt", method=method.state_dict(), config=to_dict(cfg))
+                # The next stage starts at its epoch 0; record that so a resume lands there.
+                save_checkpoint(last_path, state=vars(RunState(si + 1, 0, 0)), method=method.state_dict(),
+                                optimizer=opt.state_dict() if opt is not None else {}, best=best,
+                                config=to_dict(cfg))
+            barrier(dist)  # a later stage's init_from reads the file rank 0 just wrote
 
     if method is None:  # resumed a finished run: rebuild the last stage's method from its checkpoint
-        method, _ = build_stage_method(cfg, len(cfg.stages) - 1, model, ds, loader, device)
+        method, _ = build_stage_method(cfg, len(cfg.stages) - 1, model, ds, loader, device, dist)
         method.load_state_dict(load_checkpoint(ckpt_dir / f"stage_{cfg.stages[-1].name}.pt")["method"])
     selected = "last epoch"
     if cfg.eval.select == "best_val" and (ckpt_dir / "best.pt").exists():
         b = load_checkpoint(ckpt_dir / "best.pt")
         method.load_state_dict(b["method"])
         selected = f"best val top1 {b['best']['top1']:.2f} at stage {b['best']['stage']} epoch {b['best']['epoch']}"
-    save_checkpoint(ckpt_dir / "final.pt", method=method.state_dict(), config=to_dict(cfg), selected=selected)
-    metrics = evaluate_run(method, loader, cfg, channels_last)
-    metrics["selected"] = selected
-    metrics["train_seconds"] = round(time.time() - t0, 1)
-    write_metrics(run_dir, metrics, cfg)
-    log.info("finished in %.0f s; selected: %s", time.time() - t0, selected)
+    metrics = evaluate_run(method, loader, cfg, channels_last, dist=dist)
+    if main:
+        save_checkpoint(ckpt_dir / "final.pt", method=method.state_dict(), config=to_dict(cfg), selected=selected)
+        metrics["selected"] = selected
+        metrics["train_seconds"] = round(time.time() - t0, 1)
+        if dist.enabled:
+            metrics["world_size"] = dist.world_size
+        write_metrics(run_dir, metrics, cfg)
+        log.info("finished in %.0f s; selected: %s", time.time() - t0, selected)
+    barrier(dist)  # every rank returns once the run folder is complete
     return run_dir
 
 
 def evaluate_run(method: Method, loader: Loader, cfg: RunConfig, channels_last: bool = False,
-                 splits: list[str] | None = None) -> dict:
+                 splits: list[str] | None = None, dist: DistInfo | None = None) -> dict:
     """The metrics.json content for ``splits`` (default: val when present, then the dataset's eval splits)."""
     ds = loader.ds
     if splits is None:
         splits = (["val"] if "val" in ds.splits else []) + ds.eval_splits
-    results = {s: evaluate_split(method, loader, s, cfg.eval, cfg.amp, channels_last) for s in splits}
+    results = {s: evaluate_split(method, loader, s, cfg.eval, cfg.amp, channels_last, dist) for s in splits}
     return {
         "splits": results,
         "train_counts": ds.train_counts().tolist(),

@@ -1,0 +1,112 @@
+"""Distributed helpers: torchrun start-up, rank-0 duties and the collectives the fit loop needs.
+
+``torchrun --nproc_per_node=N -m longtail train ...`` sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
+MASTER_PORT; ``init_distributed`` reads them and starts the process group (NCCL on GPU, gloo on CPU). Without
+them everything here degrades to the single-process case, so the fit loop has one code path.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    started_here: bool = False  # this call created the process group (and so destroys it at the end)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:
+    """Start (or join) the process group named by torchrun's environment; return it and this rank's device.
+
+    On CUDA each process takes GPU ``LOCAL_RANK``; a process group that the caller already started is used
+    as it is.
+    """
+    if dist.is_available() and dist.is_initialized():
+        world, rank = dist.get_world_size(), dist.get_rank()
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        started = False
+    else:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return DistInfo(), device
+        if not dist.is_available():
+            raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+        rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend=backend, init_method="env://")
+        started = True
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+    return DistInfo(rank, world, local, started), device
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.started_here and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on any rank (so all ranks stop at the same step)."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def all_reduce_sum(values: list[float], info: DistInfo, device: torch.device) -> list[float]:
+    if not info.enabled:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def gather_in_order(local: torch.Tensor, n_total: int, info: DistInfo) -> torch.Tensor:
+    """Undo ``shard``: rank r holds items r, r+W, r+2W, ... (wrap-padded); return all n_total in order.
+
+    ``local``: (n_local, ...) on any device, the same n_local on every rank. Returns the gathered tensor on
+    ``local``'s device with the padding dropped, so every item counts exactly once.
+    """
+    if not info.enabled:
+        return local
+    parts = [torch.empty_like(local) for _ in range(info.world_size)]
+    dist.all_gather(parts, local.contiguous())
+    # stack to (n_local, W, ...) then flatten: position i*W + r is item i*W + r of the padded stream.
+    return torch.stack(parts, dim=1).flatten(0, 1)[:n_total]
+
+
+def average_buffers(module: torch.nn.Module, info: DistInfo) -> None:
+    """Average every floating-point buffer (BN running statistics, a method's moving averages) over ranks.
+
+    Called at the end of each epoch: DDP broadcasts buffers before each forward, but the last forward leaves
+    each rank's BN statistics updated with its own batch; after this every rank holds the same state.
+    """
+    if not info.enabled:
+        return
+    for b in module.buffers():
+        if b.is_floating_point():
+            dist.all_reduce(b)
+            b /= info.world_size
