@@ -181,3 +181,21 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert main(["train", "data.name=image_folder", f"data.root={tmp_path / 'nowhere'}", "--quiet",
                  "--out", str(tmp_path / "e2")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_bench_cli_times_both_loops_and_writes_json(image_folder, tmp_path):
+    cfg = tmp_path / "bench.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_raw(image_folder, epochs=5)))
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(cfg), "--epochs", "2", "--json", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert rec["images_per_s"] > 0 and rec["reference_images_per_s"] > 0
+    assert rec["ratio_vs_reference"] == pytest.approx(rec["images_per_s"] / rec["reference_images_per_s"], rel=1e-2)
+    assert rec["epochs_timed"] == 1 and rec["device"].startswith("cpu") and rec["command"]
+
+
+def test_bench_rejects_zero_epochs(image_folder, tmp_path, capsys):
+    cfg = tmp_path / "bench.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_raw(image_folder)))
+    assert main(["bench", str(cfg), "--epochs", "0"]) == 2
+    assert "--epochs" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ EPILOG = """examples:
   longtail report runs/*
   longtail predict runs/try1 cat.jpg dog.png
   longtail list
+  longtail bench cifar10_lt/tde data.root=cifar10-jpeg.zip   # our epoch vs a plain PyTorch loop
 """
 
 
@@ -130,6 +132,30 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from longtail.config import load_config
+    from longtail.engine.bench import run_bench
+    from longtail.utils import atomic_write_json
+
+    if args.epochs < 1:
+        raise UsageError("--epochs must be at least 1 (2 or more: the first is a warm-up and not counted)")
+    cfg = load_config(args.config, list(args.overrides))
+    res, record = run_bench(cfg, epochs=args.epochs, reference=not args.no_reference)
+    print(f"\n{record['recipe']} on {record['device']}, batch {record['batch_size']}, "
+          f"{record['epochs_timed']} timed epoch(s)")
+    print(f"  longtail fit loop : {res.images_per_s:10.1f} images/s   peak {res.peak_memory_mb:.0f} MB")
+    if res.reference_images_per_s is not None:
+        print(f"  reference loop    : {res.reference_images_per_s:10.1f} images/s")
+        print(f"  ratio             : {res.ratio:10.2f}x")
+    if args.json != "-":
+        device = re.sub(r"[^A-Za-z0-9]+", "_", record["device"].split(" (")[0]).strip("_")
+        path = Path(args.json or f"benchmarks/results/bench_{record['recipe']}_{device}.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, record)
+        print(f"\nwrote {path}")
+    return 0
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     import longtail  # noqa: F401  (fills every registry)
     from longtail import registry
@@ -192,6 +218,18 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", help="cpu, cuda, ... (default: the run's)")
     pr.set_defaults(func=_cmd_predict)
 
+    bn = sub.add_parser("bench", help="time training epochs of a recipe against a plain PyTorch loop",
+                        description="Time EPOCHS training epochs of the recipe's first stage in longtail's fit loop "
+                        "and in a plain reference loop (torchvision transforms per image, a DataLoader, the same "
+                        "model and optimiser), print images/s and their ratio, and write a JSON record. The "
+                        "first epoch is a warm-up and not counted.")
+    bn.add_argument("config", nargs="?", default="cifar10_lt/tde", help="recipe (default: cifar10_lt/tde)")
+    bn.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.root=cifar10-jpeg.zip")
+    bn.add_argument("--epochs", type=int, default=2, help="epochs to run in each loop (default 2)")
+    bn.add_argument("--no-reference", action="store_true", help="time only longtail's loop")
+    bn.add_argument("--json", default=None,
+                    help="where to write the record (default benchmarks/results/bench_RECIPE_DEVICE.json; - for none)")
+    bn.set_defaults(func=_cmd_bench)
     ls = sub.add_parser("list", help="registered datasets, backbones, heads, methods, samplers and recipes")
     ls.set_defaults(func=_cmd_list)
     return p

@@ -199,6 +199,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
 
     state = RunState(**ckpt["state"]) if ckpt else RunState()
     best = ckpt.get("best", {"top1": -1.0}) if ckpt else {"top1": -1.0}
+    timing: list[dict] = []  # the epochs this process trained: seconds and images (all ranks), for `bench`
     method = None
     with _StopFlag() as stop:
         for si in range(state.stage, len(cfg.stages)):
@@ -273,6 +274,10 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                                           f"continue with: longtail train --resume --out {run_dir}")
                 average_buffers(method, dist)
                 loss_sum, seen = all_reduce_sum([loss_sum, seen], dist, device)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                timing.append({"stage": st.name, "epoch": epoch + 1, "seconds": round(time.time() - t_epoch, 4),
+                               "images": int(seen)})
                 msg = (f"stage {st.name} epoch {epoch + 1}/{st.epochs} loss {loss_sum / max(seen, 1):.4f} "
                        f"lr {lr:.5g} {seen / max(time.time() - t_epoch, 1e-9):.0f} img/s")
                 bar.set_postfix_str(f"epoch {epoch + 1} loss {loss_sum / max(seen, 1):.3f} lr {lr:.3g}")
@@ -318,6 +323,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
         save_checkpoint(ckpt_dir / "final.pt", method=method.state_dict(), config=to_dict(cfg), selected=selected)
         metrics["selected"] = selected
         metrics["train_seconds"] = round(time.time() - t0, 1)
+        metrics["epoch_timing"] = timing
         if dist.enabled:
             metrics["world_size"] = dist.world_size
         write_metrics(run_dir, metrics, cfg)
