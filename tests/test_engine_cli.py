@@ -199,3 +199,31 @@ def test_bench_rejects_zero_epochs(image_folder, tmp_path, capsys):
     cfg.write_text(yaml.safe_dump(tiny_raw(image_folder)))
     assert main(["bench", str(cfg), "--epochs", "0"]) == 2
     assert "--epochs" in capsys.readouterr().err
+
+
+def test_file_loader_keeps_its_workers_and_serves_each_epochs_batches(image_folder):
+    from longtail.config import DataConfig
+    from longtail.data import create_dataset
+    from longtail.data.loaders import Loader
+
+    ds = create_dataset(DataConfig(name="image_folder", root=str(image_folder), image_size=16, in_memory="never"))
+    loader = Loader(ds, torch.device("cpu"), augment="none", num_workers=2)
+    gen = torch.Generator().manual_seed(0)
+    targets = ds.splits["train"].targets
+    seen_loaders = set()
+    for epoch in range(3):
+        idx = torch.randperm(len(targets), generator=torch.Generator().manual_seed(epoch))
+        got = torch.cat([y for _, y in loader.train_batches(idx, 8, False, gen, start_step=epoch % 2)])
+        assert torch.equal(got, targets[idx][8 * (epoch % 2):])  # this epoch's batches, in order
+        seen_loaders.add(id(loader._train_dl["train"][0]))
+    assert len(seen_loaders) == 1  # one DataLoader, its workers kept across epochs
+    loader.close()
+    assert not loader._train_dl
+
+
+def test_file_dataset_runs_with_workers_are_deterministic(image_folder, tmp_path):
+    raw = tiny_raw(image_folder, epochs=2)
+    raw["data"].update(in_memory="never", num_workers=2, augment="imagenet")
+    a = train(build_config(raw), out=tmp_path / "a", progress=False)
+    b = train(build_config(raw), out=tmp_path / "b", progress=False)
+    assert_same_state(final_weights(a), final_weights(b))

@@ -70,6 +70,23 @@ class FileDataset(Dataset):
         return self.transform(read_image(self.paths[i])), int(self.targets[i])
 
 
+class _EpochBatches:
+    """The batch sampler of a persistent training DataLoader: the engine swaps in each epoch's batches.
+
+    DataLoader iterates its batch sampler in the main process at the start of every epoch, so replacing
+    ``batches`` between epochs changes what the (long-lived) workers load.
+    """
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 class Loader:
     """Makes train and eval batches of one dataset on one device."""
 
@@ -80,6 +97,11 @@ class Loader:
         self.mean = torch.tensor(ds.mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(ds.std, device=device).view(1, 3, 1, 1) * 255
         self._on_device: dict[str, torch.Tensor] = {}
+        self._train_dl: dict[str, tuple[DataLoader, _EpochBatches]] = {}  # file splits: persistent workers
+
+    def close(self) -> None:
+        """Stop the persistent DataLoader workers (also happens when the Loader is garbage-collected)."""
+        self._train_dl.clear()
 
     def _images(self, split: str) -> torch.Tensor:
         # Move an in-memory split to the device once (a few tens of MB for CIFAR).
@@ -111,12 +133,19 @@ class Loader:
                 if step >= start_step:
                     yield x, targets[idx]
             return
-        # Files: workers decode and augment; their seeds derive from `gen`, drawn once per epoch.
-        batches = [indices[i * batch_size:(i + 1) * batch_size].tolist() for i in range(steps)][start_step:]
-        dl = DataLoader(FileDataset(s, file_transform(self.augment, self.ds.image_size, True)),
-                        batch_sampler=batches, num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
-                        generator=torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=gen))),
-                        persistent_workers=False)
+        # Files: workers decode and augment. They persist across epochs (no re-spawn and re-import each epoch);
+        # their seeds derive from `gen` of the epoch that started them, and their random streams run on.
+        if split not in self._train_dl:
+            sampler = _EpochBatches()
+            seed = int(torch.randint(2**62, (1,), generator=gen))
+            dl = DataLoader(FileDataset(s, file_transform(self.augment, self.ds.image_size, True)),
+                            batch_sampler=sampler, num_workers=self.num_workers,
+                            pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(seed),
+                            persistent_workers=self.num_workers > 0,
+                            prefetch_factor=4 if self.num_workers > 0 else None)
+            self._train_dl[split] = (dl, sampler)
+        dl, sampler = self._train_dl[split]
+        sampler.batches = [indices[i * batch_size:(i + 1) * batch_size].tolist() for i in range(steps)][start_step:]
         for x, y in dl:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 

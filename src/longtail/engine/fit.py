@@ -310,6 +310,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                                 config=to_dict(cfg))
             barrier(dist)  # a later stage's init_from reads the file rank 0 just wrote
 
+    loader.close()  # training is over: stop any persistent DataLoader workers
     if method is None:  # resumed a finished run: rebuild the last stage's method from its checkpoint
         method, _ = build_stage_method(cfg, len(cfg.stages) - 1, model, ds, loader, device, dist)
         method.load_state_dict(load_checkpoint(ckpt_dir / f"stage_{cfg.stages[-1].name}.pt")["method"])
