@@ -185,7 +185,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
     if cfg.eval.select == "best_val" and "val" not in ds.splits:
         raise ValueError("eval.select=best_val needs a validation split: set data.val_fraction (never select on test)")
     model = create_model(cfg.model, ds.num_classes).to(device)
-    channels_last = cfg.model.channels_last and device.type == "cuda"
+    channels_last = cfg.model.channels_last
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
 
