@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -46,24 +47,32 @@ def test_gather_in_order_without_a_process_group_is_identity():
     assert torch.equal(torch.stack(parts, 1).flatten()[:7], torch.arange(7))
 
 
-def test_two_gloo_processes_match_one(tmp_path):
+def _folder(tmp_path: Path) -> Path:
     # 13 test images: not a multiple of 2, so the padded shard must be dropped to count each once.
-    root = make_image_folder(tmp_path / "folder", {"train": {"ant": 40, "bee": 12, "cat": 5},
+    return make_image_folder(tmp_path / "folder", {"train": {"ant": 40, "bee": 12, "cat": 5},
                                                    "test": {"ant": 5, "bee": 4, "cat": 4}})
-    cfg_path = tmp_path / "ddp.yaml"
-    cfg_path.write_text(yaml.safe_dump(_raw(root)))
-    out2 = tmp_path / "two"
-    out2.mkdir()
+
+
+def _launch(cfg_path: Path, out: Path, *extra: str, env_extra: dict | None = None) -> list[tuple[int, str]]:
+    """Run the two ranks of HELPER as torchrun would; return (exit code, output) of each."""
+    out.mkdir(exist_ok=True)
     port = _free_port()
     procs = []
     for rank in range(2):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, str(HELPER), str(cfg_path), str(out2)], env=env,
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", **(env_extra or {})}
+        procs.append(subprocess.Popen([sys.executable, str(HELPER), str(cfg_path), str(out), *extra], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    for p, o in zip(procs, outs, strict=True):
-        assert p.returncode == 0, o
+    return [(p.returncode, o) for p, o in ((p, p.communicate(timeout=300)[0]) for p in procs)]
+
+
+def test_two_gloo_processes_match_one(tmp_path):
+    root = _folder(tmp_path)
+    cfg_path = tmp_path / "ddp.yaml"
+    cfg_path.write_text(yaml.safe_dump(_raw(root)))
+    out2 = tmp_path / "two"
+    for rc, o in _launch(cfg_path, out2):
+        assert rc == 0, o
 
     # Both ranks end with the same weights and the same method state (head direction, BN statistics).
     s0, s1 = (torch.load(out2 / f"rank{r}.pt", weights_only=True) for r in range(2))
@@ -84,3 +93,29 @@ def test_two_gloo_processes_match_one(tmp_path):
     # on 13 images (about 3 images) after 2 epochs.
     assert abs(t1["top1"] - t2["top1"]) <= 25.0
     assert t2["top1"] > 100 / 3  # and the 2-process run learned something (chance is 33%)
+
+
+def test_sigint_on_one_rank_stops_both_and_resume_matches(tmp_path):
+    root = _folder(tmp_path)
+    cfg_path = tmp_path / "ddp.yaml"
+    cfg_path.write_text(yaml.safe_dump(_raw(root)))
+    for rc, o in _launch(cfg_path, tmp_path / "plain"):
+        assert rc == 0, o
+    # Rank 1 alone is interrupted mid-epoch 2 (8 steps per epoch); both ranks must stop at the same step.
+    runs = _launch(cfg_path, tmp_path / "cut", env_extra={"LT_TEST_SIGINT": "1:11"})
+    stops = []
+    for rc, o in runs:
+        assert rc == 130, o
+        stops.append(re.search(r"interrupted at stage 'main' epoch (\d+) step (\d+)", o).groups())
+    assert stops[0] == stops[1] and stops[0][0] == "2"  # the same step on both ranks, inside epoch 2
+    for rc, o in _launch(cfg_path, tmp_path / "cut", "--resume"):
+        assert rc == 0, o
+    a, b = (torch.load(p / "checkpoints" / "final.pt", weights_only=True)["method"]
+            for p in (tmp_path / "plain", tmp_path / "cut"))
+    for k in a:  # weights and method state exactly; BN statistics up to float rounding of their cross-rank mean
+        if "running_" in k:
+            assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-5), k
+        else:
+            assert torch.equal(a[k], b[k]), k
+    assert json.loads((tmp_path / "plain" / "metrics.json").read_text())["splits"]["test"]["per_class"] == \
+        json.loads((tmp_path / "cut" / "metrics.json").read_text())["splits"]["test"]["per_class"]

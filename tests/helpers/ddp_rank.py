@@ -1,15 +1,19 @@
-"""One rank of the 2-process gloo test: `python ddp_rank.py CONFIG OUT` with RANK / WORLD_SIZE / MASTER_* set.
+"""One rank of the 2-process gloo tests: `python ddp_rank.py CONFIG OUT [--resume]` with RANK / WORLD_SIZE /
+MASTER_* set.
 
 Runs the real CLI; just before the final evaluation it saves this rank's method state to OUT/rank<R>.pt so
-the test can check that every rank ends with the same weights and method state.
+the test can check that every rank ends with the same weights and method state. With LT_TEST_SIGINT="R:N",
+rank R sends itself SIGINT at its N-th training step (only that rank: the others must stop with it).
 """
 
 import os
+import signal
 import sys
 
 import torch
 
 import longtail.engine.fit as fit
+from longtail.methods.tde import Deconfound
 
 _evaluate_run = fit.evaluate_run
 
@@ -22,7 +26,21 @@ def _capture(method, *args, **kwargs):
 
 fit.evaluate_run = _capture
 
+if os.environ.get("LT_TEST_SIGINT"):
+    rank, at = (int(v) for v in os.environ["LT_TEST_SIGINT"].split(":"))
+    _forward, _calls = Deconfound.forward, [0]
+
+    def _forward_then_interrupt(self, images, targets):
+        _calls[0] += 1
+        if _calls[0] == at and int(os.environ["RANK"]) == rank:
+            os.kill(os.getpid(), signal.SIGINT)
+        return _forward(self, images, targets)
+
+    Deconfound.forward = _forward_then_interrupt
+
 if __name__ == "__main__":
     from longtail.cli import main
 
+    if "--resume" in sys.argv:
+        sys.exit(main(["train", "--resume", "--out", sys.argv[2]]))
     sys.exit(main(["train", sys.argv[1], "--out", sys.argv[2]]))

@@ -221,8 +221,10 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
             if dist.enabled and opt is not None:
                 # Wrapped per stage, after the method froze what it freezes (DDP registers only trainable
                 # parameters at wrap time); the wrapper broadcasts rank 0's weights, then averages gradients.
+                # Buffers are not broadcast each step: every rank's BN statistics follow its own batches (a
+                # linear EMA) and average_buffers() takes their mean at each epoch end and before a mid-epoch save.
                 train_fn = torch.nn.parallel.DistributedDataParallel(
-                    method, device_ids=[device.index] if device.type == "cuda" else None)
+                    method, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
             if cfg.compile:
                 train_fn = torch.compile(train_fn)
             local_batch = st.batch_size // dist.world_size
@@ -264,6 +266,9 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                     bar.update(1)
                     if any_rank(stop.stop, dist, device):  # all ranks stop at the same step
                         stop.stop = True
+                        # BN running statistics are linear EMAs, so averaging them now and again at the epoch
+                        # end equals averaging once at the end: the resumed ranks start from rank 0's saved copy.
+                        average_buffers(method, dist)
                         if main:
                             save_checkpoint(last_path, state=vars(RunState(si, epoch, step + 1)),
                                             method=method.state_dict(), optimizer=opt.state_dict(),
