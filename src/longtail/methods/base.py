@@ -68,6 +68,24 @@ class Method(nn.Module):
         here, so a sweep over them reuses one pass of features."""
         return self.model.forward_head(feats)
 
+    @torch.no_grad()
+    def split_features(self, loader: Any, split: str, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, D) un-augmented eval-mode features of a split and its (N,) labels, on the loader's device.
+
+        For methods that fit statistics at the end of a stage (class means, TDE's suggested alpha); the
+        engine's ``extract_features`` is the DDP-aware, autocast version used for evaluation.
+        """
+        was = self.training
+        self.eval()
+        feats, labels = [], []
+        try:
+            for x, y in loader.eval_batches(split, batch_size):
+                feats.append(self.model.forward_features(loader.normalize(x)).float())
+                labels.append(y)
+        finally:
+            self.train(was)
+        return torch.cat(feats), torch.cat(labels)
+
     def param_groups(self) -> list[dict]:
         """Parameters the optimiser updates; default: every trainable one."""
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]

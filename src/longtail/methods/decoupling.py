@@ -33,19 +33,6 @@ class _FrozenBackbone(Method):
         self.model.backbone.eval()  # frozen BN statistics, also while the classifier trains
         return self
 
-    @torch.no_grad()
-    def train_features(self, ctx: MethodContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, D) un-augmented training features and (N,) labels, on the method's device."""
-        loader = ctx.extras["loader"]
-        was = self.training
-        self.eval()
-        feats, labels = [], []
-        for x, y in loader.eval_batches("train", 512):
-            feats.append(self.model.forward_features(loader.normalize(x)).float())
-            labels.append(y)
-        self.train(was)
-        return torch.cat(feats), torch.cat(labels)
-
 
 @METHODS.register("crt")
 class ClassifierRetraining(_FrozenBackbone):
@@ -127,7 +114,7 @@ class NearestClassMean(_FrozenBackbone):
         return F.normalize(feats - self.feature_mean, dim=1, eps=1e-12)
 
     def on_stage_start(self, ctx: MethodContext) -> None:
-        feats, labels = self.train_features(ctx)
+        feats, labels = self.split_features(ctx.extras["loader"], "train")
         self.feature_mean.copy_(feats.mean(0))
         z = self._cl2n(feats)
         sums = torch.zeros_like(self.centroids).index_add_(0, labels, z)

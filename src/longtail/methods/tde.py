@@ -81,11 +81,7 @@ class Deconfound(Method):
         if loader is None or self.head_direction.norm() == 0:
             return
         split = "val" if "val" in loader.ds.splits else "train"  # never test
-        was_training = self.training
-        self.eval()
-        feats = torch.cat([self.model.forward_features(loader.normalize(x)).float()
-                           for x, _ in loader.eval_batches(split, 512)])
-        self.train(was_training)
+        feats, _ = self.split_features(loader, split)
         self.suggested_alpha.fill_(suggest_alpha(feats, self.head_direction, self.model.head.num_heads))
 
     def alpha(self) -> float:
