@@ -94,7 +94,9 @@ class StageConfig:
     sampler: str = "instance"  # a registered sampler
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    init_from: str | None = None  # name of an earlier stage whose final weights start this one
+    # Where this stage's starting weights come from: the name of an earlier stage (its final weights), or a
+    # path to another run's folder (its evaluated weights, checkpoints/final.pt) or to a checkpoint file.
+    init_from: str | None = None
     eval_every: int = 0  # evaluate on val every N epochs (0: only at the end); never on test
     drop_last: bool = True  # drop the last partial training batch (reference behaviour)
 
@@ -385,6 +387,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return build_config(load_raw(path), overrides)
 
 
+def _looks_like_path(text: str) -> bool:
+    """An ``init_from`` that names a file or folder rather than a stage (existence is checked at train start)."""
+    return "/" in text or "\\" in text or text.endswith(".pt") or Path(text).exists()
+
+
 def validate(cfg: RunConfig) -> None:
     """Semantic checks beyond types: registered names, ranges, stage references, method options."""
     import longtail.data  # noqa: F401
@@ -427,8 +434,9 @@ def validate(cfg: RunConfig) -> None:
         check(st.optim.lr >= 0, f"{where}: optim.lr must be >= 0")
         check(st.schedule.name in ("multistep", "cosine", "constant"),
               f"{where}: schedule.name must be multistep, cosine or constant")
-        check(st.init_from is None or st.init_from in names,
-              f"{where}: init_from '{st.init_from}' is not an earlier stage ({', '.join(names) or 'none'})")
+        check(st.init_from is None or st.init_from in names or _looks_like_path(st.init_from),
+              f"{where}: init_from '{st.init_from}' is neither an earlier stage ({', '.join(names) or 'none'}) "
+              f"nor a path to a run folder or checkpoint (.pt)")
         known(registry.SAMPLERS, st.sampler, f"{where}.sampler")
         check("name" in st.method, f"{where}: method needs a name")
         known(registry.METHODS, st.method["name"], f"{where}.method")

@@ -124,6 +124,39 @@ def _set_lr(opt: torch.optim.Optimizer, st: StageConfig, t: float) -> float:
     return lr
 
 
+def _init_checkpoint(init_from: str) -> Path:
+    """The checkpoint an ``init_from`` path names: a run folder's evaluated weights, or a ``.pt`` file."""
+    p = Path(init_from).expanduser()
+    if p.is_dir():
+        final = p / "checkpoints" / "final.pt"
+        if not final.is_file():
+            raise FileNotFoundError(f"init_from {init_from}: a folder without checkpoints/final.pt (is it a "
+                                    f"finished longtail run? an interrupted one continues with --resume)")
+        return final
+    if not p.is_file():
+        raise FileNotFoundError(f"init_from {init_from}: no such run folder or checkpoint file")
+    return p
+
+
+def _resolve_init_paths(cfg: RunConfig) -> None:
+    """Make path-valued ``init_from`` absolute and check they exist, so the saved config resumes anywhere."""
+    for i, st in enumerate(cfg.stages):
+        if st.init_from is not None and st.init_from not in [s.name for s in cfg.stages[:i]]:
+            st.init_from = str(_init_checkpoint(st.init_from).resolve())
+
+
+def _load_init(model: torch.nn.Module, st: StageConfig, ckpt_dir: Path, earlier: list[str]) -> None:
+    path = ckpt_dir / f"stage_{st.init_from}.pt" if st.init_from in earlier else _init_checkpoint(st.init_from)
+    weights = model_state(load_checkpoint(path)["method"])
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:  # another run's backbone / head / class count: say which settings differ
+        raise RuntimeError(f"stage '{st.name}': the weights in {path} do not fit this model (model.backbone, "
+                           f"model.head, head_bias and the class count must match the run they come from): "
+                           f"{e}") from None
+    log.info("stage %s starts from %s", st.name, path)
+
+
 def train(cfg: RunConfig | None = None, out: str | Path | None = None, resume: bool = False,
           progress: bool = True) -> Path:
     """Train a recipe, evaluate it, and write a complete run folder. Returns the run folder.
@@ -146,6 +179,7 @@ def train(cfg: RunConfig | None = None, out: str | Path | None = None, resume: b
         cfg = build_config(saved)
     else:
         cfg = cfg or build_config({})
+        _resolve_init_paths(cfg)  # before anything trains: a wrong path fails now, not after stage 1
         run_dir = new_run_dir(cfg, out)
         if (run_dir / "checkpoints" / "last.pt").exists():
             raise FileExistsError(f"{run_dir} already holds a run; continue it with --resume or pick another --out")
@@ -205,8 +239,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
         for si in range(state.stage, len(cfg.stages)):
             st = cfg.stages[si]
             if st.init_from is not None:
-                src = load_checkpoint(ckpt_dir / f"stage_{st.init_from}.pt")
-                model.load_state_dict(model_state(src["method"]))
+                _load_init(model, st, ckpt_dir, [s.name for s in cfg.stages[:si]])
             method, ctx = build_stage_method(cfg, si, model, ds, loader, device, dist)
             method.on_stage_start(ctx)
             opt = _make_optimizer(method, st) if st.epochs > 0 else None  # tau_norm / ncm: nothing to train
