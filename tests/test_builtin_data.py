@@ -54,7 +54,7 @@ def test_shapes_structure(small):
     assert small.eval_splits == ["test_cbl", "test_gbl"]
     assert small.attribute_names == ["solid", "striped", "dotted"]
     assert small.image_size == 32
-    assert small.info["protocols"]["GLT"] == "test_gbl" and small.info["protocols"]["CLT"] == "test_cbl"
+    assert small.protocols == {"CLT": "test_cbl", "GLT": "test_gbl"}  # Train-GLT (spec glt_ifl.md 3)
     for name, split in small.splits.items():
         assert split.images.dtype == torch.uint8 and split.images.shape[1:] == (3, 32, 32), name
         assert split.targets.dtype == torch.int64 and split.attributes is not None
@@ -131,6 +131,7 @@ def test_shapes_cbl_variant(small, cache):
     assert _groups(ds.train, 10).tolist() == [attribute_split(n)] * 10  # attributes still long-tailed
     for name in ("test_cbl", "test_gbl"):  # the same test sets as the lt variant (same seed)
         assert torch.equal(ds.splits[name].images, small.splits[name].images)
+    assert ds.protocols == {"ALT": "test_gbl"}  # Train-CBL is scored under ALT only
 
 
 def test_shapes_step_profile_and_more_classes(cache):

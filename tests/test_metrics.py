@@ -71,3 +71,21 @@ def test_no_confusion_for_many_classes():
     m = classification_metrics(torch.tensor([0]), torch.tensor([0]), torch.ones(101, dtype=torch.long),
                                confusion_max_classes=100)
     assert "confusion" not in m
+
+
+def test_glt_group_precision_and_class_rank_groups():
+    """Group precision: TP_c / #predicted-as-c over the group's classes, predicted counts from the whole set;
+    class_groups (the benchmark's class-rank groups) replace the image-count thresholds."""
+    targets = torch.tensor([0, 0, 1, 1, 2, 2])
+    preds = torch.tensor([0, 1, 1, 1, 0, 2])  # predicted: 0 x2 (1 TP), 1 x3 (2 TP), 2 x1 (1 TP)
+    counts = torch.tensor([500, 50, 5])  # thresholds would say many / medium / few
+    m = classification_metrics(preds, targets, counts, class_groups=torch.tensor([0, 0, 2]))
+    assert m["group_sizes"] == {"many": 2, "medium": 0, "few": 1}
+    assert m["many_precision"] == pytest.approx(100 * (1 / 2 + 2 / 3) / 2)
+    assert m["medium_precision"] is None and m["few_precision"] == pytest.approx(100.0)
+    assert m["many"] == pytest.approx(100 * (0.5 + 1.0) / 2)
+    assert m["thresholds"].startswith("the benchmark's class-rank groups (2 many / 0 medium / 1 few")
+    attrs = torch.tensor([0, 1, 0, 1, 0, 1])
+    m = classification_metrics(preds, targets, counts, attributes=attrs)
+    # attribute 0: samples (0->0, 1->1, 2->0): predicted 0 twice (1 TP), 1 once (1 TP); classes present 0, 1, 2
+    assert m["per_attribute_precision"]["0"] == pytest.approx(100 * (0.5 + 1.0 + 0.0) / 3)

@@ -149,10 +149,10 @@ def test_runs_table_all_splits(tmp_path):
     rows = _rows(table)
     assert len(rows) == 3
     assert rows[0] == ["ce_run", "cifar10_lt (IR 100)", "resnet32", "ce", "200", "test",
-                       "70.0", "90.0", "60.2", "–"]
-    assert rows[1][5:] == ["val", "66.7", "85.0", "55.0", "12.3"]
+                       "70.0", "90.0", "60.2", "–", "55.5"]
+    assert rows[1][5:] == ["val", "66.7", "85.0", "55.0", "12.3", "55.5"]
     assert rows[2][3:6] == ["ce -> crt", "200", "test"]
-    assert rows[2][6:] == ["72.5", "88.0", "65.0", "30.0"]
+    assert rows[2][6:] == ["72.5", "88.0", "65.0", "30.0", "55.5"]
     assert "Shot groups: many > 100, few < 20 training images." in table
     assert "differ" not in table
 
@@ -164,8 +164,18 @@ def test_runs_table_split_filter(tmp_path):
     table = runs_table([a, b], split="val")
     rows = _rows(table)
     assert [r[0] for r in rows] == ["ce_run", "decoupled_run"]
-    assert rows[1][6:] == ["–"] * 4
+    assert rows[1][6:] == ["–"] * 5
     assert "decoupled_run has no split 'val'" in table
+
+
+def test_tables_name_glt_protocols(tmp_path):
+    """A split scored under a GLT protocol is labelled with it in both tables."""
+    m = _metrics({"test_cbl": {**_split(60.0, 70.0, 50.0, 40.0), "protocols": ["CLT"]},
+                  "test_gbl": {**_split(50.0, 60.0, 40.0, 30.0), "protocols": ["GLT"]}})
+    run = make_run(tmp_path, "glt_run", m)
+    rows = _rows(runs_table([run]))
+    assert [r[5] for r in rows] == ["test_cbl (CLT)", "test_gbl (GLT)"]
+    assert [r[0] for r in _rows(results_table(m))] == ["test_cbl (CLT)", "test_gbl (GLT)"]
 
 
 def test_runs_table_notes_differing_thresholds(tmp_path):

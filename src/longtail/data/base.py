@@ -76,6 +76,11 @@ class LTDataset:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     attribute_names: list[str] | None = None  # names of attribute groups, when attributes are known
+    # GLT protocols this training split is scored under: protocol (CLT / ALT / GLT) -> evaluated split
+    protocols: dict[str, str] = field(default_factory=dict)
+    # (C,) int shot group of each class (0 many, 1 medium, 2 few) when the benchmark defines groups by class
+    # rank (ImageNet-GLT, MSCOCO-GLT) instead of by training-image thresholds
+    class_groups: torch.Tensor | None = None
     info: dict = field(default_factory=dict)  # provenance recorded in the run config (seed, index hash, ...)
 
     @property

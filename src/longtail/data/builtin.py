@@ -56,6 +56,15 @@ SHAPES_STD = (0.312, 0.262, 0.223)
 _SPLIT_CODES = {"train": 1, "val": 2, "test_cbl": 3, "test_gbl": 4}  # independent random stream per split
 
 
+def glt_protocols(train_variant: str, class_split: str, glt_split: str) -> dict[str, str]:
+    """GLT protocols (spec glt_ifl.md 3) a training variant is scored under: Train-GLT (``lt``) gives CLT on the
+    class-balanced test set and GLT on the class- and attribute-balanced one; Train-CBL (``cbl``) gives ALT on
+    the latter."""
+    if train_variant == "cbl":
+        return {"ALT": glt_split}
+    return {"CLT": class_split, "GLT": glt_split}
+
+
 def attribute_split(n: int, ratio: tuple[int, int, int] = ATTRIBUTE_RATIO) -> list[int]:
     """Split ``n`` images of one class over the 3 attribute groups in ``ratio`` (default 7:2:1).
 
@@ -400,7 +409,6 @@ def shapes_glt(cfg: DataConfig, cache_dir: Path) -> LTDataset:
         "attribute_ratio": "7:2:1",
         "split_sizes": {s: len(sp) for s, sp in splits.items()},
         "cache_key": key,
-        "protocols": {"CLT": "test_cbl", "GLT": "test_gbl", "ALT": "test_gbl (with train_variant=cbl)"},
     }
     ds = LTDataset(
         name="shapes_glt",
@@ -411,6 +419,7 @@ def shapes_glt(cfg: DataConfig, cache_dir: Path) -> LTDataset:
         mean=SHAPES_MEAN,
         std=SHAPES_STD,
         attribute_names=list(ATTRIBUTE_NAMES),
+        protocols=glt_protocols(cfg.train_variant, class_split="test_cbl", glt_split="test_gbl"),
         info=info,
     )
     ds.validate()

@@ -65,7 +65,7 @@ def evaluate_split(method: Method, loader: Loader, split: str, cfg: EvalConfig, 
     scores, targets = predict_split(method, loader, split, cfg.batch_size, amp, channels_last, dist)
     s = loader.ds.splits[split]
     return classification_metrics(scores.argmax(1), targets, loader.ds.train_counts(), thresholds_of(cfg),
-                                  attributes=s.attributes)
+                                  attributes=s.attributes, class_groups=loader.ds.class_groups)
 
 
 def extract_features(method: Method, loader: Loader, split: str, batch_size: int, amp: bool = True,

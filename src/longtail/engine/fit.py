@@ -32,6 +32,7 @@ from longtail.engine.distributed import (
 )
 from longtail.engine.evaluate import autocast, evaluate_split, thresholds_of
 from longtail.engine.schedule import lr_at
+from longtail.evaluation.metrics import describe_class_groups
 from longtail.methods import Method, MethodContext, create_method
 from longtail.models import Classifier, create_model
 from longtail.utils import atomic_write_json, environment_info, resolve_device, seed_everything
@@ -120,7 +121,8 @@ def _make_optimizer(method: Method, st: StageConfig) -> torch.optim.Optimizer:
 def _set_lr(opt: torch.optim.Optimizer, st: StageConfig, t: float) -> float:
     lr = lr_at(st.optim.lr, st.schedule, st.epochs, t)
     for g in opt.param_groups:
-        g["lr"] = lr * g.get("lr_scale", 1.0)
+        if not g.get("fixed_lr", False):  # e.g. IFL's centres: their own constant lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
     return lr
 
 
@@ -263,6 +265,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
             local_batch = st.batch_size // dist.world_size
             sampler = create_sampler(method.sampler_name(st.sampler), ds.train.targets, ds.num_classes,
                                      seed=_epoch_seed(cfg.seed, si, 0), total_epochs=st.epochs)
+            sampler = method.train_sampler(sampler, st.batch_size)  # e.g. IFL's two environments
             # An epoch is the sampler's stream (n_max * C for class-aware sampling), this rank's share of it.
             steps = ctx.steps_per_epoch = loader.steps_per_epoch(-(-len(sampler) // ctx.world_size), local_batch,
                                                                  st.drop_last)
@@ -284,6 +287,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                                                                    first_step), start=first_step):
                     if st.schedule.per_iteration:
                         lr = _set_lr(opt, st, epoch + step / steps)
+                    method.on_train_batch(step, indices[step * local_batch:(step + 1) * local_batch])
                     with autocast(device, cfg.amp):
                         out = train_fn(loader.normalize(x, channels_last), y)
                     loss = out["loss"]
@@ -378,14 +382,19 @@ def evaluate_run(method: Method, loader: Loader, cfg: RunConfig, channels_last: 
     if splits is None:
         splits = (["val"] if "val" in ds.splits else []) + ds.eval_splits
     results = {s: evaluate_split(method, loader, s, cfg.eval, cfg.amp, channels_last, dist) for s in splits}
+    for protocol, split in ds.protocols.items():
+        if split in results:
+            results[split].setdefault("protocols", []).append(protocol)
     return {
         "splits": results,
+        "protocols": {p: s for p, s in ds.protocols.items() if s in results},
         "train_counts": ds.train_counts().tolist(),
         "class_names": ds.class_names,
         "attribute_names": ds.attribute_names,
         "stage": cfg.stages[-1].name,
         "epoch": cfg.stages[-1].epochs,
-        "thresholds": thresholds_of(cfg.eval).describe(),
+        "thresholds": (describe_class_groups(ds.class_groups) if ds.class_groups is not None
+                       else thresholds_of(cfg.eval).describe()),
         "finished": datetime.now().isoformat(timespec="seconds"),
     }
 

@@ -76,6 +76,7 @@ def classification_metrics(
     thresholds: ShotThresholds = ShotThresholds(),
     attributes: torch.Tensor | None = None,
     confusion_max_classes: int = 100,
+    class_groups: torch.Tensor | None = None,
 ) -> dict:
     """All metrics of one evaluated split, JSON-ready, accuracies in percent.
 
@@ -83,13 +84,21 @@ def classification_metrics(
     per-class accuracies of the group's classes; None when the group is empty or absent from the
     split), ``precision`` (macro), ``per_class`` (C values, None for classes not in the split),
     ``group_sizes``, ``thresholds``, ``num_samples``, ``confusion`` (when C <= confusion_max_classes)
-    and ``per_attribute`` (accuracy per attribute group, when ``attributes`` is given).
+    and ``per_attribute`` (accuracy per attribute group, when ``attributes`` is given) with
+    ``per_attribute_precision`` (macro precision recomputed inside each attribute group, as GLT).
+    ``many_precision`` / ``medium_precision`` / ``few_precision``: macro precision over the group's classes
+    with predicted counts from the whole split (GLT). ``class_groups`` ((C,) 0 / 1 / 2) replaces the
+    threshold groups when a benchmark defines many / medium / few by class rank.
     """
     preds, targets = preds.long().cpu(), targets.long().cpu()
     train_counts = train_counts.long().cpu()
     num_classes = len(train_counts)
     acc = per_class_accuracy(preds, targets, num_classes)
-    groups = thresholds.groups(train_counts)
+    if class_groups is not None:
+        class_groups = torch.as_tensor(class_groups).long().cpu()
+        groups = {name: class_groups == i for i, name in enumerate(("many", "medium", "few"))}
+    else:
+        groups = thresholds.groups(train_counts)
     out: dict = {
         "top1": _pct((preds == targets).double().mean()),
         "mean_class_acc": _pct(acc.nanmean()),
@@ -98,9 +107,11 @@ def classification_metrics(
     for name, mask in groups.items():
         vals = acc[mask]
         out[name] = _pct(vals.nanmean()) if (~vals.isnan()).any() else None
+    for name, mask in groups.items():
+        out[f"{name}_precision"] = _pct(macro_precision(preds, targets, num_classes, classes=mask))
     out["per_class"] = [_pct(a) for a in acc.tolist()]
     out["group_sizes"] = {name: int(mask.sum()) for name, mask in groups.items()}
-    out["thresholds"] = thresholds.describe()
+    out["thresholds"] = describe_class_groups(class_groups) if class_groups is not None else thresholds.describe()
     out["num_samples"] = len(targets)
     if num_classes <= confusion_max_classes:
         out["confusion"] = confusion_matrix(preds, targets, num_classes).tolist()
@@ -110,4 +121,14 @@ def classification_metrics(
             str(int(a)): _pct((preds[attributes == a] == targets[attributes == a]).double().mean())
             for a in attributes.unique()
         }
+        out["per_attribute_precision"] = {
+            str(int(a)): _pct(macro_precision(preds[attributes == a], targets[attributes == a], num_classes))
+            for a in attributes.unique()
+        }
     return out
+
+
+def describe_class_groups(class_groups: torch.Tensor) -> str:
+    """How class-rank shot groups are stated under a table: counts of classes per group."""
+    n = torch.bincount(torch.as_tensor(class_groups).long().cpu(), minlength=3).tolist()
+    return f"the benchmark's class-rank groups ({n[0]} many / {n[1]} medium / {n[2]} few classes)"

@@ -76,6 +76,14 @@ def _thresholds(metrics: dict, split: dict | None) -> str | None:
     return str(metrics["thresholds"]) if metrics.get("thresholds") else None
 
 
+def _split_label(split: str, m: dict | None) -> str:
+    """``test_gbl (GLT)``: the split named with the GLT protocol(s) it scores, when it scores one."""
+    protocols = m.get("protocols") if isinstance(m, dict) else None
+    if isinstance(protocols, list) and protocols:
+        return f"{split} ({', '.join(str(p) for p in protocols)})"
+    return split
+
+
 # --------------------------------------------------------------------------------------------- run facts
 
 
@@ -126,13 +134,15 @@ def runs_table(run_dirs: Sequence[str | Path], split: str | None = None) -> str:
     """One markdown table comparing run folders, one row per run per split.
 
     Columns: run (folder name), dataset (name and imbalance ratio), backbone, method (stage methods
-    joined with " -> "), epochs (summed over stages), split, top1, many, medium, few (percent, one
-    decimal, "–" when missing). ``split`` keeps only that split (a run without it gets a row of "–");
+    joined with " -> "), epochs (summed over stages), split (with the GLT protocol it scores, e.g.
+    "test_gbl (GLT)"), top1, many, medium, few, precision (macro; percent, one decimal, "–" when missing).
+    ``split`` keeps only that split (a run without it gets a row of "–");
     None shows every split of each run. A line under the table states the shot thresholds, and says so
     when the runs do not share them.
     """
     runs = [load_run(d) for d in run_dirs]
-    header = ["run", "dataset", "backbone", "method", "epochs", "split", "top1", "many", "medium", "few"]
+    header = ["run", "dataset", "backbone", "method", "epochs", "split", "top1", "many", "medium", "few",
+              "precision"]
     rows: list[list[str]] = []
     thresholds: dict[str, list[str]] = {}  # description -> runs using it
     missing: list[str] = []
@@ -148,13 +158,14 @@ def runs_table(run_dirs: Sequence[str | Path], split: str | None = None) -> str:
             if not isinstance(m, dict):
                 missing.append(f"{run['name']} has no split '{s}'")
                 m = {}
-            rows.append(facts + [s] + [_fmt(m.get(k)) for k in ("top1", "many", "medium", "few")])
+            rows.append(facts + [_split_label(s, m)]
+                        + [_fmt(m.get(k)) for k in ("top1", "many", "medium", "few", "precision")])
             t = _thresholds(metrics, m or None)
             if t is not None:
                 thresholds.setdefault(t, [])
                 if run["name"] not in thresholds[t]:
                     thresholds[t].append(run["name"])
-    lines = [_markdown(header, rows, right={4, 6, 7, 8, 9}), ""]
+    lines = [_markdown(header, rows, right={4, 6, 7, 8, 9, 10}), ""]
     if not thresholds:
         lines.append("Shot groups: thresholds not recorded.")
     elif len(thresholds) == 1:
@@ -181,7 +192,7 @@ def results_table(metrics: dict, title: str | None = None) -> str:
         if not isinstance(m, dict):
             continue
         n = m.get("num_samples")
-        rows.append([s] + [_fmt(m.get(k)) for k in ("top1", "many", "medium", "few", "precision")]
+        rows.append([_split_label(s, m)] + [_fmt(m.get(k)) for k in ("top1", "many", "medium", "few", "precision")]
                     + [str(n) if isinstance(n, int) else DASH])
         t = _thresholds(metrics, m)
         if t is not None and t not in seen:

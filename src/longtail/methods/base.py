@@ -94,6 +94,14 @@ class Method(nn.Module):
         """The sampler this method trains with; default: the stage's configured one."""
         return configured
 
+    def train_sampler(self, sampler: Any, batch_size: int) -> Any:
+        """The Sampler this stage trains with, given the configured one and the global batch size; default:
+        that one. IFL replaces it by its two-environment sampler."""
+        return sampler
+
+    def on_train_batch(self, step: int, batch_indices: torch.Tensor) -> None:
+        """Called before each training step with this rank's (B,) sample ids (e.g. IFL records confidences)."""
+
     def on_stage_start(self, ctx: MethodContext) -> None:
         """Freeze parts, re-initialise a head, build environments..."""
 

@@ -1,0 +1,223 @@
+"""Invariant Feature Learning (Tang et al., ECCV 2022; spec glt_ifl.md 5-6) as a plug-in around a loss method.
+
+Two training environments resample the same training set: env1 the natural distribution, env2 class-balanced
+with hard samples up-weighted (``intra_weights``), rebuilt from the ground-truth confidences recorded during the
+rebuild epochs. Every batch is half env1, half env2 in ONE forward pass. Class centres shared by both
+environments pull each feature towards its class centre (the "IRM version of the centre loss"):
+
+    L = L_cls(logits, y) + a(epoch) * mean_i ||z_i - C[y_i]||^2
+
+and the centres move by their own plain SGD step (lr ``center_lr``) on the unweighted centre loss, i.e. a
+per-batch moving average C_c <- C_c + (2 lr / B) sum_{y_i = c} (z_i - C_c); while a = 0 they stay put (the
+reference: centres keep their random init until the first centre milestone).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as tdist
+import torch.nn as nn
+
+from longtail.data.samplers import Sampler
+from longtail.methods.base import Method, MethodContext
+from longtail.models import Classifier
+from longtail.registry import METHODS
+
+
+def intra_weights(scores: torch.Tensor, targets: torch.Tensor, recorded: torch.Tensor, num_classes: int,
+                  sample_scale: float = 4.0) -> torch.Tensor:
+    """env2 sampling weights (N,): each class sums to 1, inside a class mass grows with hardness.
+
+    ``scores`` (N,) ground-truth-class probabilities p, ``recorded`` (N,) bool: sampled in the scoring epoch
+    (others get weight 0, as the reference). Per class with >= 5 recorded samples: p~ = min-max normalised p,
+    u = |1 - p~| + 1e-5, k = clamp(log(s) / log(mean of the top-20% u / mean of the bottom-80% u), 1, 10),
+    w = u^k / sum u^k; so the hardest fifth weighs about ``sample_scale`` times the easiest four fifths.
+    """
+    w = torch.zeros(len(targets), dtype=torch.float64)
+    scores = scores.double()
+    for c in range(num_classes):
+        idx = ((targets == c) & recorded).nonzero().flatten()
+        if len(idx) == 0:
+            continue
+        if len(idx) < 5:
+            w[idx] = 1.0 / len(idx)
+            continue
+        p = scores[idx]
+        p = (p - p.min()) / (p.max() - p.min() + 1e-9)
+        u = (1 - p).abs() + 1e-5
+        s = u.sort().values
+        cut = int(len(s) * 0.8)
+        head, tail = s[:cut].mean(), s[cut:].mean()
+        k = float((math.log(sample_scale) / torch.log(tail / head + 1e-5)).clamp(1, 10))
+        uk = u**k + 1e-12
+        w[idx] = uk / uk.sum()
+    return w.float()
+
+
+class EnvironmentSampler(Sampler):
+    """Each global batch: ``half`` draws from env1 then ``half`` from env2, with replacement by their weights.
+
+    An epoch is ceil(N / half) batches (2N draws, as the reference). With DDP the strided shard gives every
+    rank a local batch that is still half env1, half env2 (when half divides by the world size).
+    """
+
+    def __init__(self, targets: torch.Tensor, num_classes: int, seed: int, total_epochs: int,
+                 weights: torch.Tensor, half: int) -> None:
+        super().__init__(targets, num_classes, seed, total_epochs)
+        self.weights = weights  # (2, N) the method's buffer, read at each epoch's draw (rebuilt in place)
+        self.half = half
+
+    def __len__(self) -> int:
+        return -(-len(self.targets) // self.half) * 2 * self.half
+
+    def indices(self, epoch: int) -> torch.Tensor:
+        g = self.generator(epoch)
+        iters = -(-len(self.targets) // self.half)
+        draws = [torch.multinomial(self.weights[e].double().cpu(), iters * self.half, replacement=True,
+                                   generator=g).view(iters, self.half) for e in range(2)]
+        return torch.cat(draws, dim=1).flatten()  # (iters * 2 half,) [env1 half | env2 half] per batch
+
+
+@METHODS.register("ifl")
+class IFL(Method):
+    """IFL around the loss of method ``base`` (Balanced Softmax by default, as the paper's ``center_dual``).
+
+    Milestones are fractions of the stage (the paper's epochs 60 and 80 of 100 -> 0.6, 0.8), so a recipe of
+    any length keeps the schedule: centre weight ``center_weights[j]`` from milestone j on (weight [0] before
+    the first), env2 rebuilt at the end of each ``update_milestones`` epoch from that epoch's confidences.
+    """
+
+    @dataclass
+    class Config:
+        base: str = "balanced_softmax"  # the classification loss L_cls: a registered loss method (ce, focal, ...)
+        center_milestones: list[float] = field(default_factory=lambda: [0.6, 0.8])
+        center_weights: list[float] = field(default_factory=lambda: [0.0, 0.001, 0.005])
+        update_milestones: list[float] = field(default_factory=lambda: [0.6, 0.8])
+        center_lr: float = 0.5  # plain SGD on the centres, no momentum / decay / schedule
+        sample_scale: float = 4.0  # env2: hardest fifth about this many times the easiest four fifths
+
+        def __post_init__(self) -> None:
+            if self.base not in METHODS or self.base == "ifl":
+                raise ValueError(f"base must be a registered loss method other than ifl, got '{self.base}'")
+            base_cls = METHODS.get(self.base)
+            if base_cls.forward is not Method.forward or base_cls.on_stage_start is not Method.on_stage_start:
+                raise ValueError(f"base '{self.base}' has its own training step or stage set-up; IFL wraps loss "
+                                 f"methods (ce, focal, cb_loss, balanced_softmax, logit_adjust, "
+                                 f"logit_adjust_posthoc, ldam_drw)")
+            if len(self.center_weights) != len(self.center_milestones) + 1:
+                raise ValueError("center_weights needs one more entry than center_milestones")
+            for m in [*self.center_milestones, *self.update_milestones]:
+                if not 0 <= m <= 1:
+                    raise ValueError(f"milestones are fractions of the stage in [0, 1], got {m}")
+            if self.sample_scale <= 1:
+                raise ValueError(f"sample_scale must be > 1, got {self.sample_scale}")
+
+    def __init__(self, model: Classifier, cfg, ctx: MethodContext) -> None:
+        super().__init__(model, cfg, ctx)
+        base_cls = METHODS.get(cfg.base)
+        # The base shares the model; kept out of the module tree so its weights are not saved twice.
+        object.__setattr__(self, "_base", base_cls(model, base_cls.Config(), ctx).to(ctx.device))
+        ds = ctx.extras["dataset"]
+        n = len(ds.train)
+        self.register_buffer("train_targets", ds.train.targets.clone(), persistent=False)  # (N,)
+        # Random centres (C, D) as the reference (spec G6), seeded by the run's seed through torch's RNG.
+        self.centers = nn.Parameter(torch.randn(ctx.num_classes, model.feature_dim))
+        self.register_buffer("env_weights", torch.ones(2, n))  # (2, N) env1 / env2 sampling weights
+        self.register_buffer("record_score", torch.zeros(n))  # (N,) p_gt of each sample's last draw
+        self.register_buffer("record_pos", torch.full((n,), -1, dtype=torch.int64))  # its stream position
+        self.register_buffer("record_epoch", torch.tensor(-1))  # the epoch the record belongs to
+        self.epoch = 0
+        self._batch: tuple[int, torch.Tensor] | None = None  # (step, (B,) sample ids) of the current batch
+
+    # ------------------------------------------------------------------ schedule
+    def _at(self, fractions: list[float], epochs: int) -> list[int]:
+        return [round(f * epochs) for f in fractions]
+
+    def center_weight(self, epoch: int, epochs: int) -> float:
+        j = sum(epoch >= m for m in self._at(self.cfg.center_milestones, epochs))
+        return float(self.cfg.center_weights[j])
+
+    # ------------------------------------------------------------------ hooks
+    def param_groups(self) -> list[dict]:
+        rest = [p for n, p in self.named_parameters() if p.requires_grad and n != "centers"]
+        return [{"params": rest},
+                {"params": [self.centers], "lr": self.cfg.center_lr, "fixed_lr": True, "momentum": 0.0,
+                 "weight_decay": 0.0, "nesterov": False}]
+
+    def train_sampler(self, sampler: Sampler, batch_size: int) -> Sampler:
+        if batch_size % 2:
+            raise ValueError(f"ifl: batch_size {batch_size} must be even (half env1, half env2)")
+        return EnvironmentSampler(sampler.targets, sampler.num_classes, sampler.seed, sampler.total_epochs,
+                                  self.env_weights, batch_size // 2)
+
+    def on_stage_start(self, ctx: MethodContext) -> None:
+        self._ctx = ctx
+
+    def on_epoch_start(self, epoch: int, ctx: MethodContext) -> None:
+        self.epoch, self._ctx = epoch, ctx
+        self._base.on_epoch_start(epoch, ctx)
+        self._weight = self.center_weight(epoch, ctx.epochs)
+        updates = self._at(self.cfg.update_milestones, ctx.epochs)
+        if epoch - 1 in updates and int(self.record_epoch) == epoch - 1:
+            self._rebuild(ctx)  # "at the end of" the scoring epoch; idempotent, so a resume redoes it exactly
+        if epoch in updates and int(self.record_epoch) != epoch:  # a fresh scoring epoch (not a resume into it)
+            self.record_pos.fill_(-1)
+            self.record_epoch.fill_(epoch)
+
+    def on_train_batch(self, step: int, batch_indices: torch.Tensor) -> None:
+        self._batch = (step, batch_indices)
+
+    @torch.no_grad()
+    def _rebuild(self, ctx: MethodContext) -> None:
+        pos, score = self.record_pos.clone(), self.record_score.clone()
+        if tdist.is_available() and tdist.is_initialized() and ctx.world_size > 1:
+            # Last draw wins across ranks: the largest global stream position, and that rank's score.
+            tdist.all_reduce(pos, op=tdist.ReduceOp.MAX)
+            mine = (pos == self.record_pos) & (pos >= 0)
+            score = torch.where(mine, score, torch.zeros_like(score))
+            tdist.all_reduce(score)
+        w2 = intra_weights(score.cpu(), self.train_targets.cpu(), (pos >= 0).cpu(), self.num_classes,
+                           self.cfg.sample_scale)
+        self.env_weights[1].copy_(w2.to(self.env_weights.device))
+
+    # ------------------------------------------------------------------ training step
+    def forward(self, images: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.model.forward_features(images)  # (B, D)
+        logits = self.model.forward_head(z)  # (B, C)
+        loss = self._base.loss(logits, targets)
+        if not self.training:
+            return {"loss": loss, "logits": logits}
+        a = getattr(self, "_weight", 0.0)
+        c = self.centers[targets].float()  # (B, D)
+        zf = z.float()
+        # Features feel a * the centre loss; the centres feel the unweighted loss (the reference rescales
+        # their gradient by 1 / a) and nothing while a = 0. Both terms always in the graph (DDP needs it).
+        pull = ((zf - c.detach()) ** 2).sum(1).mean()
+        move = ((zf.detach() - c) ** 2).sum(1).mean()
+        move = (1.0 if a > 0 else 0.0) * (move - move.detach())  # value 0: the logged loss stays L_cls + a pull
+        loss = loss + a * pull + move
+        if int(self.record_epoch) == self.epoch and self._batch is not None:
+            self._record(logits.detach(), targets)
+        return {"loss": loss, "logits": logits}
+
+    @torch.no_grad()
+    def _record(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        step, idx = self._batch
+        ctx = self._ctx
+        idx = idx.to(self.record_pos.device)
+        p = logits.float().softmax(1).gather(1, targets[:, None]).squeeze(1)  # (B,) p of the true class
+        local = step * len(idx) + torch.arange(len(idx), device=idx.device)
+        pos = local * ctx.world_size + ctx.rank  # global stream position (strided shard), later = larger
+        self.record_score[idx] = p.to(self.record_score.dtype)  # repeats in one batch: any one of them
+        self.record_pos[idx] = pos
+
+    # ------------------------------------------------------------------ prediction
+    @torch.no_grad()
+    def predict_features(self, feats: torch.Tensor) -> torch.Tensor:
+        return self._base.predict_features(feats)  # e.g. post-hoc logit adjustment (Logit-Adj + IFL)
+
+    def on_stage_end(self, ctx: MethodContext) -> None:
+        self._base.on_stage_end(ctx)
