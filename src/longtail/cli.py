@@ -19,6 +19,7 @@ EPILOG = """examples:
   longtail predict runs/try1 cat.jpg dog.png
   longtail list
   longtail bench cifar10_lt/tde data.root=cifar10-jpeg.zip   # our epoch vs a plain PyTorch loop
+  longtail data glt /data/imagenet/train --weights resnet50.pth --out glt/   # a GLT benchmark of a folder
 """
 
 
@@ -159,6 +160,22 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_glt(args: argparse.Namespace) -> int:
+    from longtail.data.glt_build import build_glt_benchmark
+
+    res = build_glt_benchmark(args.root, args.out, name=args.name, weights=args.weights, backbone=args.backbone,
+                              image_size=args.image_size, clusters=args.clusters, test_per_class=args.test_per_class,
+                              val_per_class=args.val_per_class, imbalance_ratio=args.imbalance_ratio,
+                              cbl_per_class=args.cbl_per_class, seed=args.seed, batch_size=args.batch_size,
+                              device=args.device, num_workers=args.num_workers)
+    print(f"{res['classes']} classes; images per split:")
+    for variant, sizes in res["sizes"].items():
+        print(f"  {res['files'][variant]}: " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
+    print(f"train with: longtail train CONFIG data.name=glt data.root={args.root} "
+          f"data.annotation={res['files']['lt']}  (Train-CBL / ALT: data.annotation={res['files']['cbl']})")
+    return 0
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     import longtail  # noqa: F401  (fills every registry)
     from longtail import registry
@@ -233,6 +250,32 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--json", default=None,
                     help="where to write the record (default benchmarks/results/bench_RECIPE_DEVICE.json; - for none)")
     bn.set_defaults(func=_cmd_bench)
+    da = sub.add_parser("data", help="build benchmark files from your data (GLT)")
+    dsub = da.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
+    dg = dsub.add_parser("glt", help="make a GLT benchmark (ImageNet-GLT procedure) of an image folder",
+                         description="Cluster each class's pretrained features into pseudo-attributes (k-means, "
+                         "seeded), then write Train-GLT and Train-CBL annotation files with the Test-CBL, Test-GBL, "
+                         "Test-GLT and val splits of the ImageNet-GLT procedure (spec glt_ifl.md 2.1). ROOT holds "
+                         "<class>/<image> (ILSVRC-2012 train for ImageNet-GLT). Features are cached in --out.")
+    dg.add_argument("root", help="image folder: ROOT/<class>/<image> (or ROOT/train/<class>/<image>)")
+    dg.add_argument("--out", required=True, help="folder for the annotation files")
+    dg.add_argument("--weights", help="local pretrained weights for the backbone (torchvision ResNet-50 file)")
+    dg.add_argument("--backbone", default="resnet50", help="registered backbone for the features (default resnet50)")
+    dg.add_argument("--name", default="glt", help="file name prefix (default glt)")
+    dg.add_argument("--image-size", type=int, default=256, help="center crop side for features (default 256)")
+    dg.add_argument("--clusters", type=int, default=6, help="k-means clusters per class, merged into 3 groups")
+    dg.add_argument("--test-per-class", type=int, default=60, help="Test-CBL / Test-GBL images per class (60)")
+    dg.add_argument("--val-per-class", type=int, default=30, help="val images per class (30)")
+    dg.add_argument("--imbalance-ratio", type=float, default=None,
+                    help="Train-GLT class budgets as an exp profile of this ratio (default: the natural counts)")
+    dg.add_argument("--cbl-per-class", type=int, default=None,
+                    help="Train-CBL images per class (default: the mean Train-GLT budget)")
+    dg.add_argument("--seed", type=int, default=0)
+    dg.add_argument("--batch-size", type=int, default=64)
+    dg.add_argument("--device", default="cpu")
+    dg.add_argument("--num-workers", type=int, default=2)
+    dg.set_defaults(func=_cmd_data_glt)
+
     ls = sub.add_parser("list", help="registered datasets, backbones, heads, methods, samplers and recipes")
     ls.set_defaults(func=_cmd_list)
     return p

@@ -38,6 +38,8 @@ class DataConfig:
     train_list: str | None = None  # list-file datasets: `relative/path label` per line
     val_list: str | None = None
     test_list: str | None = None
+    annotation: str | None = None  # GLT datasets: the annotation JSON (released, or from `longtail data glt`)
+    path_prefix: str | None = None  # GLT datasets: prefix of the file's image paths to replace by data.root
     image_size: int | None = None  # network input side; None = the dataset's default
     in_memory: str = "auto"  # auto | always | never: decode once into RAM and augment in batches
     augment: str = "auto"  # auto | cifar | imagenet | none

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from longtail.config import DataConfig
-from longtail.data import builtin, cifar, folder, samplers  # noqa: F401  (fill the registries)
+from longtail.data import builtin, cifar, folder, glt, samplers  # noqa: F401  (fill the registries)
 from longtail.data.base import DataError, LTDataset, Split
 from longtail.data.profiles import class_counts, hold_out, index_hash, select_long_tailed
 from longtail.registry import DATASETS

@@ -1,0 +1,116 @@
+"""GLT benchmarks: the released annotation format, the construction procedure, protocols end to end."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import make_image_folder
+from longtail.cli import main
+from longtail.config import DataConfig, build_config
+from longtail.data import create_dataset
+from longtail.data.base import DataError
+from longtail.data.glt import read_glt_annotations
+from longtail.data.glt_build import attribute_groups, split_by_ratio
+from longtail.engine import train
+
+
+def _released(tmp_path, with_test_lt=True):
+    """A tiny file in the authors' layout: absolute paths under their machine's prefix."""
+    images = make_image_folder(tmp_path / "imagenet", {"train": {"n01": 6, "n02": 4}})
+    prefix = "/data4/imagenet/ILSVRC/Data/CLS-LOC"
+    files = sorted((images / "train").rglob("*.png"))
+
+    def split(sel):
+        paths = [files[i] for i in sel]
+        keys = [f"{prefix}/train/{p.parent.name}/{p.name}" for p in paths]
+        return {"label": {k: int(p.parent.name == "n02") for k, p in zip(keys, paths, strict=True)},
+                "frequency": {k: int(p.parent.name == "n02") * 2 for k, p in zip(keys, paths, strict=True)},
+                "attribute": {k: i % 3 for i, k in enumerate(keys)}}
+
+    ann = {"cat2id": {"n01": 0, "n02": 1}, "id2cat": {"0": "n01", "1": "n02"},
+           "train": split([0, 1, 2, 6, 7]), "val": split([3]), "test_bl": split([4, 8]), "test_bbl": split([5, 9])}
+    if with_test_lt:
+        ann["test_lt"] = split([4, 5])
+    path = tmp_path / "imagenet_sup_intra_lt_inter_lt.json"
+    path.write_text(json.dumps(ann))
+    return path, images, prefix
+
+
+def test_reader_rewrites_the_authors_prefix_and_maps_splits(tmp_path):
+    path, images, prefix = _released(tmp_path)
+    for given in (prefix, None):  # explicit prefix, or found from the first path
+        ann = read_glt_annotations(path, images, path_prefix=given)
+        assert set(ann["splits"]) == {"train", "val", "test_lt", "test_cbl", "test_gbl"}
+        train = ann["splits"]["train"]
+        assert train.targets.tolist() == [0, 0, 0, 1, 1]
+        assert train.attributes.tolist() == [0, 1, 2, 0, 1]
+        assert all(p.startswith(str(images)) for p in train.paths)
+        assert ann["class_names"] == ["n01", "n02"]
+        assert ann["class_groups"].tolist() == [0, 2]  # from the file's frequency labels
+        assert ann["protocols"] == {"CLT": "test_cbl", "GLT": "test_gbl"}
+    with pytest.raises(DataError, match="path_prefix"):
+        read_glt_annotations(path, images, path_prefix="/elsewhere")
+    with pytest.raises(DataError, match="no tail of it exists"):
+        read_glt_annotations(path, tmp_path / "empty_root_that_has_nothing")
+
+
+def test_reader_cbl_file_is_alt_and_missing_files_are_named(tmp_path):
+    path, images, _ = _released(tmp_path, with_test_lt=False)
+    assert read_glt_annotations(path, images)["protocols"] == {"ALT": "test_gbl"}
+    next((images / "train" / "n02").glob("*.png")).unlink()
+    with pytest.raises(DataError, match="not found"):
+        read_glt_annotations(path, images)
+
+
+def test_imagenet_glt_dataset_needs_its_annotation(tmp_path):
+    with pytest.raises(DataError, match="data.annotation"):
+        create_dataset(DataConfig(name="imagenet_glt", root=str(tmp_path)))
+    path, images, _ = _released(tmp_path)
+    ds = create_dataset(DataConfig(name="imagenet_glt", root=str(images), annotation=str(path)))
+    assert ds.eval_splits == ["test_lt", "test_cbl", "test_gbl"] and ds.image_size == 112
+
+
+def test_split_by_ratio_and_attribute_groups():
+    assert split_by_ratio(60) == [42, 12, 6]
+    assert split_by_ratio(145, truncate=True) == [101, 29, 14]  # the BL file's 101/29/14
+    g = torch.Generator().manual_seed(0)
+    # Six well separated blobs of sizes 30, 25, 12, 10, 5, 3: groups {30, 25} -> 0, {12, 10} -> 1, {5, 3} -> 2.
+    sizes = [30, 25, 12, 10, 5, 3]
+    feats = torch.cat([torch.randn(n, 4, generator=g) * 0.01 + 10 * i for i, n in enumerate(sizes)]).numpy()
+    groups = attribute_groups(feats, clusters=6, groups=3, seed=0)
+    expect = [0] * 55 + [1] * 22 + [2] * 8
+    assert groups.tolist() == expect
+
+
+def test_build_glt_end_to_end_with_a_tiny_backbone(tmp_path, capsys):
+    counts = {"a": 60, "b": 40, "c": 30, "d": 24}
+    root = make_image_folder(tmp_path / "mine", {"train": counts}) / "train"
+    args = ["data", "glt", str(root), "--out", str(tmp_path / "glt"), "--backbone", "tiny", "--image-size", "16",
+            "--test-per-class", "6", "--val-per-class", "3", "--num-workers", "0", "--seed", "1"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "4 classes" in printed and "data.annotation=" in printed
+    lt_file = tmp_path / "glt" / "glt_intra_lt_inter_lt.json"
+    lt = json.loads(lt_file.read_text())
+    all_paths = [p for s in ("train", "val", "test_lt", "test_bl", "test_bbl") for p in lt[s]["label"]]
+    assert len(all_paths) == len(set(all_paths))  # the splits are disjoint
+    assert lt["cat2id"] == {"a": 0, "b": 1, "c": 2, "d": 3}  # re-indexed by count, descending
+    gbl = torch.tensor([[list(lt["test_bbl"]["attribute"].values()).count(g)] for g in range(3)]).flatten()
+    assert (gbl > 0).all()  # Test-GBL draws from every attribute group
+    bl = json.loads((tmp_path / "glt" / "glt_intra_lt_inter_bl.json").read_text())
+    assert bl["test_bbl"] == lt["test_bbl"] and "test_lt" not in bl
+    # Deterministic for a seed (features cached; k-means and draws seeded).
+    assert main(args) == 0
+    assert json.loads(lt_file.read_text()) == lt
+    # ... and trainable: protocols CLT / GLT in metrics.json and the table.
+    raw = {"name": "g", "data": {"name": "glt", "root": str(root), "annotation": str(lt_file), "image_size": 16,
+                                 "in_memory": "always", "augment": "cifar"},
+           "model": {"backbone": "tiny"},
+           "stages": [{"name": "main", "method": "ifl", "epochs": 2, "batch_size": 8, "optim": {"lr": 0.05}}]}
+    run = train(build_config(raw), out=tmp_path / "run", progress=False)
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["protocols"] == {"CLT": "test_cbl", "GLT": "test_gbl"}
+    assert m["splits"]["test_gbl"]["protocols"] == ["GLT"]
+    assert set(m["splits"]["test_gbl"]["per_attribute"]) == {"0", "1", "2"}
+    assert m["thresholds"].startswith("the benchmark's class-rank groups")
