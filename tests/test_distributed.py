@@ -119,3 +119,25 @@ def test_sigint_on_one_rank_stops_both_and_resume_matches(tmp_path):
             assert torch.equal(a[k], b[k]), k
     assert json.loads((tmp_path / "plain" / "metrics.json").read_text())["splits"]["test"]["per_class"] == \
         json.loads((tmp_path / "cut" / "metrics.json").read_text())["splits"]["test"]["per_class"]
+
+
+def test_ifl_environments_and_centres_agree_across_ranks(tmp_path):
+    """IFL under DDP: each rank records its own draws, all ranks gather them, so env2 (rebuilt from the
+    global record) and the centres (a DDP-averaged parameter) are identical on both ranks."""
+    root = _folder(tmp_path)
+    raw = _raw(root)
+    raw["model"]["head"] = "linear"
+    raw["stages"][0].update(epochs=3, method={"name": "ifl", "base": "ce", "center_milestones": [0.3],
+                                               "center_weights": [0.0, 0.01], "update_milestones": [0.3, 0.6]})
+    cfg_path = tmp_path / "ifl.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    for rc, o in _launch(cfg_path, tmp_path / "two"):
+        assert rc == 0, o
+    s0, s1 = (torch.load(tmp_path / "two" / f"rank{r}.pt", weights_only=True) for r in range(2))
+    for k in s0:
+        assert torch.allclose(s0[k].float(), s1[k].float(), atol=1e-6), k
+    w2 = s0["env_weights"][1]  # rebuilt at the start of epoch 2 from epoch 1's draws of BOTH ranks
+    targets = torch.tensor([0] * 40 + [1] * 12 + [2] * 5)
+    assert torch.allclose(torch.zeros(3).index_add_(0, targets, w2), torch.ones(3), atol=1e-5)
+    assert (s0["record_pos"] >= 0).float().mean() > 0.5  # the record holds draws from both ranks
+    assert (s0["record_pos"] % 2 == 1).any() and (s0["record_pos"] % 2 == 0).any()  # odd positions: rank 1

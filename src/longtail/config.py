@@ -42,7 +42,7 @@ class DataConfig:
     path_prefix: str | None = None  # GLT datasets: prefix of the file's image paths to replace by data.root
     image_size: int | None = None  # network input side; None = the dataset's default
     in_memory: str = "auto"  # auto | always | never: decode once into RAM and augment in batches
-    augment: str = "auto"  # auto | cifar | imagenet | none
+    augment: str = "auto"  # auto | cifar | imagenet | glt | glt_coco | none
     num_workers: int = 2  # DataLoader workers for file datasets
     cache_dir: str | None = None  # decoded/generated data cache; None: $LONGTAIL_CACHE or ~/.cache/longtail
 
@@ -418,8 +418,8 @@ def validate(cfg: RunConfig) -> None:
     check(cfg.data.imbalance_ratio >= 1, "data.imbalance_ratio must be >= 1 (n_max / n_min)")
     check(0 <= cfg.data.val_fraction < 1, "data.val_fraction must be in [0, 1)")
     check(cfg.data.in_memory in ("auto", "always", "never"), "data.in_memory must be auto, always or never")
-    check(cfg.data.augment in ("auto", "cifar", "imagenet", "none"),
-          "data.augment must be auto, cifar, imagenet or none")
+    check(cfg.data.augment in ("auto", "cifar", "imagenet", "glt", "glt_coco", "none"),
+          "data.augment must be auto, cifar, imagenet, glt, glt_coco or none")
     check(cfg.data.train_variant in ("lt", "cbl"), "data.train_variant must be lt or cbl")
     check(cfg.eval.select in ("last", "best_val"), "eval.select must be last or best_val")
     check(cfg.eval.few_below <= cfg.eval.many_above, "eval.few_below must not exceed eval.many_above")

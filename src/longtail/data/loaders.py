@@ -53,6 +53,9 @@ def file_transform(augment: str, size: int, train: bool) -> v2.Transform:
     if augment == "cifar":
         return v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size), v2.RandomCrop(size, padding=4),
                            v2.RandomHorizontalFlip()])
+    if augment in ("glt", "glt_coco"):  # the GLT benchmark: RandomResizedCrop + flip, no colour jitter (spec 8)
+        scale = (0.08, 1.0) if augment == "glt" else (0.5, 1.0)
+        return v2.Compose([v2.RandomResizedCrop(size, scale=scale, antialias=True), v2.RandomHorizontalFlip()])
     return v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(),
                        v2.ColorJitter(0.4, 0.4, 0.4, 0.0)])
 
@@ -127,8 +130,8 @@ class Loader:
                 x = images[idx]
                 if self.augment == "cifar":
                     x = random_crop_flip(x, 4, gen) if step >= start_step else x
-                elif self.augment == "imagenet":
-                    t = file_transform("imagenet", self.ds.image_size, True)
+                elif self.augment in ("imagenet", "glt", "glt_coco"):
+                    t = file_transform(self.augment, self.ds.image_size, True)
                     x = torch.stack([t(img) for img in x]) if step >= start_step else x
                 if step >= start_step:
                     yield x, targets[idx]

@@ -172,15 +172,8 @@ class IFL(Method):
 
     @torch.no_grad()
     def _rebuild(self, ctx: MethodContext) -> None:
-        pos, score = self.record_pos.clone(), self.record_score.clone()
-        if tdist.is_available() and tdist.is_initialized() and ctx.world_size > 1:
-            # Last draw wins across ranks: the largest global stream position, and that rank's score.
-            tdist.all_reduce(pos, op=tdist.ReduceOp.MAX)
-            mine = (pos == self.record_pos) & (pos >= 0)
-            score = torch.where(mine, score, torch.zeros_like(score))
-            tdist.all_reduce(score)
-        w2 = intra_weights(score.cpu(), self.train_targets.cpu(), (pos >= 0).cpu(), self.num_classes,
-                           self.cfg.sample_scale)
+        w2 = intra_weights(self.record_score.cpu(), self.train_targets.cpu(), (self.record_pos >= 0).cpu(),
+                           self.num_classes, self.cfg.sample_scale)
         self.env_weights[1].copy_(w2.to(self.env_weights.device))
 
     # ------------------------------------------------------------------ training step
@@ -205,14 +198,23 @@ class IFL(Method):
 
     @torch.no_grad()
     def _record(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        """Keep each sample's ground-truth probability from its LAST draw in the scoring epoch. Under DDP every
+        rank gathers all ranks' draws, so the record (and the checkpoint rank 0 writes) is the global one."""
         step, idx = self._batch
         ctx = self._ctx
         idx = idx.to(self.record_pos.device)
-        p = logits.float().softmax(1).gather(1, targets[:, None]).squeeze(1)  # (B,) p of the true class
+        p = logits.float().softmax(1).gather(1, targets[:, None]).squeeze(1).to(self.record_score.dtype)  # (B,)
         local = step * len(idx) + torch.arange(len(idx), device=idx.device)
-        pos = local * ctx.world_size + ctx.rank  # global stream position (strided shard), later = larger
-        self.record_score[idx] = p.to(self.record_score.dtype)  # repeats in one batch: any one of them
-        self.record_pos[idx] = pos
+        pos = local * ctx.world_size + ctx.rank  # (B,) global stream position (strided shard): later = larger
+        if tdist.is_available() and tdist.is_initialized() and ctx.world_size > 1:
+            parts = [[torch.empty_like(t) for _ in range(ctx.world_size)] for t in (idx, p, pos)]
+            for out, t in zip(parts, (idx, p, pos), strict=True):
+                tdist.all_gather(out, t)
+            idx, p, pos = (torch.cat(out) for out in parts)
+        # Positions are unique, so "last draw wins" is exact even when a sample repeats in a batch.
+        self.record_pos.scatter_reduce_(0, idx, pos, reduce="amax")
+        win = self.record_pos[idx] == pos
+        self.record_score[idx[win]] = p[win]
 
     # ------------------------------------------------------------------ prediction
     @torch.no_grad()
