@@ -114,3 +114,21 @@ def test_build_glt_end_to_end_with_a_tiny_backbone(tmp_path, capsys):
     assert m["splits"]["test_gbl"]["protocols"] == ["GLT"]
     assert set(m["splits"]["test_gbl"]["per_attribute"]) == {"0", "1", "2"}
     assert m["thresholds"].startswith("the benchmark's class-rank groups")
+
+
+def test_evaluate_protocol_api_and_cli(tmp_path, capsys):
+    import longtail
+
+    raw = {"name": "s", "data": {"name": "shapes_glt", "max_per_class": 40, "imbalance_ratio": 10},
+           "model": {"backbone": "tiny"},
+           "stages": [{"name": "main", "method": "ce", "epochs": 1, "batch_size": 32, "optim": {"lr": 0.05}}],
+           "eval": {"plots": False}}
+    run = train(build_config(raw), out=tmp_path / "lt", progress=False)
+    m = json.loads((run / "metrics.json").read_text())
+    glt = longtail.evaluate_protocol(run, "glt")
+    assert glt["top1"] == m["splits"]["test_gbl"]["top1"] and glt["protocols"] == ["GLT"]
+    with pytest.raises(ValueError, match="Train-CBL"):
+        longtail.evaluate_protocol(run, "ALT")
+    assert main(["eval", str(run), "--protocol", "CLT", "--no-write"]) == 0
+    assert "test_cbl (CLT)" in capsys.readouterr().out
+    assert main(["eval", str(run), "--protocol", "XLT", "--no-write"]) == 2

@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 from longtail.config import RunConfig, load_config  # noqa: E402
 from longtail.data import create_dataset  # noqa: E402
 from longtail.engine import evaluate_run, train  # noqa: E402
-from longtail.engine.inference import load_trained, predict_images  # noqa: E402
+from longtail.engine.inference import evaluate_protocol, load_trained, predict_images  # noqa: E402
 from longtail.methods import create_method  # noqa: E402
 from longtail.models import create_model  # noqa: E402
 
@@ -25,6 +25,7 @@ __all__ = [
     "create_dataset",
     "create_method",
     "create_model",
+    "evaluate_protocol",
     "evaluate_run",
     "load_config",
     "load_trained",

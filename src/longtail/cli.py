@@ -66,7 +66,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.sweep:
         return _sweep(args, run)
     splits = None
-    if args.split:
+    if args.protocol:
+        from longtail.engine.inference import protocol_split
+
+        splits = [protocol_split(run.dataset, p.strip()) for p in args.protocol.split(",")]
+    elif args.split:
         splits = [s.strip() for s in args.split.split(",")]
         unknown = [s for s in splits if s not in run.dataset.splits]
         if unknown:
@@ -216,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "with its final weights; --set changes prediction-time method options.")
     e.add_argument("run_dir")
     e.add_argument("--split", help="comma-separated splits (default: val if present, then the test splits)")
+    e.add_argument("--protocol", help="GLT protocol(s) instead of splits: CLT, GLT (Train-GLT runs), ALT "
+                   "(Train-CBL runs), comma-separated")
     e.add_argument("--set", action="append", default=[], metavar="key=value",
                    help="prediction-time override, e.g. method.alpha=2.0 (printed, metrics.json untouched)")
     e.add_argument("--sweep", metavar="method.OPTION=START:STOP:STEP",

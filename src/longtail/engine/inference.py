@@ -60,6 +60,29 @@ def load_trained(run_dir: str | Path, overrides: list[str] | None = None, device
     return TrainedRun(run_dir, cfg, ds, loader, method)
 
 
+def protocol_split(ds, protocol: str) -> str:
+    """The split a dataset scores a GLT ``protocol`` on (CLT / GLT: Train-GLT runs; ALT: Train-CBL runs)."""
+    protocol = protocol.upper()
+    if protocol not in ("CLT", "ALT", "GLT"):
+        raise ValueError(f"unknown protocol {protocol!r}: CLT, ALT or GLT")
+    if protocol not in ds.protocols:
+        have = ", ".join(ds.protocols) or "none (not a GLT dataset)"
+        hint = (" ALT scores a model trained on Train-CBL (data.train_variant=cbl, or an ..._inter_bl annotation)"
+                if protocol == "ALT" else " CLT and GLT score a model trained on Train-GLT")
+        raise ValueError(f"{ds.name} as trained here is scored under {have}, not {protocol}.{hint}")
+    return ds.protocols[protocol]
+
+
+def evaluate_protocol(run: TrainedRun | str | Path, protocol: str) -> dict:
+    """Metrics of a trained run under a GLT protocol (spec glt_ifl.md 3): accuracy, macro precision, many /
+    medium / few (and their precision), per attribute group; the dict of one split of ``metrics.json``."""
+    from longtail.engine.fit import evaluate_run
+
+    run = load_trained(run) if not isinstance(run, TrainedRun) else run
+    split = protocol_split(run.dataset, protocol)
+    return evaluate_run(run.method, run.loader, run.cfg, splits=[split])["splits"][split]
+
+
 @torch.no_grad()
 def predict_images(run: TrainedRun, paths: list[str | Path], topk: int = 5) -> list[list[tuple[str, float]]]:
     """Top-k (class name, probability) for each image file, with the run's test-time preprocessing."""
