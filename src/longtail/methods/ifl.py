@@ -166,6 +166,7 @@ class IFL(Method):
         if epoch in updates and int(self.record_epoch) != epoch:  # a fresh scoring epoch (not a resume into it)
             self.record_pos.fill_(-1)
             self.record_epoch.fill_(epoch)
+        self._scoring = epoch in updates  # a host-side flag: no device sync per step
 
     def on_train_batch(self, step: int, batch_indices: torch.Tensor) -> None:
         self._batch = (step, batch_indices)
@@ -192,7 +193,7 @@ class IFL(Method):
         move = ((zf.detach() - c) ** 2).sum(1).mean()
         move = (1.0 if a > 0 else 0.0) * (move - move.detach())  # value 0: the logged loss stays L_cls + a pull
         loss = loss + a * pull + move
-        if int(self.record_epoch) == self.epoch and self._batch is not None:
+        if getattr(self, "_scoring", False) and self._batch is not None:
             self._record(logits.detach(), targets)
         return {"loss": loss, "logits": logits}
 
