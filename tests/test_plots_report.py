@@ -151,7 +151,7 @@ def test_runs_table_all_splits(tmp_path):
     assert rows[0] == ["ce_run", "cifar10_lt (IR 100)", "resnet32", "ce", "200", "test",
                        "70.0", "90.0", "60.2", "–", "55.5"]
     assert rows[1][5:] == ["val", "66.7", "85.0", "55.0", "12.3", "55.5"]
-    assert rows[2][3:6] == ["ce -> crt", "200", "test"]
+    assert rows[2][3:6] == ["ce -> crt", "180+20", "test"]
     assert rows[2][6:] == ["72.5", "88.0", "65.0", "30.0", "55.5"]
     assert "Shot groups: many > 100, few < 20 training images." in table
     assert "differ" not in table
@@ -166,6 +166,15 @@ def test_runs_table_split_filter(tmp_path):
     assert [r[0] for r in rows] == ["ce_run", "decoupled_run"]
     assert rows[1][6:] == ["–"] * 5
     assert "decoupled_run has no split 'val'" in table
+
+
+def test_runs_table_names_a_stage_started_from_another_run(tmp_path):
+    run = make_run(tmp_path, "crt_on_ce", _metrics({"test": _split(72.5, 88.0, 65.0, 30.0)}), stages=[
+        {"name": "features", "method": {"name": "ce"}, "epochs": 0,
+         "init_from": "/runs/ce_10ep/checkpoints/final.pt"},
+        {"name": "classifier", "method": {"name": "crt"}, "epochs": 10, "init_from": "features"},
+    ])
+    assert _rows(runs_table([run]))[0][3:5] == ["ce (from ce_10ep) -> crt", "0+10"]
 
 
 def test_tables_name_glt_protocols(tmp_path):

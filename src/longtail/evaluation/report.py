@@ -116,15 +116,21 @@ def _method(config: dict) -> str:
     for st in _stages(config):
         m = st.get("method")
         name = m.get("name") if isinstance(m, dict) else m
+        src = st.get("init_from")
+        if isinstance(src, str) and ("/" in src or "\\" in src):  # started from another run's weights
+            p = Path(src)
+            run = p.parent.parent.name if p.name.endswith(".pt") and p.parent.name == "checkpoints" else p.name
+            name = f"{name or '?'} (from {run})"
         names.append(str(name) if name else "?")
     return " -> ".join(names) if any(n != "?" for n in names) else DASH
 
 
 def _epochs(config: dict) -> str:
+    """Epochs per stage joined with "+" (e.g. "200+10"): a shortened stage shows as such."""
     eps = [st.get("epochs") for st in _stages(config)]
     if not eps or not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in eps):
         return DASH
-    return f"{sum(eps):g}"
+    return "+".join(f"{e:g}" for e in eps)
 
 
 # --------------------------------------------------------------------------------------------- tables
@@ -134,8 +140,9 @@ def runs_table(run_dirs: Sequence[str | Path], split: str | None = None) -> str:
     """One markdown table comparing run folders, one row per run per split.
 
     Columns: run (folder name), dataset (name and imbalance ratio), backbone, method (stage methods
-    joined with " -> "), epochs (summed over stages), split (with the GLT protocol it scores, e.g.
-    "test_gbl (GLT)"), top1, many, medium, few, precision (macro; percent, one decimal, "–" when missing).
+    joined with " -> ", "(from RUN)" where a stage starts from another run), epochs (per stage, "200+10"),
+    split (with the GLT protocol it scores, e.g. "test_gbl (GLT)"), top1, many, medium, few, precision
+    (macro; percent, one decimal, "–" when missing).
     ``split`` keeps only that split (a run without it gets a row of "–");
     None shows every split of each run. A line under the table states the shot thresholds, and says so
     when the runs do not share them.
