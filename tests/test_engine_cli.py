@@ -227,3 +227,25 @@ def test_file_dataset_runs_with_workers_are_deterministic(image_folder, tmp_path
     a = train(build_config(raw), out=tmp_path / "a", progress=False)
     b = train(build_config(raw), out=tmp_path / "b", progress=False)
     assert_same_state(final_weights(a), final_weights(b))
+
+
+def test_init_from_another_run_folder_or_checkpoint(image_folder, tmp_path, monkeypatch):
+    first = train(build_config(tiny_raw(image_folder, epochs=1)), out=tmp_path / "first", progress=False)
+    monkeypatch.chdir(tmp_path)  # a relative path, stored absolute so the run resumes from anywhere
+    raw = tiny_raw(image_folder, epochs=0)
+    raw["stages"][0]["init_from"] = "first"
+    run = train(build_config(raw), out=tmp_path / "second", progress=False)
+    assert_same_state(final_weights(first), final_weights(run))  # 0 epochs: exactly the other run's weights
+    saved = yaml.safe_load((run / "config.yaml").read_text())["stages"][0]["init_from"]
+    assert saved == str((tmp_path / "first" / "checkpoints" / "final.pt").resolve())
+    raw["stages"][0]["init_from"] = str(first / "checkpoints" / "final.pt")  # a checkpoint file works too
+    assert_same_state(final_weights(first), final_weights(train(build_config(raw), out=tmp_path / "third",
+                                                                   progress=False)))
+    raw["stages"][0]["init_from"] = "missing/run"
+    with pytest.raises(FileNotFoundError, match="no such run folder"):
+        train(build_config(raw), out=tmp_path / "fourth", progress=False)
+    assert not (tmp_path / "fourth").exists()  # failed before creating anything
+    raw["model"]["head"] = "cosine"
+    raw["stages"][0]["init_from"] = str(first)
+    with pytest.raises(RuntimeError, match="do not fit this model"):
+        train(build_config(raw), out=tmp_path / "fifth", progress=False)
