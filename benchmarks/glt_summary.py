@@ -22,6 +22,14 @@ from longtail.utils import atomic_write_json
 METRICS = ("top1", "precision", "many", "medium", "few")
 
 
+def _stats(values: list) -> dict | None:
+    """mean / std (sample) of the values that exist (a shot group can be empty, e.g. on Train-CBL)."""
+    v = [x for x in values if x is not None]
+    if not v:
+        return None
+    return {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "values": v}
+
+
 def summarise(root: Path, methods: list[str], seeds: list[int]) -> dict:
     rows: dict = {}
     runs: list[dict] = []
@@ -39,8 +47,7 @@ def summarise(root: Path, methods: list[str], seeds: list[int]) -> dict:
                     vals = per.setdefault(protocol, {k: [] for k in METRICS})
                     for k in METRICS:
                         vals[k].append(metrics["splits"][split][k])
-        rows[m] = {p: {k: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0,
-                           "values": v} for k, v in vals.items()} for p, vals in per.items()}
+        rows[m] = {p: {k: _stats(v) for k, v in vals.items()} for p, vals in per.items()}
     return {"methods": rows, "seeds": seeds, "runs": runs}
 
 
