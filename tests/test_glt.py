@@ -132,3 +132,22 @@ def test_evaluate_protocol_api_and_cli(tmp_path, capsys):
     assert main(["eval", str(run), "--protocol", "CLT", "--no-write"]) == 0
     assert "test_cbl (CLT)" in capsys.readouterr().out
     assert main(["eval", str(run), "--protocol", "XLT", "--no-write"]) == 2
+
+
+def test_posthoc_logit_adjustment_is_a_no_op_under_alt():
+    """Spec glt_ifl.md 9.2: with Train-CBL's uniform class prior, post-hoc LA predicts exactly as CE."""
+    from longtail.config import ModelConfig
+    from longtail.methods import MethodContext, create_method
+    from longtail.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(backbone="tiny"), 4)
+    ctx = MethodContext(num_classes=4, train_counts=torch.full((4,), 37), epochs=1, steps_per_epoch=1,
+                        device=torch.device("cpu"))
+    la = create_method({"name": "logit_adjust_posthoc", "tau": 1.0}, model, ctx).eval()
+    feats = torch.randn(64, model.feature_dim)
+    assert torch.equal(la.predict_features(feats).argmax(1), model.forward_head(feats).argmax(1))
+    skewed = create_method({"name": "logit_adjust_posthoc", "tau": 1.0}, model,
+                           MethodContext(num_classes=4, train_counts=torch.tensor([1000, 100, 10, 1]), epochs=1,
+                                         steps_per_epoch=1, device=torch.device("cpu"))).eval()
+    assert not torch.equal(skewed.predict_features(feats).argmax(1), model.forward_head(feats).argmax(1))
