@@ -61,11 +61,40 @@ def predict_split(method: Method, loader: Loader, split: str, batch_size: int, a
 
 def evaluate_split(method: Method, loader: Loader, split: str, cfg: EvalConfig, amp: bool = True,
                    channels_last: bool = False, dist: DistInfo | None = None) -> dict:
-    """Metrics dict of one split (see ``classification_metrics``); identical on every rank under DDP."""
-    scores, targets = predict_split(method, loader, split, cfg.batch_size, amp, channels_last, dist)
+    """Metrics dict of one split (see ``classification_metrics``); identical on every rank under DDP.
+
+    For a method that routes samples (``Method.routes``), also ``routes``: each route's sample count and top1.
+    """
     s = loader.ds.splits[split]
-    return classification_metrics(scores.argmax(1), targets, loader.ds.train_counts(), thresholds_of(cfg),
-                                  attributes=s.attributes)
+    if type(method).routes is Method.routes:
+        scores, targets = predict_split(method, loader, split, cfg.batch_size, amp, channels_last, dist)
+        return classification_metrics(scores.argmax(1), targets, loader.ds.train_counts(), thresholds_of(cfg),
+                                      attributes=s.attributes)
+    feats, targets = extract_features(method, loader, split, cfg.batch_size, amp, channels_last, dist)
+    was = method.training
+    method.eval()
+    try:
+        chunks = [feats[i:i + cfg.batch_size].to(loader.device) for i in range(0, len(feats), cfg.batch_size)]
+        preds = torch.cat([method.predict_features(f).argmax(1).cpu() for f in chunks])
+        routes = torch.cat([method.routes(f).cpu() for f in chunks])
+    finally:
+        method.train(was)
+    out = classification_metrics(preds, targets, loader.ds.train_counts(), thresholds_of(cfg),
+                                 attributes=s.attributes)
+    out["routes"] = route_breakdown(routes, preds, targets, method.route_names)
+    return out
+
+
+def route_breakdown(routes: torch.Tensor, preds: torch.Tensor, targets: torch.Tensor, names: list[str]) -> list[dict]:
+    """Per route: its name, how many samples it answered, and its top1 on them (None when it answered none)."""
+    n = max(len(names), int(routes.max()) + 1 if len(routes) else 0)
+    rows = []
+    for r in range(n):
+        m = routes == r
+        k = int(m.sum())
+        rows.append({"route": names[r] if r < len(names) else str(r), "num_samples": k,
+                     "top1": round(100 * float((preds[m] == targets[m]).double().mean()), 2) if k else None})
+    return rows
 
 
 def extract_features(method: Method, loader: Loader, split: str, batch_size: int, amp: bool = True,
