@@ -87,6 +87,10 @@ def test_cascade_routes_each_sample_to_exactly_one_stage():
     assert torch.equal(routes, expected)
     rest = routes == 2
     assert rest.any() and (routes < 2).any()
+    casc.train()  # a route never depends on the batch (flows score with running statistics), even in train mode
+    assert torch.equal(torch.cat([casc.cascade(test[i:i + 7])[0] for i in range(0, 300, 7)]), routes)
+    assert casc.flows[0].training
+    casc.eval()
     torch.testing.assert_close(scores[rest], casc.regular(test[rest], test[rest]))
     first = routes == 0
     c = casc.flows[0].score(test)[1]

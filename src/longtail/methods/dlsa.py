@@ -284,8 +284,18 @@ class DLSACascade(nn.Module):
         """(N, D) raw features -> (N,) stage index (0..D-1 a CAC, D the regular head) and (N, C) scores.
 
         Each sample is answered by the first stage whose likelihood reaches its threshold; the rest by the
-        regular head. Flows run in their current mode (eval: batch norm with running statistics).
+        regular head. The flows always score in eval mode (batch norm with its running statistics), so a
+        sample's route never depends on the rest of its batch.
         """
+        modes = [f.training for f in self.flows]
+        self.flows.eval()
+        try:
+            return self._cascade(feats, batch_size)
+        finally:
+            for f, m in zip(self.flows, modes, strict=True):
+                f.train(m)
+
+    def _cascade(self, feats: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.prepare(feats)
         depth = len(self.flows)
         routes = torch.full((len(x),), depth, dtype=torch.long, device=x.device)
