@@ -144,6 +144,7 @@ def test_cli_two_stage_run_reports_routes(dlsa_run):
     routes = m["splits"]["test"]["routes"]
     assert [r["route"] for r in routes] == ["CAC_1", "CAC_2", "regular"]
     assert sum(r["num_samples"] for r in routes) == 12
+    assert all({"mcc", "nmi", "many"} <= set(r) for r in routes if r["num_samples"])
     state = load_checkpoint(dlsa_run / "checkpoints" / "final.pt")["method"]
     assert {"cascade.thresholds", "cascade.cluster_priors", "cascade.flows.1.means",
             "cascade.regular.lin_x.weight"} <= set(state)
@@ -224,3 +225,14 @@ def test_feature_quality_report(dlsa_run, capsys, monkeypatch):
     assert sum(fq["clusters"][k] for k in ("empty",)) + fq["clusters"]["purity_gt_0.5"] <= 3
     assert sum(v for v in fq["composition"]["train_all"].values()) == pytest.approx(100, abs=0.1)
     assert main(["eval", str(dlsa_run), "--feature-quality", "--set", "optim.lr=1"]) == 2  # not a dlsa option
+
+
+@pytest.mark.parametrize("name", ["cifar10_lt_crt_on_run", "cifar10_lt_bs_on_run"])
+def test_benchmark_stage2_configs_validate(name):
+    from pathlib import Path
+
+    from longtail.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "benchmarks" / "configs" / f"{name}.yaml",
+                      ["init_from=/runs/ce"])
+    assert len(cfg.stages) == 1 and cfg.stages[0].method["name"] == "crt" and cfg.stages[0].init_from == "/runs/ce"

@@ -63,7 +63,8 @@ def evaluate_split(method: Method, loader: Loader, split: str, cfg: EvalConfig, 
                    channels_last: bool = False, dist: DistInfo | None = None) -> dict:
     """Metrics dict of one split (see ``classification_metrics``); identical on every rank under DDP.
 
-    For a method that routes samples (``Method.routes``), also ``routes``: each route's sample count and top1.
+    For a method that routes samples (``Method.routes``), also ``routes``: per route its sample count, top1,
+    many / medium / few, MCC and NMI on the samples it answered (DLSA's per-stage report).
     """
     s = loader.ds.splits[split]
     if type(method).routes is Method.routes:
@@ -81,19 +82,32 @@ def evaluate_split(method: Method, loader: Loader, split: str, cfg: EvalConfig, 
         method.train(was)
     out = classification_metrics(preds, targets, loader.ds.train_counts(), thresholds_of(cfg),
                                  attributes=s.attributes)
-    out["routes"] = route_breakdown(routes, preds, targets, method.route_names)
+    out["routes"] = route_breakdown(routes, preds, targets, method.route_names, loader.ds.train_counts(),
+                                    thresholds_of(cfg))
     return out
 
 
-def route_breakdown(routes: torch.Tensor, preds: torch.Tensor, targets: torch.Tensor, names: list[str]) -> list[dict]:
-    """Per route: its name, how many samples it answered, and its top1 on them (None when it answered none)."""
+def route_breakdown(routes: torch.Tensor, preds: torch.Tensor, targets: torch.Tensor, names: list[str],
+                    train_counts: torch.Tensor | None = None, thresholds: ShotThresholds | None = None) -> list[dict]:
+    """Per route: its name, how many samples it answered, and on them top1, many / medium / few (with
+    ``train_counts``), Matthews correlation and normalised mutual information (percent; None when empty)."""
+    from sklearn.metrics import matthews_corrcoef, normalized_mutual_info_score
+
     n = max(len(names), int(routes.max()) + 1 if len(routes) else 0)
     rows = []
     for r in range(n):
         m = routes == r
         k = int(m.sum())
-        rows.append({"route": names[r] if r < len(names) else str(r), "num_samples": k,
-                     "top1": round(100 * float((preds[m] == targets[m]).double().mean()), 2) if k else None})
+        row = {"route": names[r] if r < len(names) else str(r), "num_samples": k, "top1": None}
+        if k:
+            p, t = preds[m], targets[m]
+            row["top1"] = round(100 * float((p == t).double().mean()), 2)
+            if train_counts is not None:
+                cm = classification_metrics(p, t, train_counts, thresholds or ShotThresholds())
+                row.update({g: cm[g] for g in ("many", "medium", "few")})
+            row["mcc"] = round(100 * float(matthews_corrcoef(t.numpy(), p.numpy())), 2)
+            row["nmi"] = round(100 * float(normalized_mutual_info_score(t.numpy(), p.numpy())), 2)
+        rows.append(row)
     return rows
 
 
