@@ -98,6 +98,18 @@ def test_cascade_routes_each_sample_to_exactly_one_stage():
                                                            casc.cluster_priors[0][c[first]]))
 
 
+def test_heads_are_selected_on_routed_val_samples_only():
+    x, y = blobs()
+    xv, yv = blobs(n_per=(10, 10, 10, 10), seed=1)
+    cfg = DLSAConfig(max_depth=1, clusters=6, flow_epochs=2, flow_batch_size=32, head_epochs=6, eval_every=2,
+                     max_cluster_size=10**6)
+    summary = DLSACascade(6, 4, cfg, torch.bincount(y)).fit(x, y, val=(xv, yv))
+    for st in summary["stages"]:
+        assert st["head_epoch"] in (2, 4, 6) and st["val_top1"] is not None
+    last = DLSACascade(6, 4, DLSAConfig(**{**cfg.__dict__, "head_select": "last"}), torch.bincount(y))
+    assert all(st["head_epoch"] == 6 and st["val_top1"] is None for st in last.fit(x, y, val=(xv, yv))["stages"])
+
+
 def test_depth_zero_is_a_balanced_softmax_classifier_on_all_features():
     casc, x, y, _ = fitted_cascade(depth=0, head_epochs=30, head_lr=0.1)
     routes, scores = casc.cascade(x)
