@@ -526,8 +526,8 @@ class DLSA(_FrozenBackbone):
 
     def __init__(self, model: Classifier, cfg: DLSAConfig, ctx: MethodContext) -> None:
         super().__init__(model, cfg, ctx)
-        for p in model.head.parameters():
-            p.requires_grad_(False)
+        # forward() stays the base one (the stage-1 model's CE) for the Method contract; the fit loop never
+        # steps it (a dlsa stage has epochs 0 and no parameter groups), so the stage-1 head is left as it was.
         dev = next(model.backbone.parameters()).device
         self.cascade = DLSACascade(model.feature_dim, ctx.num_classes, cfg, ctx.train_counts).to(dev)
 
