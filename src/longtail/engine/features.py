@@ -96,7 +96,7 @@ def _write_split(run, run_dir: Path, split: str, batch_size: int, progress: bool
     i = 0
     try:
         with tqdm(total=n, unit="img", desc=f"features {split}", disable=not progress, file=sys.stderr,
-                  dynamic_ncols=True) as bar:
+                  dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0) as bar:
             for x, y in run.loader.eval_batches(split, batch_size):
                 f = method.model.forward_features(run.loader.normalize(x)).float().cpu().numpy()
                 arr[i:i + len(f)] = f
