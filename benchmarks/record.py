@@ -46,6 +46,11 @@ def record(run_dir: Path, name: str, command: str | None, split: str | None, not
         "versions": {k: meta.get(k) for k in ("longtail", "torch", "torchvision", "python")},
         "data": meta.get("dataset"),
     }
+    if m.get("routes"):  # methods that route samples (DLSA's cascade): count and top1 per route
+        result["routes"] = m["routes"]
+    init = [st["init_from"] for st in cfg["stages"] if st.get("init_from") and "/" in str(st["init_from"])]
+    if init:  # stage 2 on top of another run: name the stage-1 weights it used
+        result["init_from"] = init
     if note:
         result["note"] = note
     out = Path(__file__).parent / "results" / f"{name}.json"

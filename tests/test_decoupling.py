@@ -72,3 +72,17 @@ def test_stage2_methods_need_a_linear_head(image_folder):
     with pytest.raises(ConfigError, match="needs model.head=linear"):
         build_config({**tiny_raw(image_folder), "model": {"backbone": "tiny", "head": "cosine"},
                       "stages": [{"method": "crt"}]})
+
+
+def test_crt_balanced_softmax_option(image_folder, tmp_path):
+    from longtail.config import ConfigError
+
+    run = train(two_stage(image_folder, {"name": "crt", "loss": "balanced_softmax"}, sampler="instance"),
+                out=tmp_path / "bs", progress=False)
+    m = load_trained(run).method
+    assert m.cfg.loss == "balanced_softmax"
+    logits, y = torch.randn(5, 3), torch.tensor([0, 1, 2, 2, 1])
+    prior = m.class_counts / m.class_counts.sum()  # (24, 8, 3) / 35: differs from CE unless uniform
+    torch.testing.assert_close(m.loss(logits, y), torch.nn.functional.cross_entropy(logits + prior.log(), y))
+    with pytest.raises(ConfigError, match="loss must be ce or balanced_softmax"):
+        two_stage(image_folder, {"name": "crt", "loss": "focal"})

@@ -17,6 +17,8 @@ EPILOG = """examples:
   longtail eval runs/try1 --split test
   longtail report runs/*
   longtail predict runs/try1 cat.jpg dog.png
+  longtail features runs/try1 --split train,test   # backbone features to runs/try1/features/*.npy
+  longtail eval runs/try1 --feature-quality        # head/tail separability of its features (DLSA's measure)
   longtail list
   longtail bench cifar10_lt/tde data.root=cifar10-jpeg.zip   # our epoch vs a plain PyTorch loop
   longtail data glt /data/imagenet/train --weights resnet50.pth --out glt/   # a GLT benchmark of a folder
@@ -62,6 +64,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from longtail.engine.inference import load_trained
     from longtail.evaluation.report import results_table
 
+    if args.feature_quality:
+        return _feature_quality(args)
     run = load_trained(args.run_dir, args.set, device=args.device)
     if args.sweep:
         return _sweep(args, run)
@@ -86,6 +90,93 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                   "splits": {**old.get("splits", {}), **metrics["splits"]}}
         write_metrics(Path(args.run_dir), merged, run.cfg)
         print(f"\nupdated {path}")
+    return 0
+
+
+def _feature_quality(args: argparse.Namespace) -> int:
+    """DLSA's feature evaluation (our interpretation, spec dlsa.md section 8) of a run's train/test features."""
+    import numpy as np
+    import torch
+
+    from longtail.config import ConfigError, from_dict, parse_override
+    from longtail.engine.evaluate import thresholds_of
+    from longtail.engine.features import export_features, load_features
+    from longtail.engine.fit import write_metrics
+    from longtail.engine.inference import load_trained
+    from longtail.methods.dlsa import DLSAConfig, evaluate_features
+
+    if args.sweep:
+        raise UsageError("--feature-quality and --sweep are separate evaluations: pick one")
+    run = load_trained(args.run_dir, device=args.device)
+    split = args.split or run.dataset.eval_splits[0]
+    if "," in split or split not in run.dataset.splits or split == "train":
+        raise UsageError(f"--feature-quality takes one evaluation split, got {split!r} "
+                         f"(this run has {', '.join(run.dataset.splits)})")
+    # The flow filter's options: the run's own when it is a dlsa run, else the defaults; --set method.X=V
+    # changes them (e.g. method.clusters=50 for a 10-class dataset).
+    last = run.cfg.stages[-1].method
+    opts = {k: v for k, v in last.items() if k != "name"} if last["name"] == "dlsa" else {}
+    for o in args.set:
+        key, _, value = o.partition("=")
+        if not key.startswith("method."):
+            raise UsageError(f"with --feature-quality, --set takes method.OPTION=VALUE of dlsa, got {o!r}")
+        opts[key.split(".", 1)[1]] = parse_override(o)[1]
+    try:
+        fq_cfg = from_dict(DLSAConfig, opts, "method")
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    export_features(args.run_dir, ["train", split], device=args.device)
+    dev = run.loader.device
+    (tr_f, tr_y), (te_f, te_y) = load_features(args.run_dir, "train"), load_features(args.run_dir, split)
+    rep = evaluate_features(torch.from_numpy(np.array(tr_f)).to(dev), torch.from_numpy(tr_y).to(dev),
+                            torch.from_numpy(np.array(te_f)).to(dev), torch.from_numpy(te_y).to(dev),
+                            run.dataset.num_classes, thresholds_of(run.cfg.eval), fq_cfg)
+    rep["split"] = split
+    print(f"{Path(args.run_dir).name}: feature quality on {split}\n\n{feature_quality_table(rep)}")
+    if args.write:
+        path = Path(args.run_dir) / "metrics.json"
+        old = json.loads(path.read_text()) if path.is_file() else {}
+        old.setdefault("feature_quality", {})[split] = rep
+        write_metrics(Path(args.run_dir), old, run.cfg)
+        print(f"\nupdated {path} (feature_quality.{split})")
+    return 0
+
+
+def feature_quality_table(rep: dict) -> str:
+    """Markdown summary of ``evaluate_features``: class composition and accuracy of the filtered subset."""
+
+    def cell(v):
+        return "–" if v is None else f"{v:.1f}"
+
+    comp, split = rep["composition"], rep.get("split", "test")
+    lines = ["| subset | samples | % many | % medium | % few | top1 | many | medium | few | MCC | NMI |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, key, ckey in ((f"{split}: filtered (CAC)", "filtered", "test_filtered"),
+                            (f"{split}: rest (regular)", "rest", None), (f"{split}: all", "all", "test_all")):
+        m = rep[key]
+        c = comp[ckey] if ckey else {}
+        lines.append(f"| {name} | {m['num_samples']} | " + " | ".join(cell(c.get(g)) for g in ("many", "medium", "few"))
+                     + " | " + " | ".join(cell(m.get(k)) for k in ("top1", "many", "medium", "few", "mcc", "nmi"))
+                     + " |")
+    for name, ckey in (("train: filtered", "train_filtered"), ("train: all", "train_all")):
+        lines.append(f"| {name} | | " + " | ".join(cell(comp[ckey].get(g)) for g in ("many", "medium", "few"))
+                     + " |" + " |" * 6)
+    cl = rep["clusters"]
+    lines.append("")
+    lines.append(f"train clusters: purity > 0.9: {cl['purity_gt_0.9']}, > 0.7: {cl['purity_gt_0.7']}, > 0.5: "
+                 f"{cl['purity_gt_0.5']}; empty {cl['empty']}; size quartiles {cl['size_quartiles']}")
+    lines.append(f"({rep['protocol']}; shot groups {rep['thresholds']})")
+    return "\n".join(lines)
+
+
+def _cmd_features(args: argparse.Namespace) -> int:
+    from longtail.engine.features import export_features, feature_paths
+
+    splits = [s.strip() for s in args.split.split(",")] if args.split else None
+    paths = export_features(args.run_dir, splits, batch_size=args.batch_size, device=args.device,
+                            progress=not args.quiet, force=args.force)
+    for split, path in paths.items():
+        print(f"{split}: {path} + {feature_paths(args.run_dir, split)[1].name}")
     return 0
 
 
@@ -227,6 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--sweep", metavar="method.OPTION=START:STOP:STEP",
                    help="metrics against a prediction-time option, e.g. method.alpha=0:3:0.25 (on --split, "
                         "default val if present); writes a table and a plot to RUN_DIR/sweeps/")
+    e.add_argument("--feature-quality", action="store_true",
+                   help="DLSA's feature evaluation: how well one flow filter separates head from tail classes in "
+                        "the run's features (train features fit it; --split: the evaluated split, default test); "
+                        "--set method.OPTION=V sets dlsa options (e.g. method.clusters=50)")
     e.add_argument("--no-write", dest="write", action="store_false", help="do not update metrics.json")
     e.add_argument("--device", help="cpu, cuda, ... (default: the run's)")
     e.set_defaults(func=_cmd_eval)
@@ -243,6 +338,18 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--topk", type=int, default=5)
     pr.add_argument("--device", help="cpu, cuda, ... (default: the run's)")
     pr.set_defaults(func=_cmd_predict)
+
+    fe = sub.add_parser("features", help="extract a run's backbone features to RUN_DIR/features/",
+                        description="Write the final weights' backbone features (eval mode, no augmentation) of "
+                        "each split to RUN_DIR/features/<split>.npy (float32, memory-mappable) with "
+                        "<split>_labels.npy; files made from the current weights and config are re-used.")
+    fe.add_argument("run_dir")
+    fe.add_argument("--split", help="comma-separated splits (default: every split of the run's dataset)")
+    fe.add_argument("--batch-size", type=int, default=512)
+    fe.add_argument("--force", action="store_true", help="re-extract even when the files are current")
+    fe.add_argument("--device", help="cpu, cuda, ... (default: the run's)")
+    fe.add_argument("--quiet", action="store_true", help="no progress bar")
+    fe.set_defaults(func=_cmd_features)
 
     bn = sub.add_parser("bench", help="time training epochs of a recipe against a plain PyTorch loop",
                         description="Time EPOCHS training epochs of the recipe's first stage in longtail's fit loop "

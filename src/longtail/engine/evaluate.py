@@ -61,11 +61,54 @@ def predict_split(method: Method, loader: Loader, split: str, batch_size: int, a
 
 def evaluate_split(method: Method, loader: Loader, split: str, cfg: EvalConfig, amp: bool = True,
                    channels_last: bool = False, dist: DistInfo | None = None) -> dict:
-    """Metrics dict of one split (see ``classification_metrics``); identical on every rank under DDP."""
-    scores, targets = predict_split(method, loader, split, cfg.batch_size, amp, channels_last, dist)
+    """Metrics dict of one split (see ``classification_metrics``); identical on every rank under DDP.
+
+    For a method that routes samples (``Method.routes``), also ``routes``: per route its sample count, top1,
+    many / medium / few, MCC and NMI on the samples it answered (DLSA's per-stage report).
+    """
     s = loader.ds.splits[split]
-    return classification_metrics(scores.argmax(1), targets, loader.ds.train_counts(), thresholds_of(cfg),
-                                  attributes=s.attributes, class_groups=loader.ds.class_groups)
+    if type(method).routes is Method.routes:
+        scores, targets = predict_split(method, loader, split, cfg.batch_size, amp, channels_last, dist)
+        return classification_metrics(scores.argmax(1), targets, loader.ds.train_counts(), thresholds_of(cfg),
+                                      attributes=s.attributes, class_groups=loader.ds.class_groups)
+    feats, targets = extract_features(method, loader, split, cfg.batch_size, amp, channels_last, dist)
+    was = method.training
+    method.eval()
+    try:
+        chunks = [feats[i:i + cfg.batch_size].to(loader.device) for i in range(0, len(feats), cfg.batch_size)]
+        preds = torch.cat([method.predict_features(f).argmax(1).cpu() for f in chunks])
+        routes = torch.cat([method.routes(f).cpu() for f in chunks])
+    finally:
+        method.train(was)
+    out = classification_metrics(preds, targets, loader.ds.train_counts(), thresholds_of(cfg),
+                                 attributes=s.attributes, class_groups=loader.ds.class_groups)
+    out["routes"] = route_breakdown(routes, preds, targets, method.route_names, loader.ds.train_counts(),
+                                    thresholds_of(cfg))
+    return out
+
+
+def route_breakdown(routes: torch.Tensor, preds: torch.Tensor, targets: torch.Tensor, names: list[str],
+                    train_counts: torch.Tensor | None = None, thresholds: ShotThresholds | None = None) -> list[dict]:
+    """Per route: its name, how many samples it answered, and on them top1, many / medium / few (with
+    ``train_counts``), Matthews correlation and normalised mutual information (percent; None when empty)."""
+    from sklearn.metrics import matthews_corrcoef, normalized_mutual_info_score
+
+    n = max(len(names), int(routes.max()) + 1 if len(routes) else 0)
+    rows = []
+    for r in range(n):
+        m = routes == r
+        k = int(m.sum())
+        row = {"route": names[r] if r < len(names) else str(r), "num_samples": k, "top1": None}
+        if k:
+            p, t = preds[m], targets[m]
+            row["top1"] = round(100 * float((p == t).double().mean()), 2)
+            if train_counts is not None:
+                cm = classification_metrics(p, t, train_counts, thresholds or ShotThresholds())
+                row.update({g: cm[g] for g in ("many", "medium", "few")})
+            row["mcc"] = round(100 * float(matthews_corrcoef(t.numpy(), p.numpy())), 2)
+            row["nmi"] = round(100 * float(normalized_mutual_info_score(t.numpy(), p.numpy())), 2)
+        rows.append(row)
+    return rows
 
 
 def extract_features(method: Method, loader: Loader, split: str, batch_size: int, amp: bool = True,

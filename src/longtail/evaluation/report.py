@@ -210,4 +210,8 @@ def results_table(metrics: dict, title: str | None = None) -> str:
     if seen:
         lines.append("")
         lines.append("Shot groups: " + "; ".join(seen) + ".")
+    for s, m in splits.items():  # methods that route samples (DLSA's cascade): who answered what
+        if isinstance(m, dict) and m.get("routes"):
+            lines.append(f"Routes on {s}: " + ", ".join(
+                f"{r['route']} {r['num_samples']} ({_fmt(r['top1'])})" for r in m["routes"]) + " [samples (top1)].")
     return "\n".join(lines)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from longtail.config import from_dict
-from longtail.methods import ce, decoupling, ifl, losses, tde  # noqa: F401  (fill the registry)
+from longtail.methods import ce, decoupling, dlsa, ifl, losses, tde  # noqa: F401  (fill the registry)
 from longtail.methods.base import Method, MethodContext
 from longtail.models import Classifier
 from longtail.registry import METHODS

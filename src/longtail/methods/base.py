@@ -86,6 +86,17 @@ class Method(nn.Module):
             self.train(was)
         return torch.cat(feats), torch.cat(labels)
 
+    @torch.no_grad()
+    def routes(self, feats: torch.Tensor) -> torch.Tensor | None:
+        """(B,) which sub-model answers each sample, for methods that route (a cascade of classifiers); None:
+        no routing. Evaluation then reports the sample count and accuracy of every route."""
+        return None
+
+    @property
+    def route_names(self) -> list[str]:
+        """Names of the routes ``routes`` returns (index = route id)."""
+        return []
+
     def param_groups(self) -> list[dict]:
         """Parameters the optimiser updates; default: every trainable one."""
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]

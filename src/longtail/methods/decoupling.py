@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from longtail.methods.base import Method, MethodContext
+from longtail.methods.losses import logit_adjusted_loss
 from longtail.models import Classifier
 from longtail.models.heads import LinearHead
 from longtail.registry import METHODS
@@ -36,11 +37,19 @@ class _FrozenBackbone(Method):
 
 @METHODS.register("crt")
 class ClassifierRetraining(_FrozenBackbone):
-    """cRT: re-initialise the linear classifier (with bias) and re-train it with CE, backbone frozen."""
+    """cRT: re-initialise the linear classifier (with bias) and re-train it with CE, backbone frozen.
+
+    ``loss: balanced_softmax`` re-trains it with Balanced Softmax instead (Ren et al. 2020; CE(z + log pi, y),
+    predict argmax z), usually with the instance sampler: a Balanced-Softmax classifier on frozen features.
+    """
 
     @dataclass
     class Config:
-        pass
+        loss: str = "ce"  # ce (Decoupling's cRT) | balanced_softmax
+
+        def __post_init__(self) -> None:
+            if self.loss not in ("ce", "balanced_softmax"):
+                raise ValueError(f"loss must be ce or balanced_softmax, got '{self.loss}'")
 
     def __init__(self, model: Classifier, cfg, ctx: MethodContext) -> None:
         super().__init__(model, cfg, ctx)
@@ -50,6 +59,11 @@ class ClassifierRetraining(_FrozenBackbone):
 
     def sampler_name(self, configured: str) -> str:
         return configured  # recipes set class_balanced; an explicit choice is respected
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.cfg.loss == "balanced_softmax":
+            return logit_adjusted_loss(logits, targets, self.class_counts, 1.0)
+        return F.cross_entropy(logits, targets)
 
     def param_groups(self) -> list[dict]:
         return [{"params": list(self.model.head.parameters())}]

@@ -120,9 +120,10 @@ class IFL(Method):
         base_cls = METHODS.get(cfg.base)
         # The base shares the model; kept out of the module tree so its weights are not saved twice.
         object.__setattr__(self, "_base", base_cls(model, base_cls.Config(), ctx).to(ctx.device))
-        ds = ctx.extras["dataset"]
-        n = len(ds.train)
-        self.register_buffer("train_targets", ds.train.targets.clone(), persistent=False)  # (N,)
+        ds = ctx.extras.get("dataset")  # the engine always passes it; a bare context (unit use) gets N = 0
+        targets = ds.train.targets.clone() if ds is not None else torch.zeros(0, dtype=torch.int64)
+        n = len(targets)
+        self.register_buffer("train_targets", targets, persistent=False)  # (N,)
         # Random centres (C, D) as the reference (spec G6), seeded by the run's seed through torch's RNG.
         self.centers = nn.Parameter(torch.randn(ctx.num_classes, model.feature_dim))
         self.register_buffer("env_weights", torch.ones(2, n))  # (2, N) env1 / env2 sampling weights
@@ -148,6 +149,8 @@ class IFL(Method):
                  "weight_decay": 0.0, "nesterov": False}]
 
     def train_sampler(self, sampler: Sampler, batch_size: int) -> Sampler:
+        if len(self.train_targets) != len(sampler.targets):
+            raise ValueError("ifl: built without the training set (MethodContext.extras['dataset'])")
         if batch_size % 2:
             raise ValueError(f"ifl: batch_size {batch_size} must be even (half env1, half env2)")
         return EnvironmentSampler(sampler.targets, sampler.num_classes, sampler.seed, sampler.total_epochs,
