@@ -26,12 +26,11 @@ from tqdm import tqdm
 from longtail.config import DataConfig
 from longtail.data.base import DataError, LTDataset, Split
 from longtail.data.builtin import glt_protocols
-from longtail.data.folder import _materialise
+from longtail.data.folder import IMAGENET_MEAN, IMAGENET_STD, _materialise
 from longtail.registry import DATASETS
 
 SPLIT_NAMES = {"train": "train", "val": "val", "test_lt": "test_lt", "test_bl": "test_cbl", "test_bbl": "test_gbl"}
 COCO_MEAN, COCO_STD = (0.473, 0.429, 0.370), (0.277, 0.268, 0.274)  # spec glt_ifl.md 8
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def _entries(split: dict, where: str) -> list[tuple[str, int, int, int]]:

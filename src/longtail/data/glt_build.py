@@ -31,6 +31,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from longtail.data.base import DataError
+from longtail.data.folder import IMAGENET_MEAN, IMAGENET_STD
 from longtail.data.images import IMAGE_EXTENSIONS, read_image
 from longtail.data.profiles import class_counts
 from longtail.utils import atomic_write_json
@@ -65,7 +66,7 @@ class _Images(Dataset):
         self.paths = paths
         self.t = v2.Compose([v2.Resize(round(size * 260 / 256), antialias=True), v2.CenterCrop(size),
                              v2.ToDtype(torch.float32, scale=True),
-                             v2.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+                             v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -135,6 +136,7 @@ def build_glt_benchmark(root: str | Path, out: str | Path, *, name: str = "glt",
         np.save(tmp, feats)
         tmp.replace(cache)
     rng = np.random.default_rng(seed)
+    ratio = RATIO if groups == 3 else (1,) * groups  # 7:2:1 for the published 3 groups, else even shares
     starts = np.cumsum([0] + [len(f) for f in files])
     attr = [attribute_groups(feats[starts[c]:starts[c + 1]], clusters, groups, seed) for c in range(len(classes))]
 
@@ -146,7 +148,7 @@ def build_glt_benchmark(root: str | Path, out: str | Path, *, name: str = "glt",
         by_group = [list(rng.permutation(np.flatnonzero(attr[c] == g))) for g in range(groups)]
         gbl = [by_group[g][:min(test_per_class // groups, len(by_group[g]) // 4)] for g in range(groups)]
         by_group = [by_group[g][len(gbl[g]):] for g in range(groups)]
-        want = split_by_ratio(test_per_class, RATIO[:groups] if groups == 3 else (1,) * groups)
+        want = split_by_ratio(test_per_class, ratio)
         cbl = [by_group[g][:min(want[g], len(by_group[g]) // 2)] for g in range(groups)]
         by_group = [by_group[g][len(cbl[g]):] for g in range(groups)]
         test_gbl.append([(files[c][i], g) for g in range(groups) for i in gbl[g]])
@@ -157,7 +159,7 @@ def build_glt_benchmark(root: str | Path, out: str | Path, *, name: str = "glt",
     budgets = (class_counts(n_cls, max(sizes), imbalance_ratio, "exp") if imbalance_ratio else sizes)
     lt_pool = []
     for p, b in zip(pool, budgets, strict=True):
-        want = split_by_ratio(min(b, sum(len(g) for g in p)), RATIO[:groups] if groups == 3 else (1,) * groups)
+        want = split_by_ratio(min(b, sum(len(g) for g in p)), ratio)
         lt_pool.append([x for g in range(groups) for x in p[g][:want[g]]])
     flat = [(new, x) for new, items in enumerate(lt_pool) for x in items]
     perm = rng.permutation(len(flat))
@@ -170,9 +172,9 @@ def build_glt_benchmark(root: str | Path, out: str | Path, *, name: str = "glt",
     cbl_n = cbl_per_class or int(np.mean(budgets))
     train_bl, val_bl = [], []
     for new, p in enumerate(pool):
-        share = split_by_ratio(min(cbl_n, sum(len(g) for g in p)), RATIO[:groups] if groups == 3 else (1,) * groups,
+        share = split_by_ratio(min(cbl_n, sum(len(g) for g in p)), ratio,
                                truncate=True)
-        vshare = split_by_ratio(val_per_class, RATIO[:groups] if groups == 3 else (1,) * groups)
+        vshare = split_by_ratio(val_per_class, ratio)
         for g in range(groups):
             chosen = p[g][:share[g]]
             nv = min(vshare[g], len(chosen) // 4)

@@ -130,7 +130,9 @@ class IFL(Method):
         self.register_buffer("record_score", torch.zeros(n))  # (N,) p_gt of each sample's last draw
         self.register_buffer("record_pos", torch.full((n,), -1, dtype=torch.int64))  # its stream position
         self.register_buffer("record_epoch", torch.tensor(-1))  # the epoch the record belongs to
-        self.epoch = 0
+        self._ctx = ctx
+        self._weight = 0.0  # centre-loss weight a of the current epoch
+        self._scoring = False  # whether this epoch records confidences (a host-side flag: no device sync per step)
         self._batch: tuple[int, torch.Tensor] | None = None  # (step, (B,) sample ids) of the current batch
 
     # ------------------------------------------------------------------ schedule
@@ -156,26 +158,23 @@ class IFL(Method):
         return EnvironmentSampler(sampler.targets, sampler.num_classes, sampler.seed, sampler.total_epochs,
                                   self.env_weights, batch_size // 2)
 
-    def on_stage_start(self, ctx: MethodContext) -> None:
-        self._ctx = ctx
-
     def on_epoch_start(self, epoch: int, ctx: MethodContext) -> None:
-        self.epoch, self._ctx = epoch, ctx
+        self._ctx = ctx
         self._base.on_epoch_start(epoch, ctx)
         self._weight = self.center_weight(epoch, ctx.epochs)
         updates = self._at(self.cfg.update_milestones, ctx.epochs)
         if epoch - 1 in updates and int(self.record_epoch) == epoch - 1:
-            self._rebuild(ctx)  # "at the end of" the scoring epoch; idempotent, so a resume redoes it exactly
+            self._rebuild()  # "at the end of" the scoring epoch; idempotent, so a resume redoes it exactly
         if epoch in updates and int(self.record_epoch) != epoch:  # a fresh scoring epoch (not a resume into it)
             self.record_pos.fill_(-1)
             self.record_epoch.fill_(epoch)
-        self._scoring = epoch in updates  # a host-side flag: no device sync per step
+        self._scoring = epoch in updates
 
     def on_train_batch(self, step: int, batch_indices: torch.Tensor) -> None:
         self._batch = (step, batch_indices)
 
     @torch.no_grad()
-    def _rebuild(self, ctx: MethodContext) -> None:
+    def _rebuild(self) -> None:
         w2 = intra_weights(self.record_score.cpu(), self.train_targets.cpu(), (self.record_pos >= 0).cpu(),
                            self.num_classes, self.cfg.sample_scale)
         self.env_weights[1].copy_(w2.to(self.env_weights.device))
@@ -187,7 +186,7 @@ class IFL(Method):
         loss = self._base.loss(logits, targets)
         if not self.training:
             return {"loss": loss, "logits": logits}
-        a = getattr(self, "_weight", 0.0)
+        a = self._weight
         c = self.centers[targets].float()  # (B, D)
         zf = z.float()
         # Features feel a * the centre loss; the centres feel the unweighted loss (the reference rescales
@@ -196,7 +195,7 @@ class IFL(Method):
         move = ((zf.detach() - c) ** 2).sum(1).mean()
         move = (1.0 if a > 0 else 0.0) * (move - move.detach())  # value 0: the logged loss stays L_cls + a pull
         loss = loss + a * pull + move
-        if getattr(self, "_scoring", False) and self._batch is not None:
+        if self._scoring and self._batch is not None:
             self._record(logits.detach(), targets)
         return {"loss": loss, "logits": logits}
 
