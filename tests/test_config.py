@@ -83,6 +83,10 @@ def test_semantic_checks():
         build_config({"eval": {"select": "best_val"}})
     with pytest.raises(ConfigError, match="duplicate stage name"):
         build_config({"stages": [{"name": "a"}, {"name": "a"}]})
+    # A one-epoch warm-up under the reference offset would be no warm-up (the cause of collapsed short runs).
+    with pytest.raises(ConfigError, match="gives no warm-up"):
+        build_config({"stages": [{"schedule": {"warmup_epochs": 1, "reference_offset": True}}]})
+    build_config({"stages": [{"schedule": {"warmup_epochs": 2, "reference_offset": True}}]})
 
 
 def test_unknown_config_name_is_clear():

@@ -436,6 +436,12 @@ def validate(cfg: RunConfig) -> None:
         check(st.optim.lr >= 0, f"{where}: optim.lr must be >= 0")
         check(st.schedule.name in ("multistep", "cosine", "constant"),
               f"{where}: schedule.name must be multistep, cosine or constant")
+        # The reference code steps its scheduler before epoch 0, so with the offset epoch 0 already trains at
+        # t = 1: a one-epoch warm-up would silently be none (lr at full value from the first step).
+        check(not (st.schedule.reference_offset and 0 < st.schedule.warmup_epochs <= 1),
+              f"{where}: schedule.warmup_epochs={st.schedule.warmup_epochs} with schedule.reference_offset=true "
+              f"gives no warm-up at all (epoch 0 already trains at the lr for epoch 1); use warmup_epochs >= 2, "
+              f"or warmup_epochs=0 to train without one")
         check(st.init_from is None or st.init_from in names or _looks_like_path(st.init_from),
               f"{where}: init_from '{st.init_from}' is neither an earlier stage ({', '.join(names) or 'none'}) "
               f"nor a path to a run folder or checkpoint (.pt)")
