@@ -249,3 +249,29 @@ def test_init_from_another_run_folder_or_checkpoint(image_folder, tmp_path, monk
     raw["stages"][0]["init_from"] = str(first)
     with pytest.raises(RuntimeError, match="do not fit this model"):
         train(build_config(raw), out=tmp_path / "fifth", progress=False)
+
+
+def test_compile_trains_the_same_model(image_folder, tmp_path, monkeypatch):
+    # compile=True wraps the method in torch.compile. Here with the aot_eager backend: Dynamo traces the method
+    # (dict outputs, method state) and AOTAutograd builds the backward exactly as with inductor, without
+    # minutes of C++ code generation on a CI CPU. Checkpoints must hold the plain method's keys (no
+    # `_orig_mod.` prefix), and the weights follow the eager run.
+    compile_calls = []
+    real_compile = torch.compile
+
+    def aot_eager_compile(fn, **kwargs):
+        compile_calls.append(fn)
+        return real_compile(fn, **{**kwargs, "backend": "aot_eager"})
+
+    monkeypatch.setattr(torch, "compile", aot_eager_compile)
+    torch._dynamo.reset()
+    eager = train(build_config(tiny_raw(image_folder, epochs=1)), out=tmp_path / "eager", progress=False)
+    assert compile_calls == []
+    comp = train(build_config(tiny_raw(image_folder, epochs=1), ["compile=true"]), out=tmp_path / "comp",
+                 progress=False)
+    assert len(compile_calls) == 1
+    a, b = final_weights(eager), final_weights(comp)
+    assert a.keys() == b.keys()
+    for k in a:
+        if a[k].is_floating_point():
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
