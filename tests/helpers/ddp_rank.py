@@ -3,7 +3,8 @@ MASTER_* set.
 
 Runs the real CLI; just before the final evaluation it saves this rank's method state to OUT/rank<R>.pt so
 the test can check that every rank ends with the same weights and method state. With LT_TEST_SIGINT="R:N",
-rank R sends itself SIGINT at its N-th training step (only that rank: the others must stop with it).
+rank R sends itself SIGINT at its N-th training step (only that rank: the others must stop with it). With
+LT_TEST_DLSA_DRIFT set, rank 1's DLSA cascade is nudged after its fit.
 """
 
 import os
@@ -37,6 +38,23 @@ if os.environ.get("LT_TEST_SIGINT"):
         return _forward(self, images, targets)
 
     Deconfound.forward = _forward_then_interrupt
+
+if os.environ.get("LT_TEST_DLSA_DRIFT"):
+    # Stand-in for GPU non-determinism: rank 1's DLSA fit ends slightly off rank 0's; the method must make
+    # every rank use rank 0's cascade.
+    from longtail.methods.dlsa import DLSACascade
+
+    _fit = DLSACascade.fit
+
+    def _fit_then_drift(self, *args, **kwargs):
+        out = _fit(self, *args, **kwargs)
+        if int(os.environ["RANK"]) == 1:
+            with torch.no_grad():
+                for p in self.parameters():
+                    p.add_(0.01)
+        return out
+
+    DLSACascade.fit = _fit_then_drift
 
 if __name__ == "__main__":
     from longtail.cli import main

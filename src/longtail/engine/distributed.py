@@ -110,3 +110,17 @@ def average_buffers(module: torch.nn.Module, info: DistInfo) -> None:
         if b.is_floating_point():
             dist.all_reduce(b)
             b /= info.world_size
+
+
+def broadcast_from_main(module: torch.nn.Module) -> None:
+    """Copy rank 0's parameters and buffers into every rank's ``module`` (no-op without a process group).
+
+    For state a method fits inside a stage on every rank (DLSA's flows and heads): the ranks run the same
+    fit on the same data, but GPU kernels need not be bit-identical, so rank 0's result is made the one
+    every rank evaluates with (and the one its checkpoint holds).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(t.data, src=0)

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from longtail.engine.distributed import broadcast_from_main
 from longtail.methods.base import MethodContext
 from longtail.methods.decoupling import _FrozenBackbone
 from longtail.models import Classifier
@@ -554,6 +555,8 @@ class DLSA(_FrozenBackbone):
         log.info("DLSA: %d train features of dim %d%s", len(feats), feats.shape[1],
                  f", {len(val[0])} val" if val is not None else ", no val split: heads keep their last epoch")
         self.summary = self.cascade.fit(feats, labels, val, stage1)
+        if ctx.world_size > 1:  # every rank fitted on all features; keep rank 0's cascade everywhere
+            broadcast_from_main(self.cascade)
 
     @property
     def route_names(self) -> list[str]:
