@@ -326,16 +326,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", help="cpu, cuda, ... (default: the run's)")
     e.set_defaults(func=_cmd_eval)
 
-    r = sub.add_parser("report", help="one markdown table comparing runs")
-    r.add_argument("run_dirs", nargs="+")
-    r.add_argument("--split", help="only this split (default: every evaluated split)")
-    r.add_argument("--out", help="also write the table to this file")
+    r = sub.add_parser("report", help="one markdown table comparing runs",
+                       description="One markdown table of finished runs: a row per run and evaluated split with "
+                                   "top-1, many / medium / few-shot accuracy and precision (GLT protocols labelled), "
+                                   "epochs per stage and the run each stage started from.")
+    r.add_argument("run_dirs", nargs="+", help="finished run folders (each with metrics.json)")
+    r.add_argument("--split", help="only this split, e.g. test (default: every evaluated split)")
+    r.add_argument("--out", help="also write the table to this markdown file")
     r.set_defaults(func=_cmd_report)
 
-    pr = sub.add_parser("predict", help="top-k classes of image files")
-    pr.add_argument("run_dir")
-    pr.add_argument("images", nargs="+")
-    pr.add_argument("--topk", type=int, default=5)
+    pr = sub.add_parser("predict", help="top-k classes of image files",
+                        description="Classify image files with a finished run's final weights (prediction-time "
+                                    "settings of its method, e.g. TDE's alpha, as recorded).")
+    pr.add_argument("run_dir", help="a finished run folder")
+    pr.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...)")
+    pr.add_argument("--topk", type=int, default=5, help="classes to print per image (default 5)")
     pr.add_argument("--device", help="cpu, cuda, ... (default: the run's)")
     pr.set_defaults(func=_cmd_predict)
 
