@@ -41,7 +41,11 @@ class DataConfig:
     annotation: str | None = None  # GLT datasets: the annotation JSON (released, or from `longtail data glt`)
     path_prefix: str | None = None  # GLT datasets: prefix of the file's image paths to replace by data.root
     image_size: int | None = None  # network input side; None = the dataset's default
-    in_memory: str = "auto"  # auto | always | never: decode once into RAM and augment in batches
+    in_memory: str = "auto"  # file datasets: auto | always | never: decode once into RAM and augment in batches
+    # In-memory datasets (CIFAR-LT, shapes-glt, digits-lt, in_memory=always): true keeps the uint8 images on the
+    # device and augments whole batches there; false serves them through DataLoader workers with per-image
+    # transforms v2 (the plain PyTorch path, for comparison or for augmentations only written per image).
+    fast_path: bool = True
     augment: str = "auto"  # auto | cifar | imagenet | glt | glt_coco | none
     num_workers: int = 2  # DataLoader workers for file datasets
     cache_dir: str | None = None  # decoded/generated data cache; None: $LONGTAIL_CACHE or ~/.cache/longtail

@@ -25,6 +25,10 @@ def create_dataset(cfg: DataConfig, seed: int = 0) -> LTDataset:
     """
     cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     ds: LTDataset = DATASETS.get(cfg.name)(cfg, cache_dir)
+    if cfg.in_memory == "never" and ds.train.in_memory:
+        raise DataError(f"{ds.name} is always held in memory (small, decoded or generated once), so "
+                        f"data.in_memory=never does not apply; for per-image DataLoader transforms instead of "
+                        f"batched augmentation on the device set data.fast_path=false")
     if cfg.val_fraction > 0:
         if "val" in ds.splits:
             raise DataError(f"{ds.name} has its own val split; drop data.val_fraction")

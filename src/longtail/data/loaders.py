@@ -2,7 +2,8 @@
 
 Two paths, one interface:
 - in memory (CIFAR-LT, shapes-glt, digits-lt, or any dataset with data.in_memory=always): the uint8
-  tensor stays on the device and augmentation (pad-and-crop, flip) runs on whole batches;
+  tensor stays on the device and augmentation (pad-and-crop, flip) runs on whole batches (the fast path;
+  ``data.fast_path=false`` sends these images through the per-image path below instead);
 - files (ImageNet-LT, Places-LT, iNat, your folders): DataLoader workers decode with torchvision.io and
   apply transforms v2 per image.
 Normalisation to float happens on the device in ``normalize`` for both.
@@ -61,16 +62,19 @@ def file_transform(augment: str, size: int, train: bool) -> v2.Transform:
 
 
 class FileDataset(Dataset):
-    """Decodes one image per item; returns ((3, S, S) uint8, label)."""
+    """One image per item, decoded from its file (or taken from an in-memory split) and transformed per image;
+    returns ((3, S, S) uint8, label)."""
 
     def __init__(self, split: Split, transform: v2.Transform) -> None:
-        self.paths, self.targets, self.transform = split.paths, split.targets, transform
+        self.split, self.targets, self.transform = split, split.targets, transform
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.targets)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transform(read_image(self.paths[i])), int(self.targets[i])
+        s = self.split
+        image = s.images[i] if s.in_memory else read_image(s.paths[i])
+        return self.transform(image), int(self.targets[i])
 
 
 class _EpochBatches:
@@ -93,8 +97,9 @@ class _EpochBatches:
 class Loader:
     """Makes train and eval batches of one dataset on one device."""
 
-    def __init__(self, ds: LTDataset, device: torch.device, augment: str = "auto", num_workers: int = 2) -> None:
-        self.ds, self.device = ds, device
+    def __init__(self, ds: LTDataset, device: torch.device, augment: str = "auto", num_workers: int = 2,
+                 fast_path: bool = True) -> None:
+        self.ds, self.device, self.fast_path = ds, device, fast_path
         self.augment = resolve_augment(augment, ds)
         self.num_workers = num_workers
         self.mean = torch.tensor(ds.mean, device=device).view(1, 3, 1, 1) * 255
@@ -123,7 +128,7 @@ class Loader:
         n = len(indices)
         steps = n // batch_size if drop_last else -(-n // batch_size)
         s = self.ds.splits[split]
-        if s.in_memory:
+        if s.in_memory and self.fast_path:
             images, targets = self._images(split), s.targets.to(self.device)
             for step in range(steps):
                 idx = indices[step * batch_size:(step + 1) * batch_size].to(self.device)
@@ -136,12 +141,16 @@ class Loader:
                 if step >= start_step:
                     yield x, targets[idx]
             return
-        # Files: workers decode and augment. They persist across epochs (no re-spawn and re-import each epoch);
+        # Files (or in-memory images without the fast path): workers decode and augment per image. They persist
+        # across epochs (no re-spawn and re-import each epoch);
         # their seeds derive from `gen` of the epoch that started them, and their random streams run on.
         if split not in self._train_dl:
             sampler = _EpochBatches()
             seed = int(torch.randint(2**62, (1,), generator=gen))
-            dl = DataLoader(FileDataset(s, file_transform(self.augment, self.ds.image_size, True)),
+            # In-memory images are already at the input size: "none" leaves them as the fast path does.
+            t = v2.Identity() if s.in_memory and self.augment == "none" else \
+                file_transform(self.augment, self.ds.image_size, True)
+            dl = DataLoader(FileDataset(s, t),
                             batch_sampler=sampler, num_workers=self.num_workers,
                             pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(seed),
                             persistent_workers=self.num_workers > 0,

@@ -217,7 +217,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
 
     t0 = time.time()
     ds = create_dataset(cfg.data)
-    loader = Loader(ds, device, cfg.data.augment, cfg.data.num_workers)
+    loader = Loader(ds, device, cfg.data.augment, cfg.data.num_workers, cfg.data.fast_path)
     if cfg.eval.select == "best_val" and "val" not in ds.splits:
         raise ValueError("eval.select=best_val needs a validation split: set data.val_fraction (never select on test)")
     model = create_model(cfg.model, ds.num_classes).to(device)

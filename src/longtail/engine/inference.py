@@ -52,7 +52,7 @@ def load_trained(run_dir: str | Path, overrides: list[str] | None = None, device
         cfg.device = device
     dev = resolve_device(cfg.device)
     ds = create_dataset(cfg.data)
-    loader = Loader(ds, dev, cfg.data.augment, cfg.data.num_workers)
+    loader = Loader(ds, dev, cfg.data.augment, cfg.data.num_workers, cfg.data.fast_path)
     model = create_model(cfg.model, ds.num_classes).to(dev)
     method, _ = build_stage_method(cfg, len(cfg.stages) - 1, model, ds, loader, dev)
     method.load_state_dict(load_checkpoint(final)["method"])
