@@ -167,3 +167,20 @@ def test_dlsa_stage_under_ddp_uses_rank_0s_cascade(tmp_path):
         assert torch.equal(s0[k], s1[k]), k
     t = json.loads((tmp_path / "two" / "metrics.json").read_text())["splits"]["test"]
     assert t["num_samples"] == 13 and sum(r["num_samples"] for r in t["routes"]) == 13
+
+
+def test_torchrun_runs_the_cli_with_rank_0_output(tmp_path):
+    """The documented launch, `torchrun --nproc_per_node=2 -m longtail train ...`, with torchrun's own
+    rendezvous (standalone): one run folder, world size 2, each test image once, one printed summary."""
+    root = _folder(tmp_path)
+    raw = _raw(root)
+    raw["stages"][0]["epochs"] = 1
+    cfg_path = tmp_path / "ddp.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "longtail", "train", str(cfg_path), "--out", str(tmp_path / "run"), "--quiet"],
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count("run folder:") == 1  # rank 0 alone prints the summary
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["world_size"] == 2 and m["splits"]["test"]["num_samples"] == 13
