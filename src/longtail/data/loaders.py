@@ -142,8 +142,8 @@ class Loader:
                     yield x, targets[idx]
             return
         # Files (or in-memory images without the fast path): workers decode and augment per image. They persist
-        # across epochs (no re-spawn and re-import each epoch);
-        # their seeds derive from `gen` of the epoch that started them, and their random streams run on.
+        # across epochs (no re-spawn and re-import each epoch); their seeds derive from `gen` of the epoch that
+        # started them, and their random streams run on.
         if split not in self._train_dl:
             sampler = _EpochBatches()
             seed = int(torch.randint(2**62, (1,), generator=gen))
