@@ -112,15 +112,18 @@ def average_buffers(module: torch.nn.Module, info: DistInfo) -> None:
             b /= info.world_size
 
 
-def broadcast_from_main(module: torch.nn.Module) -> None:
-    """Copy rank 0's parameters and buffers into every rank's ``module`` (no-op without a process group).
+def broadcast_from_main(*targets: torch.nn.Module | torch.Tensor) -> None:
+    """Copy rank 0's values into every rank's tensors (a module: all its parameters and buffers); a no-op
+    without a process group.
 
-    For state a method fits inside a stage on every rank (DLSA's flows and heads): the ranks run the same
-    fit on the same data, but GPU kernels need not be bit-identical, so rank 0's result is made the one
+    For state a method fits on every rank from the same data (DLSA's flows and heads, NCM's centroids, TDE's
+    suggested alpha): GPU kernels need not be bit-identical across ranks, so rank 0's result is made the one
     every rank evaluates with (and the one its checkpoint holds).
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
+    tensors = [t for x in targets for t in ([*x.parameters(), *x.buffers()] if isinstance(x, torch.nn.Module)
+                                            else [x])]
     with torch.no_grad():
-        for t in [*module.parameters(), *module.buffers()]:
+        for t in tensors:
             dist.broadcast(t.data, src=0)

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from longtail.engine.distributed import broadcast_from_main
 from longtail.methods.base import Method, MethodContext
 from longtail.methods.losses import logit_adjusted_loss
 from longtail.models import Classifier
@@ -134,6 +135,8 @@ class NearestClassMean(_FrozenBackbone):
         sums = torch.zeros_like(self.centroids).index_add_(0, labels, z)
         counts = torch.bincount(labels, minlength=self.num_classes).clamp_min(1)[:, None]
         self.centroids.copy_(sums / counts)
+        if ctx.world_size > 1:  # every rank computed them from all features; keep rank 0's everywhere
+            broadcast_from_main(self.feature_mean, self.centroids)
 
     def param_groups(self) -> list[dict]:
         return []

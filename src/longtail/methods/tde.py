@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from longtail.engine.distributed import broadcast_from_main
 from longtail.methods.base import Method, MethodContext
 from longtail.models import Classifier
 from longtail.models.heads import CausalNormHead
@@ -83,6 +84,8 @@ class Deconfound(Method):
         split = "val" if "val" in loader.ds.splits else "train"  # never test
         feats, _ = self.split_features(loader, split)
         self.suggested_alpha.fill_(suggest_alpha(feats, self.head_direction, self.model.head.num_heads))
+        if ctx.world_size > 1:  # computed on every rank from the same split; keep rank 0's everywhere
+            broadcast_from_main(self.suggested_alpha)
 
     def alpha(self) -> float:
         return 0.0
