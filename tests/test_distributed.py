@@ -72,10 +72,11 @@ def test_two_gloo_processes_match_one(tmp_path):
     cfg_path = tmp_path / "ddp.yaml"
     cfg_path.write_text(yaml.safe_dump(_raw(root)))
     out2 = tmp_path / "two"
-    for rc, o in _launch(cfg_path, out2):
+    for rc, o in _launch(cfg_path, out2, env_extra={"LT_TEST_FEATURE_DRIFT": "1"}):
         assert rc == 0, o
 
-    # Both ranks end with the same weights and the same method state (head direction, BN statistics).
+    # Both ranks end with the same weights and the same method state (head direction, BN statistics, and the
+    # suggested alpha, fitted from rank 1's nudged features there).
     s0, s1 = (torch.load(out2 / f"rank{r}.pt", weights_only=True) for r in range(2))
     assert s0.keys() == s1.keys() and "head_direction" in s0
     for k in s0:
@@ -145,8 +146,8 @@ def test_ifl_environments_and_centres_agree_across_ranks(tmp_path):
 
 
 def test_dlsa_stage_under_ddp_uses_rank_0s_cascade(tmp_path):
-    """DLSA fits its flows and heads on every rank; rank 1's fit is nudged here (as GPU kernels may differ), and
-    both ranks must still end with rank 0's cascade and count each test image once across the routes."""
+    """DLSA fits its flows and heads on every rank; rank 1's features are nudged here (as GPU kernels may differ),
+    and both ranks must still end with rank 0's cascade and count each test image once across the routes."""
     pytest.importorskip("zuko")
     root = _folder(tmp_path)
     raw = _raw(root)
@@ -158,7 +159,7 @@ def test_dlsa_stage_under_ddp_uses_rank_0s_cascade(tmp_path):
                                  "max_cluster_size": 1000}}]
     cfg_path = tmp_path / "dlsa.yaml"
     cfg_path.write_text(yaml.safe_dump(raw))
-    for rc, o in _launch(cfg_path, tmp_path / "two", env_extra={"LT_TEST_DLSA_DRIFT": "1",
+    for rc, o in _launch(cfg_path, tmp_path / "two", env_extra={"LT_TEST_FEATURE_DRIFT": "1",
                                                                 "LONGTAIL_CACHE": str(tmp_path / "cache")}):
         assert rc == 0, o
     s0, s1 = (torch.load(tmp_path / "two" / f"rank{r}.pt", weights_only=True) for r in range(2))
@@ -184,3 +185,20 @@ def test_torchrun_runs_the_cli_with_rank_0_output(tmp_path):
     assert out.stdout.count("run folder:") == 1  # rank 0 alone prints the summary
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["world_size"] == 2 and m["splits"]["test"]["num_samples"] == 13
+
+
+def test_ncm_stage_under_ddp_uses_rank_0s_centroids(tmp_path):
+    root = _folder(tmp_path)
+    raw = _raw(root)
+    raw["model"]["head"] = "linear"
+    raw["stages"] = [{**raw["stages"][0], "name": "features", "method": {"name": "ce"}, "epochs": 1},
+                     {"name": "ncm", "init_from": "features", "epochs": 0, "method": {"name": "ncm"}}]
+    cfg_path = tmp_path / "ncm.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    for rc, o in _launch(cfg_path, tmp_path / "two", env_extra={"LT_TEST_FEATURE_DRIFT": "1"}):
+        assert rc == 0, o
+    s0, s1 = (torch.load(tmp_path / "two" / f"rank{r}.pt", weights_only=True) for r in range(2))
+    assert s0["centroids"].abs().sum() > 0
+    for k in s0:
+        assert torch.equal(s0[k], s1[k]), k
+    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["splits"]["test"]["num_samples"] == 13

@@ -4,7 +4,7 @@ MASTER_* set.
 Runs the real CLI; just before the final evaluation it saves this rank's method state to OUT/rank<R>.pt so
 the test can check that every rank ends with the same weights and method state. With LT_TEST_SIGINT="R:N",
 rank R sends itself SIGINT at its N-th training step (only that rank: the others must stop with it). With
-LT_TEST_DLSA_DRIFT set, rank 1's DLSA cascade is nudged after its fit.
+LT_TEST_FEATURE_DRIFT set, rank 1's `split_features` (statistics fitted inside a stage) are nudged.
 """
 
 import os
@@ -39,22 +39,18 @@ if os.environ.get("LT_TEST_SIGINT"):
 
     Deconfound.forward = _forward_then_interrupt
 
-if os.environ.get("LT_TEST_DLSA_DRIFT"):
-    # Stand-in for GPU non-determinism: rank 1's DLSA fit ends slightly off rank 0's; the method must make
-    # every rank use rank 0's cascade.
-    from longtail.methods.dlsa import DLSACascade
+if os.environ.get("LT_TEST_FEATURE_DRIFT"):
+    # Stand-in for GPU non-determinism: rank 1's features for fitted statistics (NCM centroids, TDE's suggested
+    # alpha, DLSA's flows and heads) come out slightly off rank 0's; methods must end with rank 0's state.
+    from longtail.methods.base import Method
 
-    _fit = DLSACascade.fit
+    _split_features = Method.split_features
 
-    def _fit_then_drift(self, *args, **kwargs):
-        out = _fit(self, *args, **kwargs)
-        if int(os.environ["RANK"]) == 1:
-            with torch.no_grad():
-                for p in self.parameters():
-                    p.add_(0.01)
-        return out
+    def _drifting_split_features(self, *args, **kwargs):
+        feats, labels = _split_features(self, *args, **kwargs)
+        return (feats + 0.01 if int(os.environ["RANK"]) == 1 else feats), labels
 
-    DLSACascade.fit = _fit_then_drift
+    Method.split_features = _drifting_split_features
 
 if __name__ == "__main__":
     from longtail.cli import main
