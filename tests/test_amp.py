@@ -7,6 +7,7 @@ numerics.
 """
 
 import contextlib
+import json
 
 import pytest
 import torch
@@ -62,8 +63,6 @@ def _check(run):
         if v.is_floating_point():
             assert v.dtype == torch.float32, f"{k} saved as {v.dtype}"
             assert torch.isfinite(v).all(), k
-    import json
-
     test = json.loads((run / "metrics.json").read_text())["splits"]["test"]
     assert test["num_samples"] == 12 and 0 <= test["top1"] <= 100
 

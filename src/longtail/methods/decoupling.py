@@ -135,8 +135,7 @@ class NearestClassMean(_FrozenBackbone):
         sums = torch.zeros_like(self.centroids).index_add_(0, labels, z)
         counts = torch.bincount(labels, minlength=self.num_classes).clamp_min(1)[:, None]
         self.centroids.copy_(sums / counts)
-        if ctx.world_size > 1:  # every rank computed them from all features; keep rank 0's everywhere
-            broadcast_from_main(self.feature_mean, self.centroids)
+        broadcast_from_main(self.feature_mean, self.centroids)  # DDP: every rank computed them; keep rank 0's
 
     def param_groups(self) -> list[dict]:
         return []

@@ -555,8 +555,7 @@ class DLSA(_FrozenBackbone):
         log.info("DLSA: %d train features of dim %d%s", len(feats), feats.shape[1],
                  f", {len(val[0])} val" if val is not None else ", no val split: heads keep their last epoch")
         self.summary = self.cascade.fit(feats, labels, val, stage1)
-        if ctx.world_size > 1:  # every rank fitted on all features; keep rank 0's cascade everywhere
-            broadcast_from_main(self.cascade)
+        broadcast_from_main(self.cascade)  # DDP: every rank fitted on all features; keep rank 0's cascade
 
     @property
     def route_names(self) -> list[str]:

@@ -84,8 +84,7 @@ class Deconfound(Method):
         split = "val" if "val" in loader.ds.splits else "train"  # never test
         feats, _ = self.split_features(loader, split)
         self.suggested_alpha.fill_(suggest_alpha(feats, self.head_direction, self.model.head.num_heads))
-        if ctx.world_size > 1:  # computed on every rank from the same split; keep rank 0's everywhere
-            broadcast_from_main(self.suggested_alpha)
+        broadcast_from_main(self.suggested_alpha)  # DDP: every rank computed it; keep rank 0's
 
     def alpha(self) -> float:
         return 0.0
