@@ -191,7 +191,7 @@ def test_bench_cli_times_both_loops_and_writes_json(image_folder, tmp_path):
     rec = json.loads(out.read_text())
     assert rec["images_per_s"] > 0 and rec["reference_images_per_s"] > 0
     assert rec["ratio_vs_reference"] == pytest.approx(rec["images_per_s"] / rec["reference_images_per_s"], rel=1e-2)
-    assert rec["epochs_timed"] == 1 and rec["device"].startswith("cpu") and rec["command"]
+    assert rec["epochs_timed"] == 1 and rec["seed"] == 0 and rec["device"].startswith("cpu") and rec["command"]
 
 
 def test_bench_rejects_zero_epochs(image_folder, tmp_path, capsys):

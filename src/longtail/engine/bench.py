@@ -131,7 +131,8 @@ def run_bench(cfg: RunConfig, epochs: int = 2, reference: bool = True) -> tuple[
     st = bcfg.stages[0]
     record = {
         "recipe": cfg.name, "method": st.method["name"], "dataset": bcfg.data.name, "backbone": bcfg.model.backbone,
-        "batch_size": st.batch_size, "epochs_timed": max(epochs - 1, 1), "device": device_name(device),
+        "batch_size": st.batch_size, "epochs_timed": max(epochs - 1, 1), "seed": bcfg.seed,
+        "device": device_name(device),
         "images_per_s": round(ours, 1),
         "reference_images_per_s": None if ref is None else round(ref, 1),
         "ratio_vs_reference": None if res.ratio is None else round(res.ratio, 3),
