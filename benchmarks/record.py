@@ -18,7 +18,8 @@ import yaml
 from longtail.utils import atomic_write_json
 
 
-def record(run_dir: Path, name: str, command: str | None, split: str | None, note: str | None) -> dict:
+def record(run_dir: Path, name: str, command: str | None, split: str | None, note: str | None,
+           out_dir: Path | None = None) -> dict:
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     metrics = json.loads((run_dir / "metrics.json").read_text())
     meta = cfg.get("meta", {})
@@ -53,7 +54,7 @@ def record(run_dir: Path, name: str, command: str | None, split: str | None, not
         result["init_from"] = init
     if note:
         result["note"] = note
-    out = Path(__file__).parent / "results" / f"{name}.json"
+    out = Path(out_dir or Path(__file__).parent / "results") / f"{name}.json"
     atomic_write_json(out, result)
     return result
 
