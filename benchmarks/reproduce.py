@@ -169,6 +169,10 @@ class Campaign:
     def run_dir(self, row: Row) -> Path:
         return self.runs / row.name
 
+    def console_path(self, row: Row) -> Path:
+        """What a row's `longtail train` processes printed (appended on every resume)."""
+        return self.runs / f"{row.name}.console.log"
+
     def record_path(self, row: Row) -> Path:
         return self.results / f"repro_{row.name}.json"
 
@@ -467,9 +471,10 @@ class Runner:
             self.failed.add(row.name)
             self.c.log(f"FAILED {row.name}: {e}")
             return
-        d = self.c.run_dir(row)
-        d.mkdir(parents=True, exist_ok=True)
-        console = open(d / "console.log", "a")  # noqa: SIM115 (kept open for the child's lifetime)
+        # Beside the run folder, not in it: `longtail train` starts only in an empty folder or a resumable run.
+        path = self.c.console_path(row)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        console = open(path, "a")  # noqa: SIM115 (kept open for the child's lifetime)
         console.write(f"\n=== {datetime.now().isoformat(timespec='seconds')} longtail {' '.join(args)}\n")
         console.flush()
         env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}
@@ -499,8 +504,8 @@ class Runner:
                 self.c.log(f"stopped {name}: checkpointed, resumes next time ({epochs(self.c.run_dir(row))} epochs)")
             else:
                 self.failed.add(name)
-                tail = (self.c.run_dir(row) / "console.log").read_text().strip().splitlines()[-5:]
-                self.c.log(f"FAILED {name} (exit {rc}); last lines of {rel(self.c.run_dir(row) / 'console.log')}:\n  "
+                tail = self.c.console_path(row).read_text().strip().splitlines()[-5:]
+                self.c.log(f"FAILED {name} (exit {rc}); last lines of {rel(self.c.console_path(row))}:\n  "
                            + "\n  ".join(tail))
 
     def run(self) -> int:
