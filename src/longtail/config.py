@@ -31,6 +31,10 @@ class DataConfig:
     profile: str = "exp"  # exp: n_i = int(n_max * r^(i/(C-1))); step: half n_max, half n_max*r
     subset_seed: int = 0  # which images are kept (CIFAR-LT: bit-compatible with Cao et al.)
     val_fraction: float = 0.0  # held out of train per class for model selection; 0: no val split
+    # CIFAR-LT: a balanced val of this many images per class drawn (seeded by subset_seed) from the CIFAR training
+    # images the long-tailed subset left out, so train stays exactly as without it; 0: none. The head class keeps
+    # all its images (n_max), so its val holds what is left (none at the default n_max): see data/cifar.py.
+    val_per_class: int = 0
     download: bool = False  # allow downloading standard datasets (never implicit)
     num_classes: int | None = None  # generated datasets (shapes_glt): how many classes; None = default
     max_per_class: int | None = None  # generated / digits datasets: n_max; None = default
@@ -421,6 +425,9 @@ def validate(cfg: RunConfig) -> None:
     check(cfg.data.profile in ("exp", "step"), f"data.profile must be exp or step, got '{cfg.data.profile}'")
     check(cfg.data.imbalance_ratio >= 1, "data.imbalance_ratio must be >= 1 (n_max / n_min)")
     check(0 <= cfg.data.val_fraction < 1, "data.val_fraction must be in [0, 1)")
+    check(cfg.data.val_per_class >= 0, f"data.val_per_class must be >= 0, got {cfg.data.val_per_class}")
+    check(not (cfg.data.val_per_class and cfg.data.val_fraction),
+          "data.val_per_class and data.val_fraction both make a val split: set only one")
     check(cfg.data.in_memory in ("auto", "always", "never"), "data.in_memory must be auto, always or never")
     check(cfg.data.augment in ("auto", "cifar", "imagenet", "glt", "glt_coco", "none"),
           "data.augment must be auto, cifar, imagenet, glt, glt_coco or none")
