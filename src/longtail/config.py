@@ -109,6 +109,10 @@ class StageConfig:
     init_from: str | None = None
     eval_every: int = 0  # evaluate on val every N epochs (0: only at the end); never on test
     drop_last: bool = True  # drop the last partial training batch (reference behaviour)
+    # How long an epoch is. sampler: the sampler's whole stream (N for instance sampling, n_max x C for class-aware
+    # sampling); dataset: int(N / batch_size) steps of it, N = training images, as Decoupling's run_networks.py
+    # (epoch_steps), where a class-aware epoch is cut after that many batches.
+    epoch_length: str = "sampler"
 
 
 @dataclass
@@ -445,6 +449,8 @@ def validate(cfg: RunConfig) -> None:
         check(st.epochs >= 0, f"{where}: epochs must be >= 0")
         check(st.batch_size >= 1, f"{where}: batch_size must be >= 1")
         check(st.optim.lr >= 0, f"{where}: optim.lr must be >= 0")
+        check(st.epoch_length in ("sampler", "dataset"),
+              f"{where}: epoch_length must be sampler or dataset, got '{st.epoch_length}'")
         check(st.schedule.name in ("multistep", "cosine", "constant"),
               f"{where}: schedule.name must be multistep, cosine or constant")
         # The reference code steps its scheduler before epoch 0, so with the offset epoch 0 already trains at
