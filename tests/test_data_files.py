@@ -145,6 +145,58 @@ def test_cifar_lt_from_an_image_folder_zip(tmp_path):
     assert not torch.equal(other.train.images, ds.train.images)
 
 
+def _image_keys(images):
+    return {bytes(img.numpy().tobytes()) for img in images}
+
+
+def test_cifar_val_per_class_from_the_images_the_subset_left_out(tmp_path, caplog):
+    zpath = _cifar_like_zip(tmp_path)  # 30 train images per class, 2 test
+    base = create_dataset(DataConfig(name="cifar10_lt", root=str(zpath), imbalance_ratio=10))
+    with caplog.at_level("WARNING", logger="longtail"):
+        ds = create_dataset(DataConfig(name="cifar10_lt", root=str(zpath), imbalance_ratio=10, val_per_class=5))
+    # train is exactly the one without the option (same images, same subset hash); test untouched
+    assert torch.equal(ds.train.images, base.train.images) and torch.equal(ds.train.targets, base.train.targets)
+    assert ds.info["subset_hash"] == base.info["subset_hash"]
+    assert ds.info["train_counts_hash"] == base.info["train_counts_hash"]
+    assert torch.equal(ds.splits["test"].images, base.splits["test"].images)
+    # the head class keeps all 30 of its images: its val holds none, a warning says so, info records the counts
+    assert ds.info["val_counts"] == [0] + [5] * 9 == ds.splits["val"].class_counts(10).tolist()
+    assert "fewer unused training images" in caplog.text and "c0 0" in caplog.text
+    # disjoint from train and test, drawn from the CIFAR training images
+    full = create_dataset(DataConfig(name="cifar10_lt", root=str(zpath), imbalance_ratio=1))  # all 300 kept
+    val = _image_keys(ds.splits["val"].images)
+    assert len(val) == 45 and val <= _image_keys(full.train.images)
+    assert not val & _image_keys(ds.train.images) and not val & _image_keys(ds.splits["test"].images)
+    # deterministic for a seed; another subset seed draws another val
+    again = create_dataset(DataConfig(name="cifar10_lt", root=str(zpath), imbalance_ratio=10, val_per_class=5))
+    assert torch.equal(again.splits["val"].images, ds.splits["val"].images)
+    other = create_dataset(DataConfig(name="cifar10_lt", root=str(zpath), imbalance_ratio=10, val_per_class=5,
+                                      subset_seed=1))
+    assert not torch.equal(other.splits["val"].images, ds.splits["val"].images)
+
+
+def test_cifar_val_per_class_is_balanced_where_every_class_has_leftovers(tmp_path, caplog):
+    zpath = _cifar_like_zip(tmp_path)
+    with caplog.at_level("WARNING", logger="longtail"):
+        ds = create_dataset(DataConfig(name="cifar10_lt", root=str(zpath), imbalance_ratio=10, max_per_class=20,
+                                       val_per_class=5))
+    assert ds.splits["val"].class_counts(10).tolist() == [5] * 10 and "fewer" not in caplog.text
+
+
+def test_cifar_val_per_class_errors(tmp_path, image_folder):
+    from longtail.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match="data.val_per_class must be >= 0"):
+        build_config({"data": {"name": "cifar10_lt", "val_per_class": -1}})
+    with pytest.raises(ConfigError, match="both make a val split"):
+        build_config({"data": {"name": "cifar10_lt", "val_per_class": 5, "val_fraction": 0.1}})
+    with pytest.raises(DataError, match="applies to cifar10_lt and cifar100_lt"):
+        create_dataset(DataConfig(name="image_folder", root=str(image_folder), val_per_class=2))
+    zpath = _cifar_like_zip(tmp_path)
+    with pytest.raises(DataError, match="no image is left for val"):
+        create_dataset(DataConfig(name="cifar10_lt", root=str(zpath), imbalance_ratio=1, val_per_class=2))
+
+
 def test_cifar_wrong_class_count(tmp_path):
     zpath = _cifar_like_zip(tmp_path, num_classes=3, per_class=2)
     with pytest.raises(DataError, match="expected 10 class folders"):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from longtail.data.profiles import class_counts, hold_out, select_long_tailed
+from longtail.data.profiles import class_counts, draw_unused, hold_out, select_long_tailed
 from longtail.data.samplers import InstanceSampler, shard
 
 
@@ -66,6 +66,20 @@ def test_hold_out_per_class():
     assert np.bincount(targets[va], minlength=3).tolist() == [10, 2, 1]
     tr2, va2 = hold_out(targets, 0.2, 0)
     np.testing.assert_array_equal(va, va2)
+
+
+def test_draw_unused_takes_only_what_the_subset_left_out():
+    targets = np.repeat(np.arange(3), [20, 20, 20])  # 20 originals per class, grouped as CIFAR's are not
+    targets = targets[np.random.RandomState(0).permutation(60)]
+    keep = select_long_tailed(targets, [20, 12, 5], 0)  # class 0 keeps all: nothing left for val
+    val, got = draw_unused(targets, keep, 6, 3, seed=0)
+    assert not set(val) & set(keep) and len(set(val)) == len(val)
+    assert got == [0, 6, 6] and np.bincount(targets[val], minlength=3).tolist() == got
+    val2, _ = draw_unused(targets, keep, 6, 3, seed=0)
+    np.testing.assert_array_equal(val, val2)  # deterministic for a seed
+    assert not np.array_equal(draw_unused(targets, keep, 6, 3, seed=1)[0], val)
+    big, got_big = draw_unused(targets, keep, 100, 3, seed=0)  # more than exists: all that is left
+    assert got_big == [0, 8, 15] and set(big) == set(range(60)) - set(keep)
 
 
 def test_instance_sampler_is_a_seeded_permutation():

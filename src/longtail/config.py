@@ -31,6 +31,10 @@ class DataConfig:
     profile: str = "exp"  # exp: n_i = int(n_max * r^(i/(C-1))); step: half n_max, half n_max*r
     subset_seed: int = 0  # which images are kept (CIFAR-LT: bit-compatible with Cao et al.)
     val_fraction: float = 0.0  # held out of train per class for model selection; 0: no val split
+    # CIFAR-LT: a balanced val of this many images per class drawn (seeded by subset_seed) from the CIFAR training
+    # images the long-tailed subset left out, so train stays exactly as without it; 0: none. The head class keeps
+    # all its images (n_max), so its val holds what is left (none at the default n_max): see data/cifar.py.
+    val_per_class: int = 0
     download: bool = False  # allow downloading standard datasets (never implicit)
     num_classes: int | None = None  # generated datasets (shapes_glt): how many classes; None = default
     max_per_class: int | None = None  # generated / digits datasets: n_max; None = default
@@ -105,6 +109,10 @@ class StageConfig:
     init_from: str | None = None
     eval_every: int = 0  # evaluate on val every N epochs (0: only at the end); never on test
     drop_last: bool = True  # drop the last partial training batch (reference behaviour)
+    # How long an epoch is. sampler: the sampler's whole stream (N for instance sampling, n_max x C for class-aware
+    # sampling); dataset: int(N / batch_size) steps of it, N = training images, as Decoupling's run_networks.py
+    # (epoch_steps), where a class-aware epoch is cut after that many batches.
+    epoch_length: str = "sampler"
 
 
 @dataclass
@@ -421,6 +429,9 @@ def validate(cfg: RunConfig) -> None:
     check(cfg.data.profile in ("exp", "step"), f"data.profile must be exp or step, got '{cfg.data.profile}'")
     check(cfg.data.imbalance_ratio >= 1, "data.imbalance_ratio must be >= 1 (n_max / n_min)")
     check(0 <= cfg.data.val_fraction < 1, "data.val_fraction must be in [0, 1)")
+    check(cfg.data.val_per_class >= 0, f"data.val_per_class must be >= 0, got {cfg.data.val_per_class}")
+    check(not (cfg.data.val_per_class and cfg.data.val_fraction),
+          "data.val_per_class and data.val_fraction both make a val split: set only one")
     check(cfg.data.in_memory in ("auto", "always", "never"), "data.in_memory must be auto, always or never")
     check(cfg.data.augment in ("auto", "cifar", "imagenet", "glt", "glt_coco", "none"),
           "data.augment must be auto, cifar, imagenet, glt, glt_coco or none")
@@ -438,6 +449,8 @@ def validate(cfg: RunConfig) -> None:
         check(st.epochs >= 0, f"{where}: epochs must be >= 0")
         check(st.batch_size >= 1, f"{where}: batch_size must be >= 1")
         check(st.optim.lr >= 0, f"{where}: optim.lr must be >= 0")
+        check(st.epoch_length in ("sampler", "dataset"),
+              f"{where}: epoch_length must be sampler or dataset, got '{st.epoch_length}'")
         check(st.schedule.name in ("multistep", "cosine", "constant"),
               f"{where}: schedule.name must be multistep, cosine or constant")
         # The reference code steps its scheduler before epoch 0, so with the offset epoch 0 already trains at

@@ -29,6 +29,9 @@ def create_dataset(cfg: DataConfig, seed: int = 0) -> LTDataset:
         raise DataError(f"{ds.name} is always held in memory (small, decoded or generated once), so "
                         f"data.in_memory=never does not apply; for per-image DataLoader transforms instead of "
                         f"batched augmentation on the device set data.fast_path=false")
+    if cfg.val_per_class and "val_per_class" not in ds.info:  # a builder that honours it records it
+        raise DataError(f"data.val_per_class applies to cifar10_lt and cifar100_lt (a val from the training images "
+                        f"their long-tailed subset left out), not to {ds.name}; use data.val_fraction or its own val")
     if cfg.val_fraction > 0:
         if "val" in ds.splits:
             raise DataError(f"{ds.name} has its own val split; drop data.val_fraction")

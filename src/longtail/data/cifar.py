@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import zipfile
 from pathlib import Path
@@ -14,9 +15,11 @@ from tqdm import tqdm
 from longtail.config import DataConfig
 from longtail.data.base import DataError, LTDataset, Split
 from longtail.data.images import IMAGE_EXTENSIONS, decode_bytes
-from longtail.data.profiles import class_counts, index_hash, select_long_tailed
+from longtail.data.profiles import class_counts, draw_unused, index_hash, select_long_tailed
 from longtail.registry import DATASETS
 from longtail.utils import atomic_torch_save
+
+log = logging.getLogger("longtail")
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)  # the values of the LDAM-DRW / BBN / TDE code
@@ -122,20 +125,55 @@ def build_cifar_lt(cfg: DataConfig, cache_dir: Path, num_classes: int) -> LTData
     counts = class_counts(num_classes, n_max, cfg.imbalance_ratio, cfg.profile)
     keep = select_long_tailed(train_targets, counts, cfg.subset_seed)
     test_images, test_targets = data["test"]
+    splits = {
+        "train": Split(targets=torch.from_numpy(train_targets[keep]), images=train_images[keep]),
+        "test": Split(targets=torch.from_numpy(test_targets), images=test_images),
+    }
+    info = {"source": str(root), "subset_seed": cfg.subset_seed, "subset_hash": index_hash(keep), "counts": counts}
+    if cfg.val_per_class:
+        splits["val"], info_val = _unused_val(train_targets, train_images, keep, cfg, classes)
+        info.update(info_val)
     return LTDataset(
         name=f"cifar{num_classes}_lt",
         class_names=classes,
-        splits={
-            "train": Split(targets=torch.from_numpy(train_targets[keep]), images=train_images[keep]),
-            "test": Split(targets=torch.from_numpy(test_targets), images=test_images),
-        },
+        splits=splits,
         eval_splits=["test"],
         image_size=32,
         mean=CIFAR_MEAN,
         std=CIFAR_STD,
-        info={"source": str(root), "subset_seed": cfg.subset_seed, "subset_hash": index_hash(keep),
-              "counts": counts},
+        info=info,
     )
+
+
+def _unused_val(targets: np.ndarray, images: torch.Tensor, keep: np.ndarray, cfg: DataConfig,
+                classes: list[str]) -> tuple[Split, dict]:
+    """``data.val_per_class``: a val split of K images per class from the CIFAR training images the long-tailed
+    subset did not keep (never from test; the train split and its subset hash are those without this option).
+
+    A stage 2 on a run trained without val can then choose (tau, an epoch) on images its backbone never saw;
+    ``data.val_fraction`` would carve val out of the long-tailed train that stage 1 trained on.
+
+    The head class keeps all of its images at the default n_max (5000 for CIFAR-10, 500 for CIFAR-100), so it has
+    none left: its val holds what exists (none there; CIFAR-100-LT r=100's next classes have 23 and 45), a warning
+    says so and ``info['val_counts']`` records the per-class counts. Selection by mean per-class accuracy then
+    averages over the classes present only, so a choice never pays for what it costs the head class: on
+    CIFAR-10-LT it leans towards tail-favouring values (a larger tau-norm or logit-adjustment tau) than a
+    complete balanced val would pick. Read the chosen value with that in mind, or lower data.max_per_class (which
+    changes train) for a val that has every class.
+    """
+    k = cfg.val_per_class
+    idx, got = draw_unused(targets, keep, k, len(classes), cfg.subset_seed)
+    if not len(idx):
+        raise DataError(f"data.val_per_class={k}: the long-tailed subset keeps every training image of every class; "
+                        f"no image is left for val")
+    short = [c for c, n in enumerate(got) if n < k]
+    if short:
+        log.warning("data.val_per_class=%d: %d class(es) have fewer unused training images, their val holds what "
+                    "exists: %s", k, len(short), ", ".join(f"{classes[c]} {got[c]}" for c in short[:10]))
+    info = {"val": f"{k} per class from the CIFAR training images the long-tailed subset left out"
+                   f"{f' ({len(short)} class(es) fewer)' if short else ''} (hash {index_hash(idx)})",
+            "val_per_class": k, "val_counts": got}
+    return Split(targets=torch.from_numpy(targets[idx]), images=images[idx]), info
 
 
 @DATASETS.register("cifar10_lt")

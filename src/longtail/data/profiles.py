@@ -65,6 +65,29 @@ def hold_out(targets: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarra
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
+def draw_unused(
+    targets: np.ndarray, keep: np.ndarray, per_class: int, num_classes: int, seed: int
+) -> tuple[np.ndarray, list[int]]:
+    """Indices of up to ``per_class`` images of each class among those NOT in ``keep`` (the images a long-tailed
+    subset left out), and the (C,) number drawn per class.
+
+    Seeded (``numpy.random.default_rng([seed, 2])``, a stream independent of the subset's own); a class with fewer
+    unused images than ``per_class`` gives all it has (the head class at n_max: none). Indices are sorted within
+    each class, classes in ascending order.
+    """
+    targets = np.asarray(targets)
+    unused = np.ones(len(targets), dtype=bool)
+    unused[np.asarray(keep, dtype=np.int64)] = False
+    rng = np.random.default_rng([seed, 2])
+    out, counts = [], []
+    for c in range(num_classes):
+        idx = np.where(unused & (targets == c))[0]
+        take = np.sort(rng.permutation(idx)[:per_class])
+        out.append(take)
+        counts.append(len(take))
+    return (np.concatenate(out) if out else np.zeros(0, dtype=np.int64)), counts
+
+
 def index_hash(indices: np.ndarray) -> str:
     """Short hash of a selection, recorded in the run config so two runs can tell they used the same subset."""
     return hashlib.sha1(np.asarray(indices, dtype=np.int64).tobytes()).hexdigest()[:12]

@@ -138,18 +138,25 @@ def parse_sweep(text: str) -> tuple[str, list[float]]:
     return key.split(".", 1)[1], values
 
 
+SWEEP_KEYS = ("top1", "many", "medium", "few", "precision")
+
+
 def sweep_option(method: Method, loader: Loader, split: str, option: str, values: list[float], cfg: EvalConfig,
-                 amp: bool = True) -> list[dict]:
+                 amp: bool = True, channels_last: bool = False, dist: DistInfo | None = None,
+                 keys: tuple[str, ...] = SWEEP_KEYS) -> list[dict]:
     """Metrics of ``split`` for each value of a prediction-time method option, from one pass of features.
 
-    Returns rows ``{option: value, top1, many, medium, few, precision}``; the option is restored after.
+    Returns rows ``{option: value, top1, many, medium, few, precision}`` (``keys``: which metrics); the option
+    is restored after. Under DDP (``dist``) the features are gathered, so every rank computes the same rows.
     """
     if not hasattr(method.cfg, option):
         known = ", ".join(f for f in vars(method.cfg))
         raise ValueError(f"method '{type(method).__name__}' has no option '{option}' (options: {known or 'none'})")
-    feats, targets = extract_features(method, loader, split, cfg.batch_size, amp)
+    feats, targets = extract_features(method, loader, split, cfg.batch_size, amp, channels_last, dist)
     counts = loader.ds.train_counts()
     old = getattr(method.cfg, option)
+    was = method.training
+    method.eval()
     rows = []
     try:
         for v in values:
@@ -157,7 +164,30 @@ def sweep_option(method: Method, loader: Loader, split: str, option: str, values
             preds = torch.cat([method.predict_features(feats[i:i + cfg.batch_size].to(loader.device)).argmax(1).cpu()
                                for i in range(0, len(feats), cfg.batch_size)])
             m = classification_metrics(preds, targets, counts, thresholds_of(cfg))
-            rows.append({option: v, **{k: m[k] for k in ("top1", "many", "medium", "few", "precision")}})
+            rows.append({option: v, **{k: m[k] for k in keys}})
     finally:
         setattr(method.cfg, option, old)
+        method.train(was)
     return rows
+
+
+CHOICE_METRIC = "mean_class_acc"  # = balanced top-1 on a balanced val; averages the classes the split has
+
+
+def choose_on_val(method: Method, loader: Loader, option: str, grid: list[float], cfg: EvalConfig, amp: bool = True,
+                  channels_last: bool = False, dist: DistInfo | None = None) -> dict:
+    """Sweep a prediction-time option over ``grid`` on the val split and return the choice.
+
+    The best ``mean_class_acc`` wins; a tie goes to the first grid value. Returns ``{option, split, metric,
+    value, score, curve}`` with ``curve`` the rows of ``sweep_option`` (plus the metric); the method is not
+    changed (the caller stores the value with ``method.set_chosen``).
+    """
+    if "val" not in loader.ds.splits:
+        raise ValueError(f"method.{option}=val needs a validation split and this run has none (never chosen on "
+                         f"test): set data.val_per_class (CIFAR-LT) or data.val_fraction")
+    rows = sweep_option(method, loader, "val", option, grid, cfg, amp, channels_last, dist,
+                        keys=(CHOICE_METRIC, *SWEEP_KEYS))
+    scores = [r[CHOICE_METRIC] if r[CHOICE_METRIC] is not None else float("-inf") for r in rows]
+    best = max(range(len(rows)), key=lambda i: (scores[i], -i))  # highest score, then the earliest value
+    return {"option": option, "split": "val", "metric": CHOICE_METRIC, "value": rows[best][option],
+            "score": rows[best][CHOICE_METRIC], "curve": rows}

@@ -27,14 +27,16 @@ from longtail.engine.distributed import (
     any_rank,
     average_buffers,
     barrier,
+    broadcast_from_main,
     init_distributed,
     shutdown,
 )
-from longtail.engine.evaluate import autocast, evaluate_split, thresholds_of
+from longtail.engine.evaluate import autocast, choose_on_val, evaluate_split, thresholds_of
 from longtail.engine.schedule import lr_at
 from longtail.evaluation.metrics import describe_class_groups
 from longtail.methods import Method, MethodContext, create_method
 from longtail.models import Classifier, create_model
+from longtail.registry import METHODS
 from longtail.utils import atomic_write_json, environment_info, resolve_device, seed_everything
 
 log = logging.getLogger("longtail")
@@ -124,6 +126,35 @@ def _set_lr(opt: torch.optim.Optimizer, st: StageConfig, t: float) -> float:
         if not g.get("fixed_lr", False):  # e.g. IFL's centres: their own constant lr
             g["lr"] = lr * g.get("lr_scale", 1.0)
     return lr
+
+
+def _epoch_steps(st: StageConfig, sampler_steps: int, n_train: int) -> int:
+    """Steps per epoch: the sampler's whole stream, or with ``epoch_length: dataset`` int(N / B) of it (Decoupling's
+    ``run_networks.py``: ``epoch_steps = int(len(train set) / batch_size)``, the loop breaks at that step)."""
+    if st.epoch_length == "sampler":
+        return sampler_steps
+    steps = n_train // st.batch_size
+    if steps < 1:
+        raise ValueError(f"stage '{st.name}': epoch_length=dataset gives int({n_train} / {st.batch_size}) = 0 steps "
+                         f"per epoch; lower batch_size or use epoch_length=sampler")
+    return min(steps, sampler_steps)  # the reference loop also ends when its loader runs out
+
+
+def _choose_options(method: Method, st: StageConfig, loader: Loader, cfg: RunConfig, channels_last: bool,
+                    dist: DistInfo) -> list[dict]:
+    """Choose the method's ``OPTION: val`` settings on the val split (``Method.val_options``) and store them in the
+    method; returns one record per option for metrics.json."""
+    out = []
+    for option, grid in method.options_to_choose().items():
+        choice = choose_on_val(method, loader, option, grid, cfg.eval, cfg.amp, channels_last, dist)
+        method.set_chosen(option, choice["value"])
+        broadcast_from_main(getattr(method, f"chosen_{option}"))  # DDP: one value, rank 0's
+        log.info("stage %s: %s=%g chosen on val (%s %.2f); curve: %s", st.name, option, choice["value"],
+                 choice["metric"], choice["score"], ", ".join(
+                     f"{r[option]:g}: {r[choice['metric']]:.2f}" if r[choice["metric"]] is not None else
+                     f"{r[option]:g}: -" for r in choice["curve"]))
+        out.append({"stage": st.name, **choice})
+    return out
 
 
 def _init_checkpoint(init_from: str) -> Path:
@@ -220,6 +251,11 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
     loader = Loader(ds, device, cfg.data.augment, cfg.data.num_workers, cfg.data.fast_path)
     if cfg.eval.select == "best_val" and "val" not in ds.splits:
         raise ValueError("eval.select=best_val needs a validation split: set data.val_fraction (never select on test)")
+    for st in cfg.stages:  # before anything trains: an option chosen on val needs a val split
+        on_val = METHODS.get(st.method["name"]).options_on_val(st.method)
+        if on_val and "val" not in ds.splits:
+            raise ValueError(f"stage '{st.name}': method.{on_val[0]}=val is chosen on a validation split and this "
+                             f"run has none (never on test): set data.val_per_class (CIFAR-LT) or data.val_fraction")
     model = create_model(cfg.model, ds.num_classes).to(device)
     channels_last = cfg.model.channels_last
     if channels_last:
@@ -235,6 +271,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
 
     state = RunState(**ckpt["state"]) if ckpt else RunState()
     best = ckpt.get("best", {"top1": -1.0}) if ckpt else {"top1": -1.0}
+    choices: list[dict] = ckpt.get("choices", []) if ckpt else []  # options chosen on val, per stage
     timing: list[dict] = []  # the epochs this process trained: seconds and images (all ranks), for `bench`
     method = None
     with _StopFlag() as stop:
@@ -266,9 +303,11 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
             sampler = create_sampler(method.sampler_name(st.sampler), ds.train.targets, ds.num_classes,
                                      seed=_epoch_seed(cfg.seed, si, 0), total_epochs=st.epochs)
             sampler = method.train_sampler(sampler, st.batch_size)  # e.g. IFL's two environments
-            # An epoch is the sampler's stream (n_max * C for class-aware sampling), this rank's share of it.
-            steps = ctx.steps_per_epoch = loader.steps_per_epoch(-(-len(sampler) // ctx.world_size), local_batch,
-                                                                 st.drop_last)
+            # An epoch is the sampler's stream (n_max * C for class-aware sampling), this rank's share of it; with
+            # epoch_length=dataset its first int(N / B) global batches (every rank the same number of steps).
+            sampler_steps = loader.steps_per_epoch(-(-len(sampler) // ctx.world_size), local_batch, st.drop_last)
+            steps = ctx.steps_per_epoch = _epoch_steps(st, sampler_steps, len(ds.train))
+            cut = steps * st.batch_size if st.epoch_length == "dataset" else None  # global samples per epoch
             bar = tqdm(total=st.epochs * steps, initial=start_epoch * steps + start_step, unit="step",
                        desc=f"{st.name} ({st.method['name']})", disable=not progress, dynamic_ncols=True,
                        mininterval=0.5 if sys.stderr.isatty() else 30.0, file=sys.stderr)
@@ -280,7 +319,8 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                 lr = ctx.lr = _set_lr(opt, st, epoch)
                 method.on_epoch_start(epoch, ctx)
                 method.train()
-                indices = shard(sampler.indices(epoch), ctx.rank, ctx.world_size)
+                # Cut before sharding: the same (seed, epoch) stream, so a resumed epoch sees the same batches.
+                indices = shard(sampler.indices(epoch)[:cut], ctx.rank, ctx.world_size)
                 loss_sum, seen, t_epoch = 0.0, 0, time.time()
                 # Every rank uses the same augmentation stream `gen`, so its state (saved by rank 0) resumes all.
                 for step, (x, y) in enumerate(loader.train_batches(indices, local_batch, st.drop_last, gen,
@@ -309,7 +349,8 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                         if main:
                             save_checkpoint(last_path, state=vars(RunState(si, epoch, step + 1)),
                                             method=method.state_dict(), optimizer=opt.state_dict(),
-                                            gen_state=gen.get_state(), best=best, config=to_dict(cfg))
+                                            gen_state=gen.get_state(), best=best, choices=choices,
+                                            config=to_dict(cfg))
                         barrier(dist)
                         bar.close()
                         raise Interrupted(f"interrupted at stage '{st.name}' epoch {epoch + 1} step {step + 1}; "
@@ -326,6 +367,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                 log.info(msg)
                 last_epoch = epoch + 1 == st.epochs
                 if st.eval_every and "val" in ds.splits and ((epoch + 1) % st.eval_every == 0 or last_epoch):
+                    _choose_options(method, st, loader, cfg, channels_last, dist)  # OPTION=val: for these weights
                     val = evaluate_split(method, loader, "val", cfg.eval, cfg.amp, channels_last, dist)
                     log.info("stage %s epoch %d val top1 %.2f", st.name, epoch + 1, val["top1"])
                     if cfg.eval.select == "best_val" and si == len(cfg.stages) - 1 and val["top1"] > best["top1"]:
@@ -336,7 +378,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                 stop.stop = any_rank(stop.stop, dist, device)
                 if main and ((epoch + 1) % cfg.checkpoint_every == 0 or last_epoch or stop.stop):
                     save_checkpoint(last_path, state=vars(RunState(si, epoch + 1, 0)), method=method.state_dict(),
-                                    optimizer=opt.state_dict(), best=best, config=to_dict(cfg))
+                                    optimizer=opt.state_dict(), best=best, choices=choices, config=to_dict(cfg))
                 if stop.stop:
                     barrier(dist)
                     bar.close()
@@ -344,12 +386,14 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                                       f"continue with: longtail train --resume --out {run_dir}")
             bar.close()
             method.on_stage_end(ctx)
+            choices = [c for c in choices if c["stage"] != st.name]
+            choices += _choose_options(method, st, loader, cfg, channels_last, dist)
             if main:
                 save_checkpoint(ckpt_dir / f"stage_{st.name}.pt", method=method.state_dict(), config=to_dict(cfg))
                 # The next stage starts at its epoch 0; record that so a resume lands there.
                 save_checkpoint(last_path, state=vars(RunState(si + 1, 0, 0)), method=method.state_dict(),
                                 optimizer=opt.state_dict() if opt is not None else {}, best=best,
-                                config=to_dict(cfg))
+                                choices=choices, config=to_dict(cfg))
             barrier(dist)  # a later stage's init_from reads the file rank 0 just wrote
 
     loader.close()  # training is over: stop any persistent DataLoader workers
@@ -361,10 +405,16 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
         b = load_checkpoint(ckpt_dir / "best.pt")
         method.load_state_dict(b["method"])
         selected = f"best val top1 {b['best']['top1']:.2f} at stage {b['best']['stage']} epoch {b['best']['epoch']}"
+        if method.options_to_choose():  # best.pt was saved before the stage end: choose for these weights
+            last = cfg.stages[-1]
+            choices = [c for c in choices if c["stage"] != last.name]
+            choices += _choose_options(method, last, loader, cfg, channels_last, dist)
     metrics = evaluate_run(method, loader, cfg, channels_last, dist=dist)
     if main:
         save_checkpoint(ckpt_dir / "final.pt", method=method.state_dict(), config=to_dict(cfg), selected=selected)
         metrics["selected"] = selected
+        if choices:
+            metrics["chosen_on_val"] = choices
         metrics["train_seconds"] = round(time.time() - t0, 1)
         metrics["epoch_timing"] = timing
         if dist.enabled:

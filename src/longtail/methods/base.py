@@ -33,10 +33,23 @@ class MethodContext:
     extras: dict = field(default_factory=dict)  # e.g. the dataset, for methods that need it
 
 
+def check_val_option(name: str, value: Any, grid: list[float]) -> None:
+    """Config check of a prediction-time option that may be a number or ``"val"`` (see ``Method.val_options``)."""
+    if isinstance(value, str) and value != "val":
+        raise ValueError(f"{name} must be a number or 'val' (chosen on the val split over {name}_grid), got '{value}'")
+    if not grid:
+        raise ValueError(f"{name}_grid must hold at least one value (it is what {name}=val chooses from)")
+
+
 class Method(nn.Module):
     """Base method: plain cross-entropy on the model's logits. Subclasses override what differs."""
 
     requires_head: str | None = None  # a registered head the method needs (checked by config validation)
+    # Prediction-time options (Config fields) a recipe may set to "val": when the stage ends the engine sweeps the
+    # option over the Config field ``<option>_grid`` on the run's val split (one pass of features), keeps the value
+    # with the best mean per-class accuracy and stores it here in the buffer ``chosen_<option>``, so the stage
+    # checkpoint and final.pt carry it. Such an option is read with ``self.option(name)``.
+    val_options: tuple[str, ...] = ()
 
     @dataclass
     class Config:
@@ -48,6 +61,45 @@ class Method(nn.Module):
         self.cfg = cfg
         self.num_classes = ctx.num_classes
         self.register_buffer("class_counts", ctx.train_counts.clone().float(), persistent=False)  # (C,)
+        for name in self.val_options:
+            if getattr(cfg, name, None) == "val":  # () float64 (a grid value exactly); NaN until chosen
+                self.register_buffer(f"chosen_{name}", torch.tensor(float("nan"), dtype=torch.float64))
+
+    # ------------------------------------------------------------------ options chosen on val
+    @classmethod
+    def options_on_val(cls, opts: dict) -> list[str]:
+        """The options a method spec (``{'name': ..., option: value}``) sets to "val" (checked before training)."""
+        return [name for name in cls.val_options if opts.get(name) == "val"]
+
+    def options_to_choose(self) -> dict[str, list[float]]:
+        """{option: grid} of the options this method chooses on val when its stage ends."""
+        return {n: [float(v) for v in getattr(self.cfg, f"{n}_grid")] for n in self.options_on_val(vars(self.cfg))}
+
+    def option(self, name: str) -> float:
+        """A prediction-time option's value: the configured number, or the one chosen on val."""
+        value = getattr(self.cfg, name)
+        if value != "val":
+            return float(value)
+        chosen = getattr(self, f"chosen_{name}")
+        if chosen.isnan():
+            raise RuntimeError(f"method.{name}=val: not chosen yet (it is chosen on the val split when the stage ends)")
+        return float(chosen)
+
+    def set_chosen(self, name: str, value: float) -> None:
+        getattr(self, f"chosen_{name}").fill_(value)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        # A run whose option was chosen on val re-evaluated at a fixed value (eval --set method.tau=0.5) has no
+        # buffer for it, and a fixed-value run re-scored with method.tau=val has nothing to load: neither is an
+        # architecture mismatch.
+        state_dict = dict(state_dict)
+        for name in self.val_options:
+            key = f"chosen_{name}"
+            if not hasattr(self, key):
+                state_dict.pop(key, None)
+            elif key not in state_dict:
+                state_dict[key] = getattr(self, key)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, targets)

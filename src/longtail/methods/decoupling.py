@@ -1,27 +1,37 @@
 """Decoupled two-stage training (Kang et al., ICLR 2020; spec baselines.md section 5): stage-2 methods that
 re-balance only the classifier on top of a frozen stage-1 backbone (``init_from`` the stage-1 stage).
 
-Frozen means ``requires_grad=False`` and BatchNorm in eval mode (the GLT code left BN training: defect G8).
+Frozen means ``requires_grad=False``. By default BatchNorm stays in eval mode too (the cleaner choice; the GLT code
+left BN training: defect G8). cRT and LWS offer ``backbone_bn: train``, what Decoupling's own code does
+(``run_networks.py``: every epoch calls ``model.train()`` on all networks, the ``fix: true`` feature model included,
+so its BN normalises with batch statistics and its running statistics follow the class-balanced batches; spec
+baselines.md 5, audit 2026-12-01). Evaluation and feature extraction always use eval mode.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from longtail.engine.distributed import broadcast_from_main
-from longtail.methods.base import Method, MethodContext
+from longtail.methods.base import Method, MethodContext, check_val_option
 from longtail.methods.losses import logit_adjusted_loss
 from longtail.models import Classifier
 from longtail.models.heads import LinearHead
 from longtail.registry import METHODS
 
 
+def _check_backbone_bn(value: str) -> None:
+    if value not in ("eval", "train"):
+        raise ValueError(f"backbone_bn must be eval or train, got '{value}'")
+
+
 class _FrozenBackbone(Method):
-    """Base of the stage-2 methods: the backbone is frozen and stays in eval mode."""
+    """Base of the stage-2 methods: the backbone's weights are frozen; it stays in eval mode unless the method's
+    ``backbone_bn`` (cRT, LWS) is ``train``."""
 
     requires_head = "linear"
 
@@ -32,7 +42,11 @@ class _FrozenBackbone(Method):
 
     def train(self, mode: bool = True) -> _FrozenBackbone:
         super().train(mode)
-        self.model.backbone.eval()  # frozen BN statistics, also while the classifier trains
+        # eval: frozen BN statistics, also while the classifier trains. train (Decoupling's code): while training,
+        # BN normalises each batch by its own statistics and updates its running ones (saved with the weights);
+        # eval() still switches everything to eval mode for evaluation.
+        if getattr(self.cfg, "backbone_bn", "eval") == "eval":
+            self.model.backbone.eval()
         return self
 
 
@@ -47,10 +61,12 @@ class ClassifierRetraining(_FrozenBackbone):
     @dataclass
     class Config:
         loss: str = "ce"  # ce (Decoupling's cRT) | balanced_softmax
+        backbone_bn: str = "eval"  # eval: frozen BN statistics | train: BN in train mode, as Decoupling's code
 
         def __post_init__(self) -> None:
             if self.loss not in ("ce", "balanced_softmax"):
                 raise ValueError(f"loss must be ce or balanced_softmax, got '{self.loss}'")
+            _check_backbone_bn(self.backbone_bn)
 
     def __init__(self, model: Classifier, cfg, ctx: MethodContext) -> None:
         super().__init__(model, cfg, ctx)
@@ -76,7 +92,10 @@ class LearnableWeightScaling(_FrozenBackbone):
 
     @dataclass
     class Config:
-        pass
+        backbone_bn: str = "eval"  # eval: frozen BN statistics | train: BN in train mode, as Decoupling's code
+
+        def __post_init__(self) -> None:
+            _check_backbone_bn(self.backbone_bn)
 
     def __init__(self, model: Classifier, cfg, ctx: MethodContext) -> None:
         super().__init__(model, cfg, ctx)
@@ -96,18 +115,35 @@ class LearnableWeightScaling(_FrozenBackbone):
         return self.scales * self.model.forward_head(feats)
 
 
+def tau_grid() -> list[float]:
+    """0, 0.1, ..., 2.0: the tau values Decoupling's ``tau_norm.py`` evaluates (``np.linspace(0, 2, 21)``)."""
+    return [round(0.1 * i, 10) for i in range(21)]
+
+
 @METHODS.register("tau_norm")
 class TauNormalization(_FrozenBackbone):
-    """tau-normalisation: no training; w_c / ||w_c||^tau, bias dropped (tau sweepable at eval, choose on val)."""
+    """tau-normalisation: no training; w_c / ||w_c||^tau, bias dropped (tau sweepable at eval, choose on val).
+
+    ``tau: val`` chooses tau when the stage ends: the best mean per-class accuracy on the run's val split over
+    ``tau_grid`` (features in eval mode, computed once), as Decoupling picks tau from the curve ``tau_norm.py``
+    prints for the val features (its "All" column is the mean of per-class accuracies). The curve and the choice
+    are written to metrics.json (``chosen_on_val``) and the log.
+    """
+
+    val_options = ("tau",)
 
     @dataclass
     class Config:
-        tau: float = 1.0
+        tau: float | str = 1.0  # a number, or "val": chosen on the val split over tau_grid at the stage end
+        tau_grid: list[float] = field(default_factory=tau_grid)
+
+        def __post_init__(self) -> None:
+            check_val_option("tau", self.tau, self.tau_grid)
 
     @torch.no_grad()
     def predict_features(self, feats: torch.Tensor) -> torch.Tensor:
         w = self.model.head.weight  # (C, D)
-        w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-12) ** self.cfg.tau
+        w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-12) ** self.option("tau")
         return feats @ w.T
 
 

@@ -3,12 +3,12 @@ adjustment, LDAM with deferred re-weighting. Each is a pure function plus a Meth
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from longtail.methods.base import Method, MethodContext
+from longtail.methods.base import Method, MethodContext, check_val_option
 from longtail.models import Classifier
 from longtail.registry import METHODS
 
@@ -124,16 +124,26 @@ class BalancedSoftmax(Method):
 
 @METHODS.register("logit_adjust_posthoc")
 class LogitAdjustPosthoc(Method):
-    """Post-hoc logit adjustment: train with CE, predict argmax z - tau log pi (tau sweepable at eval)."""
+    """Post-hoc logit adjustment: train with CE, predict argmax z - tau log pi (tau sweepable at eval).
+
+    ``tau: val`` chooses tau on the run's val split over ``tau_grid`` when the stage ends (best mean per-class
+    accuracy), e.g. as a no-training stage 2 (``epochs: 0``) on a CE run's weights.
+    """
+
+    val_options = ("tau",)
 
     @dataclass
     class Config:
-        tau: float = 1.0  # prediction-time: longtail eval RUN --sweep method.tau=0:2:0.25
+        tau: float | str = 1.0  # prediction-time: longtail eval RUN --sweep method.tau=0:2:0.25; "val": chosen on val
+        tau_grid: list[float] = field(default_factory=lambda: [round(0.1 * i, 10) for i in range(21)])  # 0..2
+
+        def __post_init__(self) -> None:
+            check_val_option("tau", self.tau, self.tau_grid)
 
     @torch.no_grad()
     def predict_features(self, feats: torch.Tensor) -> torch.Tensor:
         prior = self.class_counts / self.class_counts.sum()
-        return self.model.forward_head(feats) - torch.log(prior**self.cfg.tau + 1e-12)
+        return self.model.forward_head(feats) - torch.log(prior ** self.option("tau") + 1e-12)
 
 
 @METHODS.register("ldam_drw")
