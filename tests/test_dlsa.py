@@ -20,8 +20,17 @@ from longtail.engine.inference import load_trained  # noqa: E402
 from longtail.methods.dlsa import DLSACascade, DLSAConfig, FlowGMM  # noqa: E402
 from test_engine_cli import tiny_raw  # noqa: E402
 
-TINY_DLSA = {"name": "dlsa", "max_depth": 2, "clusters": 4, "flow_epochs": 2, "flow_batch_size": 16,
-             "head_epochs": 3, "head_batch_size": 8, "head_lr": 0.05, "max_cluster_size": 1000}
+TINY_DLSA = {
+    "name": "dlsa",
+    "max_depth": 2,
+    "clusters": 4,
+    "flow_epochs": 2,
+    "flow_batch_size": 16,
+    "head_epochs": 3,
+    "head_batch_size": 8,
+    "head_lr": 0.05,
+    "max_cluster_size": 1000,
+}
 
 
 def blobs(n_per=(120, 50, 20, 8), dim=6, seed=0):
@@ -88,21 +97,21 @@ def test_cascade_routes_each_sample_to_exactly_one_stage():
     rest = routes == 2
     assert rest.any() and (routes < 2).any()
     casc.train()  # a route never depends on the batch (flows score with running statistics), even in train mode
-    assert torch.equal(torch.cat([casc.cascade(test[i:i + 7])[0] for i in range(0, 300, 7)]), routes)
+    assert torch.equal(torch.cat([casc.cascade(test[i : i + 7])[0] for i in range(0, 300, 7)]), routes)
     assert casc.flows[0].training
     casc.eval()
     torch.testing.assert_close(scores[rest], casc.regular(test[rest], test[rest]))
     first = routes == 0
     c = casc.flows[0].score(test)[1]
-    torch.testing.assert_close(scores[first], casc.cacs[0](test[first], test[first],
-                                                           casc.cluster_priors[0][c[first]]))
+    torch.testing.assert_close(scores[first], casc.cacs[0](test[first], test[first], casc.cluster_priors[0][c[first]]))
 
 
 def test_heads_are_selected_on_routed_val_samples_only():
     x, y = blobs()
     xv, yv = blobs(n_per=(10, 10, 10, 10), seed=1)
-    cfg = DLSAConfig(max_depth=1, clusters=6, flow_epochs=2, flow_batch_size=32, head_epochs=6, eval_every=2,
-                     max_cluster_size=10**6)
+    cfg = DLSAConfig(
+        max_depth=1, clusters=6, flow_epochs=2, flow_batch_size=32, head_epochs=6, eval_every=2, max_cluster_size=10**6
+    )
     summary = DLSACascade(6, 4, cfg, torch.bincount(y)).fit(x, y, val=(xv, yv))
     for st in summary["stages"]:
         assert st["head_epoch"] in (2, 4, 6) and st["val_top1"] is not None
@@ -141,8 +150,9 @@ def dlsa_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("dlsa")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LONGTAIL_CACHE", str(root / "cache"))
-        folder = make_image_folder(root / "folder", {"train": {"ant": 24, "bee": 8, "cat": 3},
-                                                     "test": {"ant": 4, "bee": 4, "cat": 4}})
+        folder = make_image_folder(
+            root / "folder", {"train": {"ant": 24, "bee": 8, "cat": 3}, "test": {"ant": 4, "bee": 4, "cat": 4}}
+        )
         raw = tiny_raw(folder, epochs=1)
         raw["stages"][0]["name"] = "features"
         raw["stages"].append({"name": "dlsa", "method": TINY_DLSA, "epochs": 0, "init_from": "features"})
@@ -158,8 +168,12 @@ def test_cli_two_stage_run_reports_routes(dlsa_run):
     assert sum(r["num_samples"] for r in routes) == 12
     assert all({"mcc", "nmi", "many"} <= set(r) for r in routes if r["num_samples"])
     state = load_checkpoint(dlsa_run / "checkpoints" / "final.pt")["method"]
-    assert {"cascade.thresholds", "cascade.cluster_priors", "cascade.flows.1.means",
-            "cascade.regular.lin_x.weight"} <= set(state)
+    assert {
+        "cascade.thresholds",
+        "cascade.cluster_priors",
+        "cascade.flows.1.means",
+        "cascade.regular.lin_x.weight",
+    } <= set(state)
     assert torch.isfinite(state["cascade.thresholds"]).all()
     # the frozen backbone is the stage-1 one
     s1 = load_checkpoint(dlsa_run / "checkpoints" / "stage_features.pt")["method"]
@@ -227,8 +241,12 @@ def test_features_are_written_and_reused(dlsa_run, monkeypatch):
 
 def test_feature_quality_report(dlsa_run, capsys, monkeypatch):
     monkeypatch.setenv("LONGTAIL_CACHE", str(dlsa_run.parent / "cache"))
-    assert main(["eval", str(dlsa_run), "--feature-quality", "--set", "method.clusters=3",
-                 "--set", "method.flow_epochs=1"]) == 0
+    assert (
+        main(
+            ["eval", str(dlsa_run), "--feature-quality", "--set", "method.clusters=3", "--set", "method.flow_epochs=1"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "test: filtered (CAC)" in out and "purity > 0.9" in out
     fq = json.loads((dlsa_run / "metrics.json").read_text())["feature_quality"]["test"]
@@ -245,6 +263,7 @@ def test_benchmark_stage2_configs_validate(name):
 
     from longtail.config import load_config
 
-    cfg = load_config(Path(__file__).resolve().parents[1] / "benchmarks" / "configs" / f"{name}.yaml",
-                      ["init_from=/runs/ce"])
+    cfg = load_config(
+        Path(__file__).resolve().parents[1] / "benchmarks" / "configs" / f"{name}.yaml", ["init_from=/runs/ce"]
+    )
     assert len(cfg.stages) == 1 and cfg.stages[0].method["name"] == "crt" and cfg.stages[0].init_from == "/runs/ce"

@@ -122,8 +122,7 @@ def broadcast_from_main(*targets: torch.nn.Module | torch.Tensor) -> None:
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
-    tensors = [t for x in targets for t in ([*x.parameters(), *x.buffers()] if isinstance(x, torch.nn.Module)
-                                            else [x])]
+    tensors = [t for x in targets for t in ([*x.parameters(), *x.buffers()] if isinstance(x, torch.nn.Module) else [x])]
     with torch.no_grad():
         for t in tensors:
             dist.broadcast(t.data, src=0)

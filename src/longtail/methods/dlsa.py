@@ -44,8 +44,9 @@ def _zuko():
     try:
         import zuko
     except ImportError as e:
-        raise ImportError("DLSA needs the normalising-flow library zuko: pip install 'longtail[flows]' "
-                          "(or pip install zuko)") from e
+        raise ImportError(
+            "DLSA needs the normalising-flow library zuko: pip install 'longtail[flows]' (or pip install zuko)"
+        ) from e
     return zuko
 
 
@@ -83,8 +84,9 @@ class BatchNormFlow(nn.Module):
         return y, logdet.expand(x.shape[0])
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        return (y - self.beta) * torch.exp(-self.log_gamma) * torch.sqrt(self.running_var + self.eps) + \
-            self.running_mean
+        return (y - self.beta) * torch.exp(-self.log_gamma) * torch.sqrt(
+            self.running_var + self.eps
+        ) + self.running_mean
 
 
 class FlowGMM(nn.Module):
@@ -95,8 +97,17 @@ class FlowGMM(nn.Module):
     uniform weights (spec section 3).
     """
 
-    def __init__(self, dim: int, clusters: int, blocks: int = 2, hidden: int | None = None, hidden_layers: int = 2,
-                 center_std: float = 0.05, batch_norm: bool = True, seed: int = 0) -> None:
+    def __init__(
+        self,
+        dim: int,
+        clusters: int,
+        blocks: int = 2,
+        hidden: int | None = None,
+        hidden_layers: int = 2,
+        center_std: float = 0.05,
+        batch_norm: bool = True,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         zuko = _zuko()
         if dim < 2:
@@ -106,8 +117,11 @@ class FlowGMM(nn.Module):
         self.layers = nn.ModuleList()
         for i in range(blocks):
             order = torch.arange(dim) if i % 2 == 0 else torch.arange(dim).flip(0)
-            self.layers.append(zuko.flows.MaskedAutoregressiveTransform(
-                features=dim, order=order, hidden_features=[hidden] * hidden_layers))
+            self.layers.append(
+                zuko.flows.MaskedAutoregressiveTransform(
+                    features=dim, order=order, hidden_features=[hidden] * hidden_layers
+                )
+            )
             if batch_norm:
                 self.layers.append(BatchNormFlow(dim))
         g = torch.Generator().manual_seed(seed)
@@ -145,7 +159,7 @@ class FlowGMM(nn.Module):
     @torch.no_grad()
     def score(self, x: torch.Tensor, batch_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(N,) log p(x), (N,) hard cluster argmax_k log p_k(x) and (N, D) latent u, in batches."""
-        out = [self.component_log_probs(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+        out = [self.component_log_probs(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
         lp = torch.cat([o[0] for o in out])
         return lp.logsumexp(1) - math.log(self.clusters), lp.argmax(1), torch.cat([o[1] for o in out])
 
@@ -214,9 +228,13 @@ class DLSAConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        choices = {"z_source": ("feature", "flow_latent"), "cac_prior": ("subset", "full"),
-                   "regular_prior": ("subset", "full"), "head_init": ("random", "stage1"),
-                   "head_select": ("auto", "last")}
+        choices = {
+            "z_source": ("feature", "flow_latent"),
+            "cac_prior": ("subset", "full"),
+            "regular_prior": ("subset", "full"),
+            "head_init": ("random", "stage1"),
+            "head_select": ("auto", "last"),
+        }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be one of {', '.join(allowed)}, got '{getattr(self, key)}'")
@@ -243,8 +261,9 @@ def _class_weights(labels: torch.Tensor, num_classes: int, q: float) -> torch.Te
     return (w / w.sum()).float()
 
 
-def cluster_purity(clusters: torch.Tensor, labels: torch.Tensor, k: int, num_classes: int
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def cluster_purity(
+    clusters: torch.Tensor, labels: torch.Tensor, k: int, num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(K, C) joint counts, (K,) sizes and (K,) purity (majority-class share; 0 for empty clusters)."""
     joint = torch.zeros(k, num_classes, dtype=torch.long, device=labels.device)
     joint.index_put_((clusters, labels), torch.ones_like(labels), accumulate=True)
@@ -264,9 +283,19 @@ class DLSACascade(nn.Module):
         super().__init__()
         self.cfg, self.dim, self.num_classes = cfg, dim, num_classes
         depth, k = cfg.max_depth, cfg.clusters
-        self.flows = nn.ModuleList(FlowGMM(dim, k, cfg.flow_blocks, cfg.flow_hidden or dim, cfg.flow_hidden_layers,
-                                           cfg.center_std, cfg.flow_batch_norm, seed=cfg.seed * 1000 + d)
-                                   for d in range(depth))
+        self.flows = nn.ModuleList(
+            FlowGMM(
+                dim,
+                k,
+                cfg.flow_blocks,
+                cfg.flow_hidden or dim,
+                cfg.flow_hidden_layers,
+                cfg.center_std,
+                cfg.flow_batch_norm,
+                seed=cfg.seed * 1000 + d,
+            )
+            for d in range(depth)
+        )
         self.cacs = nn.ModuleList(ClusterAidedHead(dim, num_classes) for _ in range(depth))
         self.regular = RegularHead(dim, num_classes)
         self.register_buffer("thresholds", torch.full((depth,), float("inf")))  # tau_d (train percentile)
@@ -322,8 +351,13 @@ class DLSACascade(nn.Module):
 
     # ------------------------------------------------------------------ training
 
-    def fit(self, feats: torch.Tensor, labels: torch.Tensor, val: tuple[torch.Tensor, torch.Tensor] | None = None,
-            stage1_head: nn.Linear | None = None) -> dict:
+    def fit(
+        self,
+        feats: torch.Tensor,
+        labels: torch.Tensor,
+        val: tuple[torch.Tensor, torch.Tensor] | None = None,
+        stage1_head: nn.Linear | None = None,
+    ) -> dict:
         """Train the whole cascade on (N, D) training features and (N,) labels; returns a per-stage summary.
 
         ``val`` (features, labels) selects each head's epoch on the val samples routed to it; never test.
@@ -355,8 +389,11 @@ class DLSACascade(nn.Module):
             joint, sizes, _ = cluster_purity(c, y, cfg.clusters, self.num_classes)
             self.cluster_priors[d] = joint.float() / sizes.clamp_min(1)[:, None]  # empty cluster: zero vector
             z = u if cfg.z_source == "flow_latent" else x
-            counts = torch.bincount(y[take], minlength=self.num_classes).float() if cfg.cac_prior == "subset" \
+            counts = (
+                torch.bincount(y[take], minlength=self.num_classes).float()
+                if cfg.cac_prior == "subset"
                 else self.train_counts.to(x.device)
+            )
             val_sub = None
             if xv is not None:
                 sv, cv, uv = flow.score(xv)
@@ -365,20 +402,33 @@ class DLSACascade(nn.Module):
                 val_sub = (xv[v_take], zv[v_take], self.cluster_priors[d][cv[v_take]], yv[v_take])
                 v_active = v_active & ~v_take
                 zv_all = zv
-            head_info = self._train_head(self.cacs[d], (x[take], z[take], self.cluster_priors[d][c[take]]), y[take],
-                                         counts, val_sub, gen)
+            head_info = self._train_head(
+                self.cacs[d], (x[take], z[take], self.cluster_priors[d][c[take]]), y[take], counts, val_sub, gen
+            )
             self.stage_train_counts[d] = int(take.sum())
-            summary["stages"].append({"stage": d + 1, "train_samples": int(take.sum()), "threshold": float(tau),
-                                      **flow_info, **head_info})
-            log.info("DLSA stage %d: flow epoch %s (%d pure clusters), threshold %.3f, %d of %d train samples "
-                     "to CAC_%d%s", d + 1, flow_info["flow_epoch"], flow_info["pure_clusters"], float(tau),
-                     int(take.sum()), n_act, d + 1, _val_text(head_info))
+            summary["stages"].append(
+                {"stage": d + 1, "train_samples": int(take.sum()), "threshold": float(tau), **flow_info, **head_info}
+            )
+            log.info(
+                "DLSA stage %d: flow epoch %s (%d pure clusters), threshold %.3f, %d of %d train samples to CAC_%d%s",
+                d + 1,
+                flow_info["flow_epoch"],
+                flow_info["pure_clusters"],
+                float(tau),
+                int(take.sum()),
+                n_act,
+                d + 1,
+                _val_text(head_info),
+            )
             active = active & ~take
             z_all = z
         rest = active
         self.stage_train_counts[len(self.flows)] = int(rest.sum())
-        counts = torch.bincount(y[rest], minlength=self.num_classes).float() if cfg.regular_prior == "subset" \
+        counts = (
+            torch.bincount(y[rest], minlength=self.num_classes).float()
+            if cfg.regular_prior == "subset"
             else self.train_counts.to(x.device)
+        )
         val_sub = None
         if xv is not None:
             val_sub = (xv[v_active], (zv_all if cfg.z_source == "flow_latent" else xv)[v_active], None, yv[v_active])
@@ -392,9 +442,11 @@ class DLSACascade(nn.Module):
         """Copy the stage-1 linear layer into every Linear_x, then check it reproduces the stage-1 predictions
         on the (prepared) training features: a mismatch (normalisation, label order) aborts (spec section 10)."""
         if head.weight.shape != (self.num_classes, self.dim) or head.bias is None:
-            raise ValueError(f"head_init=stage1 needs a stage-1 linear head with bias of shape "
-                             f"({self.num_classes}, {self.dim}); got {tuple(head.weight.shape)}, "
-                             f"bias {'present' if head.bias is not None else 'absent'} (model.head_bias=true)")
+            raise ValueError(
+                f"head_init=stage1 needs a stage-1 linear head with bias of shape "
+                f"({self.num_classes}, {self.dim}); got {tuple(head.weight.shape)}, "
+                f"bias {'present' if head.bias is not None else 'absent'} (model.head_bias=true)"
+            )
         with torch.no_grad():
             for h in [*self.cacs, self.regular]:
                 h.lin_x.weight.copy_(head.weight)
@@ -402,8 +454,10 @@ class DLSACascade(nn.Module):
             ref = (head(feats.float()).argmax(1) == labels).float().mean().item()
             ours = (self.regular.lin_x(self.prepare(feats)).argmax(1) == labels).float().mean().item()
         if abs(ref - ours) > 0.01:
-            raise ValueError(f"head_init=stage1: the copied head gives {100 * ours:.2f}% train accuracy on the "
-                             f"prepared features, the stage-1 model {100 * ref:.2f}%: check normalize_features")
+            raise ValueError(
+                f"head_init=stage1: the copied head gives {100 * ours:.2f}% train accuracy on the "
+                f"prepared features, the stage-1 model {100 * ref:.2f}%: check normalize_features"
+            )
 
     def _train_flow(self, flow: FlowGMM, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> dict:
         """Three losses over class-balanced pairs (spec section 4); keeps the epoch with the most pure clusters."""
@@ -441,16 +495,21 @@ class DLSACascade(nn.Module):
                 logp = lp_p.logsumexp(1) - math.log(k)  # (B,) log p(x+)
                 loss_lh = -cfg.lambda_lh * (w[a] * logp).mean()
                 q_p = lp_p.softmax(1)  # (B, K)
-                loss_pur = cfg.lambda_pur * (q_p.detach() * lp_n.log_softmax(1)).sum(1).mean() if n_present > 1 \
+                loss_pur = (
+                    cfg.lambda_pur * (q_p.detach() * lp_n.log_softmax(1)).sum(1).mean()
+                    if n_present > 1
                     else lp.new_zeros(())
+                )
                 t += 1
                 ema = cfg.posterior_momentum * ema.detach() + (1 - cfg.posterior_momentum) * (q_p.mean(0) + 1e-7)
                 p_hat = ema / (1 - cfg.posterior_momentum**t)
                 loss_bal = cfg.lambda_bal * ((p_hat * p_hat.log()).sum() + math.log(k))
                 loss = loss_lh + loss_pur + loss_bal
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"DLSA flow loss is {loss.item()} at epoch {epoch + 1}: lower "
-                                             f"method.flow_lr ({cfg.flow_lr}) or set method.flow_grad_clip")
+                    raise FloatingPointError(
+                        f"DLSA flow loss is {loss.item()} at epoch {epoch + 1}: lower "
+                        f"method.flow_lr ({cfg.flow_lr}) or set method.flow_grad_clip"
+                    )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.flow_grad_clip > 0:
@@ -461,18 +520,26 @@ class DLSACascade(nn.Module):
             _, sizes, purity = cluster_purity(c, y, k, self.num_classes)
             pure = int(((purity > cfg.min_purity) & (sizes > cfg.min_size)).sum())
             if int(sizes.max()) < cfg.max_cluster_size and pure > best["pure_clusters"]:
-                best = {"pure_clusters": pure, "flow_epoch": epoch + 1,
-                        "state": copy.deepcopy(flow.state_dict())}
+                best = {"pure_clusters": pure, "flow_epoch": epoch + 1, "state": copy.deepcopy(flow.state_dict())}
         if best["state"] is None:
-            log.warning("DLSA: no flow epoch had its largest cluster below max_cluster_size=%d; keeping the last "
-                        "epoch", cfg.max_cluster_size)
+            log.warning(
+                "DLSA: no flow epoch had its largest cluster below max_cluster_size=%d; keeping the last epoch",
+                cfg.max_cluster_size,
+            )
             best = {"pure_clusters": pure, "flow_epoch": cfg.flow_epochs, "state": None}
         else:
             flow.load_state_dict(best["state"])
         return {"flow_epoch": best["flow_epoch"], "pure_clusters": best["pure_clusters"]}
 
-    def _train_head(self, head: nn.Module, inputs: tuple, y: torch.Tensor, counts: torch.Tensor,
-                    val: tuple | None, gen: torch.Generator) -> dict:
+    def _train_head(
+        self,
+        head: nn.Module,
+        inputs: tuple,
+        y: torch.Tensor,
+        counts: torch.Tensor,
+        val: tuple | None,
+        gen: torch.Generator,
+    ) -> dict:
         """Balanced Softmax CE(logits + log(n_c + 1e-6), y), SGD momentum 0, constant lr; the epoch is chosen on
         the val samples routed to this head (head_select=auto with a val split) or is the last one."""
         cfg = self.cfg
@@ -492,7 +559,7 @@ class DLSACascade(nn.Module):
         for epoch in range(cfg.head_epochs):
             perm = torch.randperm(n, generator=gen).to(y.device)
             for i in range(0, n, cfg.head_batch_size):
-                idx = perm[i:i + cfg.head_batch_size]
+                idx = perm[i : i + cfg.head_batch_size]
                 logits = head(*(t[idx] if t is not None else None for t in inputs))
                 loss = F.cross_entropy(logits + log_prior, y[idx])
                 opt.zero_grad(set_to_none=True)
@@ -537,11 +604,15 @@ class DLSA(_FrozenBackbone):
 
     def on_stage_start(self, ctx: MethodContext) -> None:
         if ctx.epochs != 0:
-            raise ValueError(f"a dlsa stage trains on extracted features inside the stage: set its epochs to 0 "
-                             f"(got {ctx.epochs}); its own epochs are method.flow_epochs and method.head_epochs")
+            raise ValueError(
+                f"a dlsa stage trains on extracted features inside the stage: set its epochs to 0 "
+                f"(got {ctx.epochs}); its own epochs are method.flow_epochs and method.head_epochs"
+            )
         if ctx.stage is not None and ctx.stage.init_from is None:
-            raise ValueError("a dlsa stage works on a trained stage-1 backbone: set its init_from (an earlier stage, "
-                             "or a stage-1 run folder / checkpoint)")
+            raise ValueError(
+                "a dlsa stage works on a trained stage-1 backbone: set its init_from (an earlier stage, "
+                "or a stage-1 run folder / checkpoint)"
+            )
         loader = ctx.extras["loader"]
         feats, labels = self.split_features(loader, "train")
         val = None
@@ -552,8 +623,12 @@ class DLSA(_FrozenBackbone):
             stage1 = getattr(self.model.head, "fc", None)
             if not isinstance(stage1, nn.Linear):
                 raise ValueError("head_init=stage1 needs a stage-1 linear head (model.head=linear)")
-        log.info("DLSA: %d train features of dim %d%s", len(feats), feats.shape[1],
-                 f", {len(val[0])} val" if val is not None else ", no val split: heads keep their last epoch")
+        log.info(
+            "DLSA: %d train features of dim %d%s",
+            len(feats),
+            feats.shape[1],
+            f", {len(val[0])} val" if val is not None else ", no val split: heads keep their last epoch",
+        )
         self.summary = self.cascade.fit(feats, labels, val, stage1)
         broadcast_from_main(self.cascade)  # DDP: every rank fitted on all features; keep rank 0's cascade
 
@@ -574,9 +649,15 @@ class DLSA(_FrozenBackbone):
 # ----------------------------------------------------------------------------- feature evaluation (section 8)
 
 
-def evaluate_features(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
-                      test_labels: torch.Tensor, num_classes: int | None = None, thresholds: Any = None,
-                      cfg: DLSAConfig | None = None) -> dict:
+def evaluate_features(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    test_labels: torch.Tensor,
+    num_classes: int | None = None,
+    thresholds: Any = None,
+    cfg: DLSAConfig | None = None,
+) -> dict:
     """Head-tail separability of a feature set (OUR interpretation of the paper's feature evaluation, spec
     section 8; the paper's protocol was not available): one flow filter (depth 1) on the training features,
     then
@@ -620,19 +701,29 @@ def evaluate_features(train_feats: torch.Tensor, train_labels: torch.Tensor, tes
         if not mask.any():
             return {"num_samples": 0}
         m = classification_metrics(preds[mask], tl[mask], counts, thresholds)
-        return {"num_samples": int(mask.sum()), **{k: m[k] for k in ("top1", "many", "medium", "few")},
-                "mcc": round(100 * float(matthews_corrcoef(tl[mask], preds[mask])), 2),
-                "nmi": round(100 * float(normalized_mutual_info_score(tl[mask], preds[mask])), 2)}
+        return {
+            "num_samples": int(mask.sum()),
+            **{k: m[k] for k in ("top1", "many", "medium", "few")},
+            "mcc": round(100 * float(matthews_corrcoef(tl[mask], preds[mask])), 2),
+            "nmi": round(100 * float(normalized_mutual_info_score(tl[mask], preds[mask])), 2),
+        }
 
     return {
         "protocol": "our interpretation of DLSA's feature evaluation (spec dlsa.md section 8): one flow filter, "
-                    f"{cfg.clusters} clusters, filter_fraction {cfg.filter_fraction}",
-        "clusters": {"purity_gt_0.9": int((purity[nonempty] > 0.9).sum()),
-                     "purity_gt_0.7": int((purity[nonempty] > 0.7).sum()),
-                     "purity_gt_0.5": int((purity[nonempty] > 0.5).sum()),
-                     "empty": int((~nonempty).sum()), "size_quartiles": [round(v, 1) for v in q]},
-        "composition": {"train_all": composition(train_labels), "train_filtered": composition(train_labels[taken_tr]),
-                        "test_all": composition(tl), "test_filtered": composition(tl[routes == 0])},
+        f"{cfg.clusters} clusters, filter_fraction {cfg.filter_fraction}",
+        "clusters": {
+            "purity_gt_0.9": int((purity[nonempty] > 0.9).sum()),
+            "purity_gt_0.7": int((purity[nonempty] > 0.7).sum()),
+            "purity_gt_0.5": int((purity[nonempty] > 0.5).sum()),
+            "empty": int((~nonempty).sum()),
+            "size_quartiles": [round(v, 1) for v in q],
+        },
+        "composition": {
+            "train_all": composition(train_labels),
+            "train_filtered": composition(train_labels[taken_tr]),
+            "test_all": composition(tl),
+            "test_filtered": composition(tl[routes == 0]),
+        },
         "filtered": subset_metrics(routes == 0),
         "rest": subset_metrics(routes == 1),
         "all": subset_metrics(torch.ones_like(routes, dtype=torch.bool)),
