@@ -86,7 +86,8 @@ def evaluate_split(
     """Metrics dict of one split (see ``classification_metrics``); identical on every rank under DDP.
 
     For a method that routes samples (``Method.routes``), also ``routes``: per route its sample count, top1,
-    many / medium / few, MCC and NMI on the samples it answered (DLSA's per-stage report).
+    many / medium / few, MCC and NMI on the samples it answered, and the share of each class it answered
+    (DLSA's per-stage report; see ``route_breakdown``).
     """
     s = loader.ds.splits[split]
     if type(method).routes is Method.routes:
@@ -131,10 +132,14 @@ def route_breakdown(
     thresholds: ShotThresholds | None = None,
 ) -> list[dict]:
     """Per route: its name, how many samples it answered, and on them top1, many / medium / few (with
-    ``train_counts``), Matthews correlation and normalised mutual information (percent; None when empty)."""
+    ``train_counts``), Matthews correlation and normalised mutual information (percent; None when empty);
+    and ``class_fraction`` (C,): the share of each class's samples of this split that the route answered
+    (None for a class absent from the split), e.g. how much of each class a DLSA filter stage took."""
     from sklearn.metrics import matthews_corrcoef, normalized_mutual_info_score
 
     n = max(len(names), int(routes.max()) + 1 if len(routes) else 0)
+    num_classes = len(train_counts) if train_counts is not None else int(targets.max()) + 1 if len(targets) else 0
+    per_class = torch.bincount(targets, minlength=num_classes).tolist()  # (C,) samples of each class in the split
     rows = []
     for r in range(n):
         m = routes == r
@@ -148,6 +153,8 @@ def route_breakdown(
                 row.update({g: cm[g] for g in ("many", "medium", "few")})
             row["mcc"] = round(100 * float(matthews_corrcoef(t.numpy(), p.numpy())), 2)
             row["nmi"] = round(100 * float(normalized_mutual_info_score(t.numpy(), p.numpy())), 2)
+        got = torch.bincount(targets[m], minlength=num_classes).tolist()
+        row["class_fraction"] = [round(g / c, 4) if c else None for g, c in zip(got, per_class, strict=True)]
         rows.append(row)
     return rows
 

@@ -529,7 +529,8 @@ def evaluate_run(
     splits: list[str] | None = None,
     dist: DistInfo | None = None,
 ) -> dict:
-    """The metrics.json content for ``splits`` (default: val when present, then the dataset's eval splits)."""
+    """The metrics.json content for ``splits`` (default: val when present, then the dataset's eval splits),
+    with the method's own ``report()`` as ``method_report`` when it has one."""
     ds = loader.ds
     if splits is None:
         splits = (["val"] if "val" in ds.splits else []) + ds.eval_splits
@@ -537,6 +538,7 @@ def evaluate_run(
     for protocol, split in ds.protocols.items():
         if split in results:
             results[split].setdefault("protocols", []).append(protocol)
+    extra = {"method_report": rep} if (rep := method.report()) else {}
     return {
         "splits": results,
         "protocols": {p: s for p, s in ds.protocols.items() if s in results},
@@ -551,6 +553,7 @@ def evaluate_run(
             else thresholds_of(cfg.eval).describe()
         ),
         "finished": datetime.now().isoformat(timespec="seconds"),
+        **extra,
     }
 
 
