@@ -17,11 +17,20 @@ from longtail.engine import train  # noqa: E402
 from longtail.engine.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from longtail.engine.features import feature_paths, load_features  # noqa: E402
 from longtail.engine.inference import load_trained  # noqa: E402
-from longtail.methods.dlsa import DLSACascade, DLSAConfig, FlowGMM  # noqa: E402
+from longtail.methods.dlsa import DLSACascade, DLSAConfig, FlowGMM, resolve_center_std  # noqa: E402
 from test_engine_cli import tiny_raw  # noqa: E402
 
-TINY_DLSA = {"name": "dlsa", "max_depth": 2, "clusters": 4, "flow_epochs": 2, "flow_batch_size": 16,
-             "head_epochs": 3, "head_batch_size": 8, "head_lr": 0.05, "max_cluster_size": 1000}
+TINY_DLSA = {
+    "name": "dlsa",
+    "max_depth": 2,
+    "clusters": 4,
+    "flow_epochs": 2,
+    "flow_batch_size": 16,
+    "head_epochs": 3,
+    "head_batch_size": 8,
+    "head_lr": 0.05,
+    "max_cluster_size": 1000,
+}
 
 
 def blobs(n_per=(120, 50, 20, 8), dim=6, seed=0):
@@ -88,21 +97,21 @@ def test_cascade_routes_each_sample_to_exactly_one_stage():
     rest = routes == 2
     assert rest.any() and (routes < 2).any()
     casc.train()  # a route never depends on the batch (flows score with running statistics), even in train mode
-    assert torch.equal(torch.cat([casc.cascade(test[i:i + 7])[0] for i in range(0, 300, 7)]), routes)
+    assert torch.equal(torch.cat([casc.cascade(test[i : i + 7])[0] for i in range(0, 300, 7)]), routes)
     assert casc.flows[0].training
     casc.eval()
     torch.testing.assert_close(scores[rest], casc.regular(test[rest], test[rest]))
     first = routes == 0
     c = casc.flows[0].score(test)[1]
-    torch.testing.assert_close(scores[first], casc.cacs[0](test[first], test[first],
-                                                           casc.cluster_priors[0][c[first]]))
+    torch.testing.assert_close(scores[first], casc.cacs[0](test[first], test[first], casc.cluster_priors[0][c[first]]))
 
 
 def test_heads_are_selected_on_routed_val_samples_only():
     x, y = blobs()
     xv, yv = blobs(n_per=(10, 10, 10, 10), seed=1)
-    cfg = DLSAConfig(max_depth=1, clusters=6, flow_epochs=2, flow_batch_size=32, head_epochs=6, eval_every=2,
-                     max_cluster_size=10**6)
+    cfg = DLSAConfig(
+        max_depth=1, clusters=6, flow_epochs=2, flow_batch_size=32, head_epochs=6, eval_every=2, max_cluster_size=10**6
+    )
     summary = DLSACascade(6, 4, cfg, torch.bincount(y)).fit(x, y, val=(xv, yv))
     for st in summary["stages"]:
         assert st["head_epoch"] in (2, 4, 6) and st["val_top1"] is not None
@@ -132,20 +141,168 @@ def test_missing_zuko_says_how_to_install(monkeypatch):
         FlowGMM(4, 2)
 
 
+# ----------------------------------------------------------------------------- CIFAR adaptations
+
+
+def _grid_cascade(flow_lr, dim=6, **opts):
+    """A depth-1 cascade on the blobs, its flows and heads initialised from seed 0 (zuko uses the global RNG)."""
+    cfg = DLSAConfig(
+        max_depth=1,
+        clusters=6,
+        flow_epochs=3,
+        flow_batch_size=32,
+        head_epochs=2,
+        max_cluster_size=10**6,
+        flow_lr=flow_lr,
+        **opts,
+    )
+    torch.manual_seed(0)
+    return DLSACascade(dim, 4, cfg, torch.tensor([120, 50, 20, 8]))
+
+
+def test_flow_lr_grid_keeps_the_best_purity_candidate_and_skips_a_diverging_one(caplog):
+    x, y = blobs()
+    casc = _grid_cascade([1e-5, 0.05, 1e9, 0.5])
+    with caplog.at_level("WARNING", logger="longtail"):
+        st = casc.fit(x, y)["stages"][0]
+    rows = st["flow_lr_grid"]
+    assert [r["lr"] for r in rows] == [1e-5, 0.05, 1e9, 0.5]
+    assert rows[2]["diverged"] and rows[2]["diverged_epoch"] == 1 and "flow lr 1e+09 diverged" in caplog.text
+    ok = [r for r in rows if not r["diverged"]]
+    assert all(len(r["epochs"]["loss"]) == 3 and r["flow_epoch"] in (1, 2, 3) for r in ok)
+    best = max(ok, key=lambda r: (r["qualified"], r["pure_clusters"], r["purity"]))  # the documented key
+    assert st["flow_lr"] == best["lr"] and st["purity"] == best["purity"] and st["flow_epoch"] == best["flow_epoch"]
+    assert st["flow_lr"] != 1e-5 and st["purity"] > rows[0]["purity"]  # an lr that trains beats one that cannot
+    # the kept flow is exactly the one training with that lr alone gives (same start, same pair stream)
+    alone = _grid_cascade(st["flow_lr"])
+    alone.fit(x, y)
+    assert torch.equal(casc.thresholds, alone.thresholds)
+    for k, v in alone.state_dict().items():
+        if k != "_extra_state":
+            assert torch.equal(casc.state_dict()[k], v), k
+
+
+def test_a_diverging_flow_lr_alone_or_a_whole_diverging_grid_is_one_error():
+    x, y = blobs()
+    with pytest.raises(FloatingPointError, match=r"lower method.flow_lr \(1e\+09\)"):
+        _grid_cascade(1e9).fit(x, y)
+    with pytest.raises(FloatingPointError, match=r"every flow_lr candidate diverged \(\[1e\+09, 1e\+10\]\)"):
+        _grid_cascade([1e9, 1e10]).fit(x, y)
+
+
+def test_center_std_auto_keeps_the_reference_spread_per_latent_dimension():
+    assert resolve_center_std("auto", 2048) == pytest.approx(0.05)  # the reference's value at its dimension
+    assert resolve_center_std("auto", 128) == pytest.approx(0.2)  # 0.05 * sqrt(2048 / 128)
+    assert resolve_center_std(0.3, 128) == 0.3
+    casc = _grid_cascade(0.05, dim=8, center_std="auto")
+    ref = torch.randn(6, 8, generator=torch.Generator().manual_seed(0)) * 0.05 * 16  # sqrt(2048 / 8) = 16
+    torch.testing.assert_close(casc.flows[0].means, ref)
+    # the rule is on the channels the flow models: 2 of 10 dead -> 0.05 * sqrt(2048 / 8) = 0.8 again
+    x, y = blobs(dim=8)
+    x = torch.cat([x, torch.zeros(len(x), 2)], 1)
+    casc = _grid_cascade(0.05, dim=10, center_std="auto", dead_channel_tol=1e-3)
+    rep = casc.fit(x, y)
+    assert casc.flows[0].means.shape == (6, 8) and rep["center_std"] == pytest.approx(0.8)
+
+
+def test_dead_channels_are_left_out_of_the_flows_at_fit_and_predict(tmp_path):
+    x, y = blobs()
+    g = torch.Generator().manual_seed(3)
+    nearly = (torch.rand(len(x), 1, generator=g) < 0.01) * 1e-4  # a channel non-zero on ~2 images
+    x = torch.cat([torch.zeros(len(x), 2), x[:, :3], nearly, x[:, 3:], torch.full((len(x), 1), 0.7)], 1)  # (N, 10)
+    casc = _grid_cascade(0.05, dim=10, dead_channel_tol=1e-3)
+    rep = casc.fit(x, y)
+    assert rep["dead_channels"] == 4 and rep["dead_channel_ids"] == [0, 1, 5, 9] and rep["flow_dim"] == 6
+    assert rep["constant_channels"] == 3 and casc.live_channels.sum() == 6 and casc.flows[0].dim == 6
+    assert torch.isfinite(casc.thresholds).all()
+    casc.eval()
+    test = torch.randn(40, 10) * 3
+    routes, scores = casc.cascade(test)
+    moved = test.clone()
+    moved[:, [0, 1, 5, 9]] += 5.0  # the flows never see those channels: the routes stay, the heads' scores move
+    assert torch.equal(casc.cascade(moved)[0], routes)
+    # a fresh cascade (flows on all 10 channels) loads the fitted one from a checkpoint file and predicts the same
+    save_checkpoint(tmp_path / "c.pt", method=casc.state_dict())
+    fresh = _grid_cascade(0.05, dim=10, dead_channel_tol=1e-3)
+    assert fresh.flows[0].dim == 10
+    fresh.load_state_dict(load_checkpoint(tmp_path / "c.pt")["method"])
+    fresh.eval()
+    assert fresh.flows[0].dim == 6 and fresh.report == rep
+    r2, s2 = fresh.cascade(test)
+    assert torch.equal(r2, routes) and torch.equal(s2, scores)
+    # z_source=flow_latent: the latent is zero on the dropped channels, so the heads keep their shapes
+    lat = _grid_cascade(0.05, dim=10, dead_channel_tol=1e-3, z_source="flow_latent")
+    lat.fit(x, y)
+    assert torch.isfinite(lat.eval().cascade(test)[1]).all()
+    assert (lat.score_stage(0, test)[2][:, [0, 1, 5, 9]] == 0).all()
+
+
+def test_constant_channels_are_kept_by_default_with_a_warning(caplog):
+    x, y = blobs()
+    x = torch.cat([x, torch.zeros(len(x), 1)], 1)
+    casc = _grid_cascade(0.05, dim=7)
+    with caplog.at_level("WARNING", logger="longtail"):
+        rep = casc.fit(x, y)
+    assert rep["dead_channels"] == 0 and rep["constant_channels"] == 1 and casc.flows[0].dim == 7
+    assert "1 of 7 feature channels are constant" in caplog.text and "dead_channel_tol" in caplog.text
+
+
+def test_checkpoints_from_before_dead_channels_still_load():
+    casc, x, _, _ = fitted_cascade(depth=1)
+    state = {k: v for k, v in casc.state_dict().items() if k not in ("live_channels", "_extra_state")}
+    fresh = DLSACascade(x.shape[1], 4, casc.cfg, torch.bincount(blobs()[1]))
+    fresh.load_state_dict(state)
+    assert fresh.live_channels.all() and fresh.report == {}
+    assert torch.equal(fresh.eval().cascade(x)[1], casc.cascade(x)[1])
+
+
+def test_train_class_fractions_add_up_over_the_stages():
+    casc, x, y, summary = fitted_cascade(depth=2)
+    fr = torch.tensor([st["train_class_fraction"] for st in summary["stages"]])  # (D+1, C)
+    torch.testing.assert_close(fr.sum(0), torch.ones(4, dtype=fr.dtype), atol=1e-3, rtol=0)
+    routes, _ = casc.cascade(x)  # the training set routes as in training
+    for d in range(3):
+        expect = torch.bincount(y[routes == d], minlength=4) / torch.bincount(y)
+        torch.testing.assert_close(fr[d], expect.to(fr.dtype), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "opt, match",
+    [
+        ("flow_lr=[]", "flow_lr must be a positive number or a non-empty list"),
+        ("flow_lr=[0.1,0.1]", "list of distinct ones"),
+        ("flow_lr=-0.1", "flow_lr must be a positive number"),
+        ("flow_lr=fast", "expected a number"),
+        ("center_std=big", "center_std must be a positive number or auto, got 'big'"),
+        ("center_std=0", "center_std must be a positive number or auto, got 0"),
+        ("dead_channel_tol=1.5", r"dead_channel_tol must be in \[0, 1\)"),
+    ],
+)
+def test_bad_new_options_are_one_line_errors(opt, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        build_config({"stages": [{"method": {"name": "dlsa"}}]}, [f"stages.0.method.{opt}"])
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="flow_batch_norm=true"):
+        DLSAConfig(center_std="auto", flow_batch_norm=False)
+
+
 # ----------------------------------------------------------------------------- runs
 
 
 @pytest.fixture(scope="module")
 def dlsa_run(tmp_path_factory):
-    """A tiny 2-stage run (ce 1 epoch, then dlsa depth 2) trained through the CLI, shared by the tests below."""
+    """A tiny 2-stage run (ce 1 epoch, then dlsa depth 2 with an lr grid, center_std auto and dead channels
+    left out) trained through the CLI, shared by the tests below."""
     root = tmp_path_factory.mktemp("dlsa")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LONGTAIL_CACHE", str(root / "cache"))
-        folder = make_image_folder(root / "folder", {"train": {"ant": 24, "bee": 8, "cat": 3},
-                                                     "test": {"ant": 4, "bee": 4, "cat": 4}})
+        folder = make_image_folder(
+            root / "folder", {"train": {"ant": 24, "bee": 8, "cat": 3}, "test": {"ant": 4, "bee": 4, "cat": 4}}
+        )
         raw = tiny_raw(folder, epochs=1)
         raw["stages"][0]["name"] = "features"
-        raw["stages"].append({"name": "dlsa", "method": TINY_DLSA, "epochs": 0, "init_from": "features"})
+        method = {**TINY_DLSA, "flow_lr": [0.2, 0.05], "center_std": "auto", "dead_channel_tol": 1e-3}
+        raw["stages"].append({"name": "dlsa", "method": method, "epochs": 0, "init_from": "features"})
         (root / "r.yaml").write_text(yaml.safe_dump(raw))
         assert main(["train", str(root / "r.yaml"), "--out", str(root / "run"), "--quiet"]) == 0
         yield root / "run"
@@ -158,12 +315,39 @@ def test_cli_two_stage_run_reports_routes(dlsa_run):
     assert sum(r["num_samples"] for r in routes) == 12
     assert all({"mcc", "nmi", "many"} <= set(r) for r in routes if r["num_samples"])
     state = load_checkpoint(dlsa_run / "checkpoints" / "final.pt")["method"]
-    assert {"cascade.thresholds", "cascade.cluster_priors", "cascade.flows.1.means",
-            "cascade.regular.lin_x.weight"} <= set(state)
+    assert {
+        "cascade.thresholds",
+        "cascade.cluster_priors",
+        "cascade.flows.1.means",
+        "cascade.regular.lin_x.weight",
+    } <= set(state)
     assert torch.isfinite(state["cascade.thresholds"]).all()
     # the frozen backbone is the stage-1 one
     s1 = load_checkpoint(dlsa_run / "checkpoints" / "stage_features.pt")["method"]
     assert all(torch.equal(v, state[k]) for k, v in s1.items() if k.startswith("model.backbone."))
+
+
+def test_metrics_json_has_the_method_report_and_per_class_route_fractions(dlsa_run, monkeypatch):
+    m = json.loads((dlsa_run / "metrics.json").read_text())
+    rep = m["method_report"]
+    assert rep["feature_dim"] == 32 and rep["flow_dim"] + rep["dead_channels"] == 32
+    assert len(rep["dead_channel_ids"]) == rep["dead_channels"] and rep["center_std"] > 0
+    stages = rep["stages"]
+    assert [st["stage"] for st in stages] == [1, 2, "regular"]
+    for st in stages[:2]:
+        assert st["flow_lr"] in (0.2, 0.05) and 1 <= st["flow_epoch"] <= 2
+        assert [r["lr"] for r in st["flow_lr_grid"]] == [0.2, 0.05]
+        assert all(set(r["epochs"]) == {"loss", "train_llh", "pure_clusters", "purity"} for r in st["flow_lr_grid"])
+    # per class, the stages' training fractions add up to 1 (3 classes, all with training images)
+    fr = torch.tensor([st["train_class_fraction"] for st in stages])
+    torch.testing.assert_close(fr.sum(0), torch.ones(3, dtype=fr.dtype), atol=1e-3, rtol=0)
+    # and the test routes' class fractions too (4 test images per class)
+    tf = torch.tensor([r["class_fraction"] for r in m["splits"]["test"]["routes"]])
+    torch.testing.assert_close(tf.sum(0), torch.ones(3, dtype=tf.dtype), atol=1e-3, rtol=0)
+    assert all(abs(v * 4 - round(v * 4)) < 1e-3 for v in tf.flatten().tolist())  # k of a class's 4 images
+    # the report is part of the checkpoint: a reloaded run reports the same
+    monkeypatch.setenv("LONGTAIL_CACHE", str(dlsa_run.parent / "cache"))
+    assert json.loads(json.dumps(load_trained(dlsa_run).method.report())) == rep
 
 
 def test_state_round_trips_through_a_checkpoint(dlsa_run, tmp_path, monkeypatch):
@@ -227,8 +411,12 @@ def test_features_are_written_and_reused(dlsa_run, monkeypatch):
 
 def test_feature_quality_report(dlsa_run, capsys, monkeypatch):
     monkeypatch.setenv("LONGTAIL_CACHE", str(dlsa_run.parent / "cache"))
-    assert main(["eval", str(dlsa_run), "--feature-quality", "--set", "method.clusters=3",
-                 "--set", "method.flow_epochs=1"]) == 0
+    assert (
+        main(
+            ["eval", str(dlsa_run), "--feature-quality", "--set", "method.clusters=3", "--set", "method.flow_epochs=1"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "test: filtered (CAC)" in out and "purity > 0.9" in out
     fq = json.loads((dlsa_run / "metrics.json").read_text())["feature_quality"]["test"]
@@ -245,6 +433,7 @@ def test_benchmark_stage2_configs_validate(name):
 
     from longtail.config import load_config
 
-    cfg = load_config(Path(__file__).resolve().parents[1] / "benchmarks" / "configs" / f"{name}.yaml",
-                      ["init_from=/runs/ce"])
+    cfg = load_config(
+        Path(__file__).resolve().parents[1] / "benchmarks" / "configs" / f"{name}.yaml", ["init_from=/runs/ce"]
+    )
     assert len(cfg.stages) == 1 and cfg.stages[0].method["name"] == "crt" and cfg.stages[0].init_from == "/runs/ce"

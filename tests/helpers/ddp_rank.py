@@ -20,7 +20,7 @@ _evaluate_run = fit.evaluate_run
 
 
 def _capture(method, *args, **kwargs):
-    state = {k: v.detach().cpu() for k, v in method.state_dict().items()}
+    state = {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in method.state_dict().items()}
     torch.save(state, os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.pt"))
     return _evaluate_run(method, *args, **kwargs)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -122,8 +123,17 @@ def broadcast_from_main(*targets: torch.nn.Module | torch.Tensor) -> None:
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
-    tensors = [t for x in targets for t in ([*x.parameters(), *x.buffers()] if isinstance(x, torch.nn.Module)
-                                            else [x])]
+    tensors = [t for x in targets for t in ([*x.parameters(), *x.buffers()] if isinstance(x, torch.nn.Module) else [x])]
     with torch.no_grad():
         for t in tensors:
             dist.broadcast(t.data, src=0)
+
+
+def object_from_main(obj: Any) -> Any:
+    """Rank 0's copy of a picklable object (a method's JSON-able report), on every rank; ``obj`` itself
+    without a process group. The companion of ``broadcast_from_main`` for state that is not a tensor."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -26,8 +26,16 @@ def autocast(device: torch.device, enabled: bool):
 
 
 @torch.no_grad()
-def _run_split(fn, method: Method, loader: Loader, split: str, batch_size: int, amp: bool, channels_last: bool,
-               dist: DistInfo | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _run_split(
+    fn,
+    method: Method,
+    loader: Loader,
+    split: str,
+    batch_size: int,
+    amp: bool,
+    channels_last: bool,
+    dist: DistInfo | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``fn(images)`` over a whole split in order -> ((N, ...) float outputs, (N,) targets) on the CPU.
 
     Under DDP each rank runs its shard of the split and the shards are gathered back into split order with
@@ -53,47 +61,85 @@ def _run_split(fn, method: Method, loader: Loader, split: str, batch_size: int, 
     return out.cpu(), tgt.cpu()
 
 
-def predict_split(method: Method, loader: Loader, split: str, batch_size: int, amp: bool = True,
-                  channels_last: bool = False, dist: DistInfo | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def predict_split(
+    method: Method,
+    loader: Loader,
+    split: str,
+    batch_size: int,
+    amp: bool = True,
+    channels_last: bool = False,
+    dist: DistInfo | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, C) float scores and (N,) targets of a whole split, in split order, on the CPU."""
     return _run_split(method.predict, method, loader, split, batch_size, amp, channels_last, dist)
 
 
-def evaluate_split(method: Method, loader: Loader, split: str, cfg: EvalConfig, amp: bool = True,
-                   channels_last: bool = False, dist: DistInfo | None = None) -> dict:
+def evaluate_split(
+    method: Method,
+    loader: Loader,
+    split: str,
+    cfg: EvalConfig,
+    amp: bool = True,
+    channels_last: bool = False,
+    dist: DistInfo | None = None,
+) -> dict:
     """Metrics dict of one split (see ``classification_metrics``); identical on every rank under DDP.
 
     For a method that routes samples (``Method.routes``), also ``routes``: per route its sample count, top1,
-    many / medium / few, MCC and NMI on the samples it answered (DLSA's per-stage report).
+    many / medium / few, MCC and NMI on the samples it answered, and the share of each class it answered
+    (DLSA's per-stage report; see ``route_breakdown``).
     """
     s = loader.ds.splits[split]
     if type(method).routes is Method.routes:
         scores, targets = predict_split(method, loader, split, cfg.batch_size, amp, channels_last, dist)
-        return classification_metrics(scores.argmax(1), targets, loader.ds.train_counts(), thresholds_of(cfg),
-                                      attributes=s.attributes, class_groups=loader.ds.class_groups)
+        return classification_metrics(
+            scores.argmax(1),
+            targets,
+            loader.ds.train_counts(),
+            thresholds_of(cfg),
+            attributes=s.attributes,
+            class_groups=loader.ds.class_groups,
+        )
     feats, targets = extract_features(method, loader, split, cfg.batch_size, amp, channels_last, dist)
     was = method.training
     method.eval()
     try:
-        chunks = [feats[i:i + cfg.batch_size].to(loader.device) for i in range(0, len(feats), cfg.batch_size)]
+        chunks = [feats[i : i + cfg.batch_size].to(loader.device) for i in range(0, len(feats), cfg.batch_size)]
         preds = torch.cat([method.predict_features(f).argmax(1).cpu() for f in chunks])
         routes = torch.cat([method.routes(f).cpu() for f in chunks])
     finally:
         method.train(was)
-    out = classification_metrics(preds, targets, loader.ds.train_counts(), thresholds_of(cfg),
-                                 attributes=s.attributes, class_groups=loader.ds.class_groups)
-    out["routes"] = route_breakdown(routes, preds, targets, method.route_names, loader.ds.train_counts(),
-                                    thresholds_of(cfg))
+    out = classification_metrics(
+        preds,
+        targets,
+        loader.ds.train_counts(),
+        thresholds_of(cfg),
+        attributes=s.attributes,
+        class_groups=loader.ds.class_groups,
+    )
+    out["routes"] = route_breakdown(
+        routes, preds, targets, method.route_names, loader.ds.train_counts(), thresholds_of(cfg)
+    )
     return out
 
 
-def route_breakdown(routes: torch.Tensor, preds: torch.Tensor, targets: torch.Tensor, names: list[str],
-                    train_counts: torch.Tensor | None = None, thresholds: ShotThresholds | None = None) -> list[dict]:
+def route_breakdown(
+    routes: torch.Tensor,
+    preds: torch.Tensor,
+    targets: torch.Tensor,
+    names: list[str],
+    train_counts: torch.Tensor | None = None,
+    thresholds: ShotThresholds | None = None,
+) -> list[dict]:
     """Per route: its name, how many samples it answered, and on them top1, many / medium / few (with
-    ``train_counts``), Matthews correlation and normalised mutual information (percent; None when empty)."""
+    ``train_counts``), Matthews correlation and normalised mutual information (percent; None when empty);
+    and ``class_fraction`` (C,): the share of each class's samples of this split that the route answered
+    (None for a class absent from the split), e.g. how much of each class a DLSA filter stage took."""
     from sklearn.metrics import matthews_corrcoef, normalized_mutual_info_score
 
     n = max(len(names), int(routes.max()) + 1 if len(routes) else 0)
+    num_classes = len(train_counts) if train_counts is not None else int(targets.max()) + 1 if len(targets) else 0
+    per_class = torch.bincount(targets, minlength=num_classes).tolist()  # (C,) samples of each class in the split
     rows = []
     for r in range(n):
         m = routes == r
@@ -107,12 +153,21 @@ def route_breakdown(routes: torch.Tensor, preds: torch.Tensor, targets: torch.Te
                 row.update({g: cm[g] for g in ("many", "medium", "few")})
             row["mcc"] = round(100 * float(matthews_corrcoef(t.numpy(), p.numpy())), 2)
             row["nmi"] = round(100 * float(normalized_mutual_info_score(t.numpy(), p.numpy())), 2)
+        got = torch.bincount(targets[m], minlength=num_classes).tolist()
+        row["class_fraction"] = [round(g / c, 4) if c else None for g, c in zip(got, per_class, strict=True)]
         rows.append(row)
     return rows
 
 
-def extract_features(method: Method, loader: Loader, split: str, batch_size: int, amp: bool = True,
-                     channels_last: bool = False, dist: DistInfo | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def extract_features(
+    method: Method,
+    loader: Loader,
+    split: str,
+    batch_size: int,
+    amp: bool = True,
+    channels_last: bool = False,
+    dist: DistInfo | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, D) float backbone features and (N,) targets of a split, in order, on the CPU."""
     return _run_split(method.model.forward_features, method, loader, split, batch_size, amp, channels_last, dist)
 
@@ -141,9 +196,18 @@ def parse_sweep(text: str) -> tuple[str, list[float]]:
 SWEEP_KEYS = ("top1", "many", "medium", "few", "precision")
 
 
-def sweep_option(method: Method, loader: Loader, split: str, option: str, values: list[float], cfg: EvalConfig,
-                 amp: bool = True, channels_last: bool = False, dist: DistInfo | None = None,
-                 keys: tuple[str, ...] = SWEEP_KEYS) -> list[dict]:
+def sweep_option(
+    method: Method,
+    loader: Loader,
+    split: str,
+    option: str,
+    values: list[float],
+    cfg: EvalConfig,
+    amp: bool = True,
+    channels_last: bool = False,
+    dist: DistInfo | None = None,
+    keys: tuple[str, ...] = SWEEP_KEYS,
+) -> list[dict]:
     """Metrics of ``split`` for each value of a prediction-time method option, from one pass of features.
 
     Returns rows ``{option: value, top1, many, medium, few, precision}`` (``keys``: which metrics); the option
@@ -161,8 +225,12 @@ def sweep_option(method: Method, loader: Loader, split: str, option: str, values
     try:
         for v in values:
             setattr(method.cfg, option, v)
-            preds = torch.cat([method.predict_features(feats[i:i + cfg.batch_size].to(loader.device)).argmax(1).cpu()
-                               for i in range(0, len(feats), cfg.batch_size)])
+            preds = torch.cat(
+                [
+                    method.predict_features(feats[i : i + cfg.batch_size].to(loader.device)).argmax(1).cpu()
+                    for i in range(0, len(feats), cfg.batch_size)
+                ]
+            )
             m = classification_metrics(preds, targets, counts, thresholds_of(cfg))
             rows.append({option: v, **{k: m[k] for k in keys}})
     finally:
@@ -174,8 +242,16 @@ def sweep_option(method: Method, loader: Loader, split: str, option: str, values
 CHOICE_METRIC = "mean_class_acc"  # = balanced top-1 on a balanced val; averages the classes the split has
 
 
-def choose_on_val(method: Method, loader: Loader, option: str, grid: list[float], cfg: EvalConfig, amp: bool = True,
-                  channels_last: bool = False, dist: DistInfo | None = None) -> dict:
+def choose_on_val(
+    method: Method,
+    loader: Loader,
+    option: str,
+    grid: list[float],
+    cfg: EvalConfig,
+    amp: bool = True,
+    channels_last: bool = False,
+    dist: DistInfo | None = None,
+) -> dict:
     """Sweep a prediction-time option over ``grid`` on the val split and return the choice.
 
     The best ``mean_class_acc`` wins; a tie goes to the first grid value. Returns ``{option, split, metric,
@@ -183,11 +259,20 @@ def choose_on_val(method: Method, loader: Loader, option: str, grid: list[float]
     changed (the caller stores the value with ``method.set_chosen``).
     """
     if "val" not in loader.ds.splits:
-        raise ValueError(f"method.{option}=val needs a validation split and this run has none (never chosen on "
-                         f"test): set data.val_per_class (CIFAR-LT) or data.val_fraction")
-    rows = sweep_option(method, loader, "val", option, grid, cfg, amp, channels_last, dist,
-                        keys=(CHOICE_METRIC, *SWEEP_KEYS))
+        raise ValueError(
+            f"method.{option}=val needs a validation split and this run has none (never chosen on "
+            f"test): set data.val_per_class (CIFAR-LT) or data.val_fraction"
+        )
+    rows = sweep_option(
+        method, loader, "val", option, grid, cfg, amp, channels_last, dist, keys=(CHOICE_METRIC, *SWEEP_KEYS)
+    )
     scores = [r[CHOICE_METRIC] if r[CHOICE_METRIC] is not None else float("-inf") for r in rows]
     best = max(range(len(rows)), key=lambda i: (scores[i], -i))  # highest score, then the earliest value
-    return {"option": option, "split": "val", "metric": CHOICE_METRIC, "value": rows[best][option],
-            "score": rows[best][CHOICE_METRIC], "curve": rows}
+    return {
+        "option": option,
+        "split": "val",
+        "metric": CHOICE_METRIC,
+        "value": rows[best][option],
+        "score": rows[best][CHOICE_METRIC],
+        "curve": rows,
+    }

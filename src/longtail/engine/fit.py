@@ -100,14 +100,29 @@ def _epoch_seed(seed: int, stage: int, epoch: int) -> int:
     return (seed * 1_000_003 + stage * 10_007 + epoch) % (2**63)
 
 
-def build_stage_method(cfg: RunConfig, stage_idx: int, model: Classifier, ds: LTDataset, loader: Loader,
-                       device: torch.device, dist: DistInfo | None = None) -> tuple[Method, MethodContext]:
+def build_stage_method(
+    cfg: RunConfig,
+    stage_idx: int,
+    model: Classifier,
+    ds: LTDataset,
+    loader: Loader,
+    device: torch.device,
+    dist: DistInfo | None = None,
+) -> tuple[Method, MethodContext]:
     st = cfg.stages[stage_idx]
     dist = dist or DistInfo()
     steps = loader.steps_per_epoch(len(ds.train), st.batch_size, st.drop_last)
-    ctx = MethodContext(num_classes=ds.num_classes, train_counts=ds.train_counts(), epochs=st.epochs,
-                        steps_per_epoch=steps, device=device, world_size=dist.world_size, rank=dist.rank,
-                        stage=st, extras={"dataset": ds, "loader": loader})
+    ctx = MethodContext(
+        num_classes=ds.num_classes,
+        train_counts=ds.train_counts(),
+        epochs=st.epochs,
+        steps_per_epoch=steps,
+        device=device,
+        world_size=dist.world_size,
+        rank=dist.rank,
+        stage=st,
+        extras={"dataset": ds, "loader": loader},
+    )
     method = create_method(st.method, model, ctx).to(device)
     return method, ctx
 
@@ -116,8 +131,13 @@ def _make_optimizer(method: Method, st: StageConfig) -> torch.optim.Optimizer:
     groups = method.param_groups()
     if not any(p.requires_grad for g in groups for p in g["params"]):
         raise RuntimeError(f"stage '{st.name}': the method has no trainable parameters")
-    return torch.optim.SGD(groups, lr=st.optim.lr, momentum=st.optim.momentum,
-                           weight_decay=st.optim.weight_decay, nesterov=st.optim.nesterov)
+    return torch.optim.SGD(
+        groups,
+        lr=st.optim.lr,
+        momentum=st.optim.momentum,
+        weight_decay=st.optim.weight_decay,
+        nesterov=st.optim.nesterov,
+    )
 
 
 def _set_lr(opt: torch.optim.Optimizer, st: StageConfig, t: float) -> float:
@@ -135,13 +155,16 @@ def _epoch_steps(st: StageConfig, sampler_steps: int, n_train: int) -> int:
         return sampler_steps
     steps = n_train // st.batch_size
     if steps < 1:
-        raise ValueError(f"stage '{st.name}': epoch_length=dataset gives int({n_train} / {st.batch_size}) = 0 steps "
-                         f"per epoch; lower batch_size or use epoch_length=sampler")
+        raise ValueError(
+            f"stage '{st.name}': epoch_length=dataset gives int({n_train} / {st.batch_size}) = 0 steps "
+            f"per epoch; lower batch_size or use epoch_length=sampler"
+        )
     return min(steps, sampler_steps)  # the reference loop also ends when its loader runs out
 
 
-def _choose_options(method: Method, st: StageConfig, loader: Loader, cfg: RunConfig, channels_last: bool,
-                    dist: DistInfo) -> list[dict]:
+def _choose_options(
+    method: Method, st: StageConfig, loader: Loader, cfg: RunConfig, channels_last: bool, dist: DistInfo
+) -> list[dict]:
     """Choose the method's ``OPTION: val`` settings on the val split (``Method.val_options``) and store them in the
     method; returns one record per option for metrics.json."""
     out = []
@@ -149,10 +172,18 @@ def _choose_options(method: Method, st: StageConfig, loader: Loader, cfg: RunCon
         choice = choose_on_val(method, loader, option, grid, cfg.eval, cfg.amp, channels_last, dist)
         method.set_chosen(option, choice["value"])
         broadcast_from_main(getattr(method, f"chosen_{option}"))  # DDP: one value, rank 0's
-        log.info("stage %s: %s=%g chosen on val (%s %.2f); curve: %s", st.name, option, choice["value"],
-                 choice["metric"], choice["score"], ", ".join(
-                     f"{r[option]:g}: {r[choice['metric']]:.2f}" if r[choice["metric"]] is not None else
-                     f"{r[option]:g}: -" for r in choice["curve"]))
+        log.info(
+            "stage %s: %s=%g chosen on val (%s %.2f); curve: %s",
+            st.name,
+            option,
+            choice["value"],
+            choice["metric"],
+            choice["score"],
+            ", ".join(
+                f"{r[option]:g}: {r[choice['metric']]:.2f}" if r[choice["metric"]] is not None else f"{r[option]:g}: -"
+                for r in choice["curve"]
+            ),
+        )
         out.append({"stage": st.name, **choice})
     return out
 
@@ -163,8 +194,10 @@ def _init_checkpoint(init_from: str) -> Path:
     if p.is_dir():
         final = p / "checkpoints" / "final.pt"
         if not final.is_file():
-            raise FileNotFoundError(f"init_from {init_from}: a folder without checkpoints/final.pt (is it a "
-                                    f"finished longtail run? an interrupted one continues with --resume)")
+            raise FileNotFoundError(
+                f"init_from {init_from}: a folder without checkpoints/final.pt (is it a "
+                f"finished longtail run? an interrupted one continues with --resume)"
+            )
         return final
     if not p.is_file():
         raise FileNotFoundError(f"init_from {init_from}: no such run folder or checkpoint file")
@@ -184,14 +217,17 @@ def _load_init(model: torch.nn.Module, st: StageConfig, ckpt_dir: Path, earlier:
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:  # another run's backbone / head / class count: say which settings differ
-        raise RuntimeError(f"stage '{st.name}': the weights in {path} do not fit this model (model.backbone, "
-                           f"model.head, head_bias and the class count must match the run they come from): "
-                           f"{e}") from None
+        raise RuntimeError(
+            f"stage '{st.name}': the weights in {path} do not fit this model (model.backbone, "
+            f"model.head, head_bias and the class count must match the run they come from): "
+            f"{e}"
+        ) from None
     log.info("stage %s starts from %s", st.name, path)
 
 
-def train(cfg: RunConfig | None = None, out: str | Path | None = None, resume: bool = False,
-          progress: bool = True) -> Path:
+def train(
+    cfg: RunConfig | None = None, out: str | Path | None = None, resume: bool = False, progress: bool = True
+) -> Path:
     """Train a recipe, evaluate it, and write a complete run folder. Returns the run folder.
 
     With ``resume=True``, ``out`` names an existing run folder; training continues from its last
@@ -228,13 +264,14 @@ def train(cfg: RunConfig | None = None, out: str | Path | None = None, resume: b
         shutdown(dist)
 
 
-def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: DistInfo,
-           device: torch.device) -> Path:
+def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: DistInfo, device: torch.device) -> Path:
     main = dist.is_main
     for st in cfg.stages:
         if st.batch_size % dist.world_size:
-            raise ValueError(f"stage '{st.name}': batch_size {st.batch_size} is the global batch and must divide "
-                             f"evenly over {dist.world_size} processes")
+            raise ValueError(
+                f"stage '{st.name}': batch_size {st.batch_size} is the global batch and must divide "
+                f"evenly over {dist.world_size} processes"
+            )
     seed_everything(cfg.seed)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -254,20 +291,32 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
     for st in cfg.stages:  # before anything trains: an option chosen on val needs a val split
         on_val = METHODS.get(st.method["name"]).options_on_val(st.method)
         if on_val and "val" not in ds.splits:
-            raise ValueError(f"stage '{st.name}': method.{on_val[0]}=val is chosen on a validation split and this "
-                             f"run has none (never on test): set data.val_per_class (CIFAR-LT) or data.val_fraction")
+            raise ValueError(
+                f"stage '{st.name}': method.{on_val[0]}=val is chosen on a validation split and this "
+                f"run has none (never on test): set data.val_per_class (CIFAR-LT) or data.val_fraction"
+            )
     model = create_model(cfg.model, ds.num_classes).to(device)
     channels_last = cfg.model.channels_last
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
 
     if main and (not resume or ckpt is None):
-        meta = {**environment_info(device), "started": datetime.now().isoformat(timespec="seconds"),
-                "dataset": {k: v for k, v in ds.info.items() if k != "counts"},
-                "train_counts": ds.train_counts().tolist()}
+        meta = {
+            **environment_info(device),
+            "started": datetime.now().isoformat(timespec="seconds"),
+            "dataset": {k: v for k, v in ds.info.items() if k != "counts"},
+            "train_counts": ds.train_counts().tolist(),
+        }
         save_yaml({**to_dict(cfg), "meta": meta}, run_dir / "config.yaml")
-    log.info("run %s: %s, %d classes, %d train images (%s), device %s", run_dir, ds.name, ds.num_classes,
-             len(ds.train), ", ".join(f"{k} {len(v)}" for k, v in ds.splits.items() if k != "train"), device)
+    log.info(
+        "run %s: %s, %d classes, %d train images (%s), device %s",
+        run_dir,
+        ds.name,
+        ds.num_classes,
+        len(ds.train),
+        ", ".join(f"{k} {len(v)}" for k, v in ds.splits.items() if k != "train"),
+        device,
+    )
 
     state = RunState(**ckpt["state"]) if ckpt else RunState()
     best = ckpt.get("best", {"top1": -1.0}) if ckpt else {"top1": -1.0}
@@ -296,21 +345,34 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                 # Buffers are not broadcast each step: every rank's BN statistics follow its own batches (a
                 # linear EMA) and average_buffers() takes their mean at each epoch end and before a mid-epoch save.
                 train_fn = torch.nn.parallel.DistributedDataParallel(
-                    method, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+                    method, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+                )
             if cfg.compile:
                 train_fn = torch.compile(train_fn)
             local_batch = st.batch_size // dist.world_size
-            sampler = create_sampler(method.sampler_name(st.sampler), ds.train.targets, ds.num_classes,
-                                     seed=_epoch_seed(cfg.seed, si, 0), total_epochs=st.epochs)
+            sampler = create_sampler(
+                method.sampler_name(st.sampler),
+                ds.train.targets,
+                ds.num_classes,
+                seed=_epoch_seed(cfg.seed, si, 0),
+                total_epochs=st.epochs,
+            )
             sampler = method.train_sampler(sampler, st.batch_size)  # e.g. IFL's two environments
             # An epoch is the sampler's stream (n_max * C for class-aware sampling), this rank's share of it; with
             # epoch_length=dataset its first int(N / B) global batches (every rank the same number of steps).
             sampler_steps = loader.steps_per_epoch(-(-len(sampler) // ctx.world_size), local_batch, st.drop_last)
             steps = ctx.steps_per_epoch = _epoch_steps(st, sampler_steps, len(ds.train))
             cut = steps * st.batch_size if st.epoch_length == "dataset" else None  # global samples per epoch
-            bar = tqdm(total=st.epochs * steps, initial=start_epoch * steps + start_step, unit="step",
-                       desc=f"{st.name} ({st.method['name']})", disable=not progress, dynamic_ncols=True,
-                       mininterval=0.5 if sys.stderr.isatty() else 30.0, file=sys.stderr)
+            bar = tqdm(
+                total=st.epochs * steps,
+                initial=start_epoch * steps + start_step,
+                unit="step",
+                desc=f"{st.name} ({st.method['name']})",
+                disable=not progress,
+                dynamic_ncols=True,
+                mininterval=0.5 if sys.stderr.isatty() else 30.0,
+                file=sys.stderr,
+            )
             for epoch in range(start_epoch, st.epochs):
                 gen = torch.Generator().manual_seed(_epoch_seed(cfg.seed, si, epoch) ^ 0x5EED)
                 first_step = start_step if epoch == start_epoch else 0
@@ -323,18 +385,20 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                 indices = shard(sampler.indices(epoch)[:cut], ctx.rank, ctx.world_size)
                 loss_sum, seen, t_epoch = 0.0, 0, time.time()
                 # Every rank uses the same augmentation stream `gen`, so its state (saved by rank 0) resumes all.
-                for step, (x, y) in enumerate(loader.train_batches(indices, local_batch, st.drop_last, gen,
-                                                                   first_step), start=first_step):
+                for step, (x, y) in enumerate(
+                    loader.train_batches(indices, local_batch, st.drop_last, gen, first_step), start=first_step
+                ):
                     if st.schedule.per_iteration:
                         lr = _set_lr(opt, st, epoch + step / steps)
-                    method.on_train_batch(step, indices[step * local_batch:(step + 1) * local_batch])
+                    method.on_train_batch(step, indices[step * local_batch : (step + 1) * local_batch])
                     with autocast(device, cfg.amp):
                         out = train_fn(loader.normalize(x, channels_last), y)
                     loss = out["loss"]
                     if not torch.isfinite(loss):
                         raise FloatingPointError(
                             f"stage '{st.name}' epoch {epoch + 1} step {step + 1}: loss is {loss.item()}; "
-                            f"lower the learning rate (optim.lr={st.optim.lr}) or check the data")
+                            f"lower the learning rate (optim.lr={st.optim.lr}) or check the data"
+                        )
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -347,22 +411,38 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                         # end equals averaging once at the end: the resumed ranks start from rank 0's saved copy.
                         average_buffers(method, dist)
                         if main:
-                            save_checkpoint(last_path, state=vars(RunState(si, epoch, step + 1)),
-                                            method=method.state_dict(), optimizer=opt.state_dict(),
-                                            gen_state=gen.get_state(), best=best, choices=choices,
-                                            config=to_dict(cfg))
+                            save_checkpoint(
+                                last_path,
+                                state=vars(RunState(si, epoch, step + 1)),
+                                method=method.state_dict(),
+                                optimizer=opt.state_dict(),
+                                gen_state=gen.get_state(),
+                                best=best,
+                                choices=choices,
+                                config=to_dict(cfg),
+                            )
                         barrier(dist)
                         bar.close()
-                        raise Interrupted(f"interrupted at stage '{st.name}' epoch {epoch + 1} step {step + 1}; "
-                                          f"continue with: longtail train --resume --out {run_dir}")
+                        raise Interrupted(
+                            f"interrupted at stage '{st.name}' epoch {epoch + 1} step {step + 1}; "
+                            f"continue with: longtail train --resume --out {run_dir}"
+                        )
                 average_buffers(method, dist)
                 loss_sum, seen = all_reduce_sum([loss_sum, seen], dist, device)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                timing.append({"stage": st.name, "epoch": epoch + 1, "seconds": round(time.time() - t_epoch, 4),
-                               "images": int(seen)})
-                msg = (f"stage {st.name} epoch {epoch + 1}/{st.epochs} loss {loss_sum / max(seen, 1):.4f} "
-                       f"lr {lr:.5g} {seen / max(time.time() - t_epoch, 1e-9):.0f} img/s")
+                timing.append(
+                    {
+                        "stage": st.name,
+                        "epoch": epoch + 1,
+                        "seconds": round(time.time() - t_epoch, 4),
+                        "images": int(seen),
+                    }
+                )
+                msg = (
+                    f"stage {st.name} epoch {epoch + 1}/{st.epochs} loss {loss_sum / max(seen, 1):.4f} "
+                    f"lr {lr:.5g} {seen / max(time.time() - t_epoch, 1e-9):.0f} img/s"
+                )
                 bar.set_postfix_str(f"epoch {epoch + 1} loss {loss_sum / max(seen, 1):.3f} lr {lr:.3g}")
                 log.info(msg)
                 last_epoch = epoch + 1 == st.epochs
@@ -373,17 +453,27 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                     if cfg.eval.select == "best_val" and si == len(cfg.stages) - 1 and val["top1"] > best["top1"]:
                         best = {"top1": val["top1"], "epoch": epoch + 1, "stage": st.name}
                         if main:
-                            save_checkpoint(ckpt_dir / "best.pt", method=method.state_dict(), best=best,
-                                            config=to_dict(cfg))
+                            save_checkpoint(
+                                ckpt_dir / "best.pt", method=method.state_dict(), best=best, config=to_dict(cfg)
+                            )
                 stop.stop = any_rank(stop.stop, dist, device)
                 if main and ((epoch + 1) % cfg.checkpoint_every == 0 or last_epoch or stop.stop):
-                    save_checkpoint(last_path, state=vars(RunState(si, epoch + 1, 0)), method=method.state_dict(),
-                                    optimizer=opt.state_dict(), best=best, choices=choices, config=to_dict(cfg))
+                    save_checkpoint(
+                        last_path,
+                        state=vars(RunState(si, epoch + 1, 0)),
+                        method=method.state_dict(),
+                        optimizer=opt.state_dict(),
+                        best=best,
+                        choices=choices,
+                        config=to_dict(cfg),
+                    )
                 if stop.stop:
                     barrier(dist)
                     bar.close()
-                    raise Interrupted(f"interrupted after stage '{st.name}' epoch {epoch + 1}; "
-                                      f"continue with: longtail train --resume --out {run_dir}")
+                    raise Interrupted(
+                        f"interrupted after stage '{st.name}' epoch {epoch + 1}; "
+                        f"continue with: longtail train --resume --out {run_dir}"
+                    )
             bar.close()
             method.on_stage_end(ctx)
             choices = [c for c in choices if c["stage"] != st.name]
@@ -391,9 +481,15 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
             if main:
                 save_checkpoint(ckpt_dir / f"stage_{st.name}.pt", method=method.state_dict(), config=to_dict(cfg))
                 # The next stage starts at its epoch 0; record that so a resume lands there.
-                save_checkpoint(last_path, state=vars(RunState(si + 1, 0, 0)), method=method.state_dict(),
-                                optimizer=opt.state_dict() if opt is not None else {}, best=best,
-                                choices=choices, config=to_dict(cfg))
+                save_checkpoint(
+                    last_path,
+                    state=vars(RunState(si + 1, 0, 0)),
+                    method=method.state_dict(),
+                    optimizer=opt.state_dict() if opt is not None else {},
+                    best=best,
+                    choices=choices,
+                    config=to_dict(cfg),
+                )
             barrier(dist)  # a later stage's init_from reads the file rank 0 just wrote
 
     loader.close()  # training is over: stop any persistent DataLoader workers
@@ -425,9 +521,16 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
     return run_dir
 
 
-def evaluate_run(method: Method, loader: Loader, cfg: RunConfig, channels_last: bool = False,
-                 splits: list[str] | None = None, dist: DistInfo | None = None) -> dict:
-    """The metrics.json content for ``splits`` (default: val when present, then the dataset's eval splits)."""
+def evaluate_run(
+    method: Method,
+    loader: Loader,
+    cfg: RunConfig,
+    channels_last: bool = False,
+    splits: list[str] | None = None,
+    dist: DistInfo | None = None,
+) -> dict:
+    """The metrics.json content for ``splits`` (default: val when present, then the dataset's eval splits),
+    with the method's own ``report()`` as ``method_report`` when it has one."""
     ds = loader.ds
     if splits is None:
         splits = (["val"] if "val" in ds.splits else []) + ds.eval_splits
@@ -435,6 +538,7 @@ def evaluate_run(method: Method, loader: Loader, cfg: RunConfig, channels_last: 
     for protocol, split in ds.protocols.items():
         if split in results:
             results[split].setdefault("protocols", []).append(protocol)
+    extra = {"method_report": rep} if (rep := method.report()) else {}
     return {
         "splits": results,
         "protocols": {p: s for p, s in ds.protocols.items() if s in results},
@@ -443,9 +547,13 @@ def evaluate_run(method: Method, loader: Loader, cfg: RunConfig, channels_last: 
         "attribute_names": ds.attribute_names,
         "stage": cfg.stages[-1].name,
         "epoch": cfg.stages[-1].epochs,
-        "thresholds": (describe_class_groups(ds.class_groups) if ds.class_groups is not None
-                       else thresholds_of(cfg.eval).describe()),
+        "thresholds": (
+            describe_class_groups(ds.class_groups)
+            if ds.class_groups is not None
+            else thresholds_of(cfg.eval).describe()
+        ),
         "finished": datetime.now().isoformat(timespec="seconds"),
+        **extra,
     }
 
 

@@ -149,6 +149,12 @@ class Method(nn.Module):
         """Names of the routes ``routes`` returns (index = route id)."""
         return []
 
+    def report(self) -> dict:
+        """JSON-able facts the method chose or measured while training (a tuned value, a selected epoch,
+        per-class statistics), written to metrics.json as ``method_report``; default: nothing. Keep what it
+        returns in the method's state (a buffer, or ``get_extra_state``), so a reloaded run reports the same."""
+        return {}
+
     def param_groups(self) -> list[dict]:
         """Parameters the optimiser updates; default: every trainable one."""
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]

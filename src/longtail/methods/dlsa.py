@@ -16,6 +16,13 @@ method options (``flow_epochs``, ``head_epochs``).
 Deviations from the reference code (spec section 11): heads are selected on a validation split when the
 dataset has one, else at the last epoch (never on test, X1); ``z_source`` is configurable (X2); head
 initialisation from stage 1 is strict and checked (X5, section 10); unknown options are errors (X7).
+
+Extensions for features unlike the reference's 2048-d ResNet-50 ones (off by default; on in the CIFAR
+recipes), all decided inside ``fit`` on training data only: ``flow_lr`` may be a list of candidates, chosen
+per stage by the training cluster purity that also picks the flow's epoch; ``center_std: auto`` scales the
+mixture means to the flow's dimension (``resolve_center_std``); ``dead_channel_tol`` leaves feature channels
+without training variance out of the flows. What ``fit`` chose is the method's ``report()`` (metrics.json's
+``method_report``), saved with the weights.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from longtail.engine.distributed import broadcast_from_main
+from longtail.engine.distributed import broadcast_from_main, object_from_main
 from longtail.methods.base import MethodContext
 from longtail.methods.decoupling import _FrozenBackbone
 from longtail.models import Classifier
@@ -44,8 +51,9 @@ def _zuko():
     try:
         import zuko
     except ImportError as e:
-        raise ImportError("DLSA needs the normalising-flow library zuko: pip install 'longtail[flows]' "
-                          "(or pip install zuko)") from e
+        raise ImportError(
+            "DLSA needs the normalising-flow library zuko: pip install 'longtail[flows]' (or pip install zuko)"
+        ) from e
     return zuko
 
 
@@ -83,8 +91,9 @@ class BatchNormFlow(nn.Module):
         return y, logdet.expand(x.shape[0])
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        return (y - self.beta) * torch.exp(-self.log_gamma) * torch.sqrt(self.running_var + self.eps) + \
-            self.running_mean
+        return (y - self.beta) * torch.exp(-self.log_gamma) * torch.sqrt(
+            self.running_var + self.eps
+        ) + self.running_mean
 
 
 class FlowGMM(nn.Module):
@@ -95,8 +104,17 @@ class FlowGMM(nn.Module):
     uniform weights (spec section 3).
     """
 
-    def __init__(self, dim: int, clusters: int, blocks: int = 2, hidden: int | None = None, hidden_layers: int = 2,
-                 center_std: float = 0.05, batch_norm: bool = True, seed: int = 0) -> None:
+    def __init__(
+        self,
+        dim: int,
+        clusters: int,
+        blocks: int = 2,
+        hidden: int | None = None,
+        hidden_layers: int = 2,
+        center_std: float = 0.05,
+        batch_norm: bool = True,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         zuko = _zuko()
         if dim < 2:
@@ -106,8 +124,11 @@ class FlowGMM(nn.Module):
         self.layers = nn.ModuleList()
         for i in range(blocks):
             order = torch.arange(dim) if i % 2 == 0 else torch.arange(dim).flip(0)
-            self.layers.append(zuko.flows.MaskedAutoregressiveTransform(
-                features=dim, order=order, hidden_features=[hidden] * hidden_layers))
+            self.layers.append(
+                zuko.flows.MaskedAutoregressiveTransform(
+                    features=dim, order=order, hidden_features=[hidden] * hidden_layers
+                )
+            )
             if batch_norm:
                 self.layers.append(BatchNormFlow(dim))
         g = torch.Generator().manual_seed(seed)
@@ -145,7 +166,7 @@ class FlowGMM(nn.Module):
     @torch.no_grad()
     def score(self, x: torch.Tensor, batch_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(N,) log p(x), (N,) hard cluster argmax_k log p_k(x) and (N, D) latent u, in batches."""
-        out = [self.component_log_probs(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+        out = [self.component_log_probs(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
         lp = torch.cat([o[0] for o in out])
         return lp.logsumexp(1) - math.log(self.clusters), lp.argmax(1), torch.cat([o[1] for o in out])
 
@@ -176,29 +197,62 @@ class RegularHead(nn.Module):
 
 # ----------------------------------------------------------------------------- configuration
 
+# The reference's mixture means (spec section 3.2): randn(K, D) * 0.05, set for D = 2048 (ResNet-50 features).
+REFERENCE_CENTER_STD = 0.05
+REFERENCE_DIM = 2048
+
+
+def resolve_center_std(center_std: float | str, dim: int) -> float:
+    """The per-coordinate std of the mixture means for a flow on ``dim`` feature channels.
+
+    A number is used as given (reference: 0.05). ``auto`` is ``0.05 * sqrt(2048 / dim)``. Why: every flow
+    block ends in batch norm, so the latent u has unit variance per coordinate over the training set whatever
+    the scale of the features; what shapes the mixture is then how far apart its means are in those units.
+    ``||mu_k|| ~ center_std * sqrt(dim)`` and ``||mu_i - mu_j|| ~ center_std * sqrt(2 dim)``, and the log-odds
+    log p_i(u) - log p_j(u) of two components are of that order. Holding ``center_std * sqrt(dim)`` at the
+    reference's 0.05 * sqrt(2048) = 2.26 keeps the means' spread against the unit-variance latent (mean norm
+    ~2.26, distance between two means ~3.2) what it was for 2048-d features: 0.2 for 128 channels, 0.05 for
+    2048. A fixed 0.05 on 128-d features would put the means 0.8 apart, inside the noise of one component.
+    """
+    if center_std == "auto":
+        return REFERENCE_CENTER_STD * math.sqrt(REFERENCE_DIM / dim)
+    return float(center_std)
+
 
 @dataclass
 class DLSAConfig:
-    """DLSA options (defaults: the reference ImageNet-LT CE config, spec section 9)."""
+    """DLSA options (defaults: the reference ImageNet-LT CE config, spec section 9).
+
+    Three options adapt DLSA to features unlike the reference's 2048-d ResNet-50 ones, all decided on
+    training data inside the method (defaults: off, as the reference): ``flow_lr`` as a list of candidates
+    chosen on training cluster purity, ``center_std: auto`` (see ``resolve_center_std``) and
+    ``dead_channel_tol`` (feature channels without training variance are left out of the flows).
+    """
 
     max_depth: int = 1  # flow filters in the cascade; 0: only the regular (Balanced Softmax) classifier
     filter_fraction: float = 0.3  # rho: share of each stage's remaining TRAIN samples taken out (llh_proportion)
     clusters: int = 500  # K, mixture components (not one per class)
-    center_std: float = 0.05  # mixture means: randn(K, D) * center_std, fixed
+    # mixture means: randn(K, D_flow) * center_std, fixed; auto: 0.05 * sqrt(2048 / D_flow) (resolve_center_std)
+    center_std: float | str = 0.05
     flow_blocks: int = 2  # MADE + batch-norm blocks
-    flow_hidden: int = 0  # MADE hidden width; 0: the feature dimension (reference)
+    flow_hidden: int = 0  # MADE hidden width; 0: the flow's input dimension (reference: the feature dimension)
     flow_hidden_layers: int = 2  # MADE hidden layers (reference "n_hidden 1" = D->H->H->2D, two hidden layers)
     flow_batch_norm: bool = True
     flow_epochs: int = 50
     flow_batch_size: int = 1024  # pairs per step (x+ and x- each)
-    flow_lr: float = 0.2  # plain SGD, momentum 0, constant
+    # plain SGD, momentum 0, constant. A list: candidates, each trains the stage's flow from the same start; the
+    # one whose selected epoch has the most pure clusters (then the higher overall purity) is kept, per stage.
+    flow_lr: float | list[float] = 0.2
     flow_grad_clip: float = 0.0  # 0: none (the reference's clip call does nothing: X8)
+    # > 0: channels whose training variance is <= this x the mean channel variance are left out of the flows
+    # (dead ReLU channels: zero variance, log(var) ~ log(eps) in batch norm); 0: every channel (reference)
+    dead_channel_tol: float = 0.0
     weight_q: float = 2.0  # class weight w_c ~ (n_max / n_c)^q in the likelihood loss
     lambda_lh: float = 2.0
     lambda_bal: float = 1.0
     lambda_pur: float = 0.02
     posterior_momentum: float = 0.7  # EMA of the mean cluster posterior in the balance loss
-    min_purity: float = 0.7  # flow-epoch selection only (section 4.3): clusters purer than this...
+    min_purity: float = 0.7  # flow-epoch (and flow_lr) selection only (section 4.3): clusters purer than this...
     min_size: int = 10  # ...and larger than this count
     max_cluster_size: int = 5000  # epochs whose largest cluster reaches this are not kept
     z_source: str = "feature"  # feature (reference code: z = x) | flow_latent (the paper's figure)
@@ -214,9 +268,13 @@ class DLSAConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        choices = {"z_source": ("feature", "flow_latent"), "cac_prior": ("subset", "full"),
-                   "regular_prior": ("subset", "full"), "head_init": ("random", "stage1"),
-                   "head_select": ("auto", "last")}
+        choices = {
+            "z_source": ("feature", "flow_latent"),
+            "cac_prior": ("subset", "full"),
+            "regular_prior": ("subset", "full"),
+            "head_init": ("random", "stage1"),
+            "head_select": ("auto", "last"),
+        }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be one of {', '.join(allowed)}, got '{getattr(self, key)}'")
@@ -229,6 +287,31 @@ class DLSAConfig:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.head_epochs < 0 or self.flow_hidden < 0 or self.flow_hidden_layers < 1:
             raise ValueError("head_epochs and flow_hidden must be >= 0, flow_hidden_layers >= 1")
+        if isinstance(self.center_std, str):
+            if self.center_std != "auto":
+                raise ValueError(f"center_std must be a positive number or auto, got '{self.center_std}'")
+            if not self.flow_batch_norm:
+                raise ValueError(
+                    "center_std=auto assumes the unit-variance latent of flow_batch_norm=true; "
+                    "set center_std to a number"
+                )
+        elif not (math.isfinite(self.center_std) and self.center_std > 0):
+            raise ValueError(f"center_std must be a positive number or auto, got {self.center_std}")
+        lrs = self.flow_lrs
+        if not lrs or not all(math.isfinite(v) and v > 0 for v in lrs) or len(set(lrs)) != len(lrs):
+            raise ValueError(
+                f"flow_lr must be a positive number or a non-empty list of distinct ones, got {self.flow_lr}"
+            )
+        if not 0 <= self.dead_channel_tol < 1:
+            raise ValueError(
+                f"dead_channel_tol must be in [0, 1) (a share of the mean channel variance), "
+                f"got {self.dead_channel_tol}"
+            )
+
+    @property
+    def flow_lrs(self) -> list[float]:
+        """The flow learning rates to try (one: no selection)."""
+        return [float(v) for v in self.flow_lr] if isinstance(self.flow_lr, list | tuple) else [float(self.flow_lr)]
 
 
 # ----------------------------------------------------------------------------- the cascade (pure tensors)
@@ -243,8 +326,9 @@ def _class_weights(labels: torch.Tensor, num_classes: int, q: float) -> torch.Te
     return (w / w.sum()).float()
 
 
-def cluster_purity(clusters: torch.Tensor, labels: torch.Tensor, k: int, num_classes: int
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def cluster_purity(
+    clusters: torch.Tensor, labels: torch.Tensor, k: int, num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(K, C) joint counts, (K,) sizes and (K,) purity (majority-class share; 0 for empty clusters)."""
     joint = torch.zeros(k, num_classes, dtype=torch.long, device=labels.device)
     joint.index_put_((clusters, labels), torch.ones_like(labels), accumulate=True)
@@ -253,32 +337,104 @@ def cluster_purity(clusters: torch.Tensor, labels: torch.Tensor, k: int, num_cla
     return joint, sizes, purity
 
 
+class _FlowDiverged(FloatingPointError):
+    """A flow's loss or training scores became non-finite at ``epoch`` (1-based); ``history``: its epochs so far."""
+
+    def __init__(self, message: str, epoch: int, history: dict) -> None:
+        super().__init__(message)
+        self.epoch, self.history = epoch, history
+
+
+def _before_load(module: DLSACascade, state_dict: dict, prefix: str, *_: Any) -> None:
+    """Load-state-dict pre-hook: the flows' input dimension (the live channels) is only known after ``fit``,
+    so rebuild them to the saved ``live_channels`` before their weights load. Checkpoints written before
+    dead-channel dropping existed load as "every channel live, empty report"."""
+    key = prefix + "live_channels"
+    if key not in state_dict:
+        state_dict[key] = torch.ones(module.dim, dtype=torch.bool)
+    state_dict.setdefault(prefix + "_extra_state", {"report": {}})
+    live = state_dict[key]
+    if live.shape == module.live_channels.shape:
+        module._resize_flows(int(live.sum()))
+
+
+def _r(v: float, digits: int = 4) -> float:
+    """A float rounded to ``digits`` significant digits, for metrics.json."""
+    return float(f"{v:.{digits}g}")
+
+
 class DLSACascade(nn.Module):
     """Flows, thresholds, cluster priors and classifiers of a DLSA cascade; trains and predicts on feature tensors.
 
-    State (all saved by ``state_dict``): ``flows.d``, ``thresholds`` (D,), ``cluster_priors`` (D, K, C),
-    ``cacs.d``, ``regular``, and ``stage_train_counts`` (D+1,), the training samples each stage took.
+    State (all saved by ``state_dict``): ``live_channels`` (dim,) bool, the feature channels the flows see
+    (``dead_channel_tol``); ``flows.d`` on those channels, ``thresholds`` (D,), ``cluster_priors`` (D, K, C),
+    ``cacs.d``, ``regular``, ``stage_train_counts`` (D+1,), the training samples each stage took; and, as
+    extra state, ``report``: what ``fit`` chose and measured (``fit``'s summary), for metrics.json.
     """
 
     def __init__(self, dim: int, num_classes: int, cfg: DLSAConfig, train_counts: torch.Tensor) -> None:
         super().__init__()
         self.cfg, self.dim, self.num_classes = cfg, dim, num_classes
         depth, k = cfg.max_depth, cfg.clusters
-        self.flows = nn.ModuleList(FlowGMM(dim, k, cfg.flow_blocks, cfg.flow_hidden or dim, cfg.flow_hidden_layers,
-                                           cfg.center_std, cfg.flow_batch_norm, seed=cfg.seed * 1000 + d)
-                                   for d in range(depth))
+        self.flows = self._make_flows(dim)
         self.cacs = nn.ModuleList(ClusterAidedHead(dim, num_classes) for _ in range(depth))
         self.regular = RegularHead(dim, num_classes)
+        self.register_buffer("live_channels", torch.ones(dim, dtype=torch.bool))  # (dim,) flow input channels
         self.register_buffer("thresholds", torch.full((depth,), float("inf")))  # tau_d (train percentile)
         self.register_buffer("cluster_priors", torch.zeros(depth, k, num_classes))  # pi_d[k] (C,)
         self.register_buffer("stage_train_counts", torch.zeros(depth + 1, dtype=torch.long))
         self.register_buffer("train_counts", train_counts.clone().float(), persistent=False)  # (C,) full counts
+        self.report: dict = {}  # fit's summary (JSON-able); saved as extra state
+        self.register_load_state_dict_pre_hook(_before_load)
+
+    def _make_flows(self, n: int) -> nn.ModuleList:
+        cfg = self.cfg
+        return nn.ModuleList(
+            FlowGMM(
+                n,
+                cfg.clusters,
+                cfg.flow_blocks,
+                cfg.flow_hidden or n,
+                cfg.flow_hidden_layers,
+                resolve_center_std(cfg.center_std, n),
+                cfg.flow_batch_norm,
+                seed=cfg.seed * 1000 + d,
+            )
+            for d in range(cfg.max_depth)
+        )
+
+    def _resize_flows(self, n: int) -> None:
+        """Rebuild the (untrained) flows on ``n`` input channels, on the cascade's device, if they differ."""
+        if len(self.flows) and self.flows[0].dim != n:
+            self.flows = self._make_flows(n).to(self.thresholds.device)
+
+    def get_extra_state(self) -> dict:
+        return {"report": self.report}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.report = dict(state.get("report", {}))
 
     # ------------------------------------------------------------------ inference
 
     def prepare(self, feats: torch.Tensor) -> torch.Tensor:
         x = feats.float()
         return F.normalize(x, dim=1) if self.cfg.normalize_features else x
+
+    def flow_input(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, dim) prepared features -> (N, D_flow) the live channels the flows model (all, by default)."""
+        return x if bool(self.live_channels.all()) else x[:, self.live_channels]
+
+    def score_stage(
+        self, d: int, x: torch.Tensor, batch_size: int = 4096
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Flow d on (N, dim) prepared features: (N,) log p(x), (N,) hard cluster and (N, dim) latent, the latent
+        zero on the channels the flows leave out (so z_source=flow_latent heads keep their (dim + C) inputs)."""
+        s, c, u = self.flows[d].score(self.flow_input(x), batch_size)
+        if u.shape[1] != self.dim:
+            full = u.new_zeros(len(u), self.dim)
+            full[:, self.live_channels] = u
+            u = full
+        return s, c, u
 
     @torch.no_grad()
     def cascade(self, feats: torch.Tensor, batch_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
@@ -307,7 +463,7 @@ class DLSACascade(nn.Module):
             if len(remaining) == 0:
                 break
             xr = x[remaining]
-            s, c, u = self.flows[d].score(xr, batch_size)
+            s, c, u = self.score_stage(d, xr, batch_size)
             take = s >= self.thresholds[d]
             z = u if self.cfg.z_source == "flow_latent" else xr
             if take.any():
@@ -322,9 +478,74 @@ class DLSACascade(nn.Module):
 
     # ------------------------------------------------------------------ training
 
-    def fit(self, feats: torch.Tensor, labels: torch.Tensor, val: tuple[torch.Tensor, torch.Tensor] | None = None,
-            stage1_head: nn.Linear | None = None) -> dict:
-        """Train the whole cascade on (N, D) training features and (N,) labels; returns a per-stage summary.
+    def _select_channels(self, x: torch.Tensor) -> dict:
+        """Set ``live_channels`` from the (N, dim) prepared training features and size the flows to them.
+
+        ResNet-32 features are ReLU outputs averaged over space, and some channels are zero for every training
+        image. A density on data with a zero-variance direction is degenerate: the likelihood grows without
+        bound as the flow contracts that direction (each batch norm there divides by sqrt(eps) and adds
+        -0.5 log(eps) ~ +5.8 nats, each MADE may add its largest log-scale), so those directions, not the
+        structure of the live channels, dominate the likelihood; and a channel that is non-zero on a handful
+        of images makes those images extreme outliers (on 3-epoch CIFAR features with 74 constant channels the
+        kept flow's threshold was a log-likelihood of -8e5). With ``dead_channel_tol`` > 0, channels whose
+        training variance is <= tol x the mean channel variance are left out of the flows (train and predict
+        alike: ``flow_input``); the heads still see every channel (a constant one costs a linear head nothing).
+        """
+        cfg = self.cfg
+        var = x.var(0, unbiased=False)  # (dim,)
+        broadcast_from_main(var)  # DDP: every rank keeps rank 0's channels, so the flows' shapes agree
+        zero = int((var <= 0).sum())
+        if cfg.dead_channel_tol > 0:
+            live = var > cfg.dead_channel_tol * var.mean()
+        else:
+            live = torch.ones_like(var, dtype=torch.bool)
+        n_live = int(live.sum())
+        if cfg.max_depth and n_live < 2:
+            raise ValueError(
+                f"DLSA: only {n_live} of {self.dim} feature channels vary over the training set "
+                f"(dead_channel_tol {cfg.dead_channel_tol}); a flow needs at least 2"
+            )
+        self.live_channels.copy_(live)
+        self._resize_flows(n_live)
+        dead = torch.nonzero(~live).squeeze(1).tolist()
+        if dead:
+            log.info(
+                "DLSA: %d of %d feature channels left out of the flows (training variance <= %g x the mean "
+                "channel variance %.3g; %d exactly constant): the flows model %d channels",
+                len(dead),
+                self.dim,
+                cfg.dead_channel_tol,
+                float(var.mean()),
+                zero,
+                n_live,
+            )
+        elif zero:
+            log.warning(
+                "DLSA: %d of %d feature channels are constant over the training set; the flows' batch norm "
+                "sees zero variance there (set method.dead_channel_tol, e.g. 1e-3, to leave them out)",
+                zero,
+                self.dim,
+            )
+        return {
+            "feature_dim": self.dim,
+            "flow_dim": n_live,
+            "dead_channels": len(dead),
+            "dead_channel_ids": dead,
+            "constant_channels": zero,
+            "center_std": _r(resolve_center_std(cfg.center_std, n_live), 6) if cfg.max_depth else None,
+        }
+
+    def fit(
+        self,
+        feats: torch.Tensor,
+        labels: torch.Tensor,
+        val: tuple[torch.Tensor, torch.Tensor] | None = None,
+        stage1_head: nn.Linear | None = None,
+    ) -> dict:
+        """Train the whole cascade on (N, D) training features and (N,) labels; returns (and keeps as
+        ``report``) a summary: the channels the flows model, and per stage the chosen flow lr and epoch with
+        every candidate's purity, the threshold, the head's epoch and the share of each class's training
+        samples the stage took (``train_class_fraction``, (C,), None for a class without training samples).
 
         ``val`` (features, labels) selects each head's epoch on the val samples routed to it; never test.
         ``stage1_head``: the stage-1 linear layer to initialise every head's Linear_x from (head_init=stage1).
@@ -336,18 +557,24 @@ class DLSACascade(nn.Module):
         yv = val[1].long().to(feats.device) if val is not None else None
         if stage1_head is not None:
             self._init_from_stage1(stage1_head, feats, y)
+        summary: dict[str, Any] = {**self._select_channels(x), "stages": []}
+        n_class = torch.bincount(y, minlength=self.num_classes).tolist()
+
+        def class_fraction(mask: torch.Tensor) -> list[float | None]:
+            got = torch.bincount(y[mask], minlength=self.num_classes).tolist()
+            return [round(g / n, 4) if n else None for g, n in zip(got, n_class, strict=True)]
+
         active = torch.ones(len(x), dtype=torch.bool, device=x.device)
         v_active = torch.ones(len(xv), dtype=torch.bool, device=x.device) if xv is not None else None
-        summary: dict[str, Any] = {"stages": []}
         z_all = x  # the latent of the last flow, for the regular head with z_source=flow_latent
         zv_all = xv
         for d, flow in enumerate(self.flows):
             n_act = int(active.sum())
             if n_act < 2:
                 raise ValueError(f"DLSA stage {d + 1}: only {n_act} training samples left; lower max_depth")
-            flow_info = self._train_flow(flow, x[active], y[active], gen)
+            flow_info = self._fit_flow(d, x[active], y[active], gen)
             flow.eval()
-            s, c, u = flow.score(x)
+            s, c, u = self.score_stage(d, x)
             tau = torch.sort(s[active]).values[int(n_act * (1 - cfg.filter_fraction))]
             self.thresholds[d] = tau
             take = active & (s >= tau)
@@ -355,46 +582,84 @@ class DLSACascade(nn.Module):
             joint, sizes, _ = cluster_purity(c, y, cfg.clusters, self.num_classes)
             self.cluster_priors[d] = joint.float() / sizes.clamp_min(1)[:, None]  # empty cluster: zero vector
             z = u if cfg.z_source == "flow_latent" else x
-            counts = torch.bincount(y[take], minlength=self.num_classes).float() if cfg.cac_prior == "subset" \
+            counts = (
+                torch.bincount(y[take], minlength=self.num_classes).float()
+                if cfg.cac_prior == "subset"
                 else self.train_counts.to(x.device)
+            )
             val_sub = None
             if xv is not None:
-                sv, cv, uv = flow.score(xv)
+                sv, cv, uv = self.score_stage(d, xv)
                 v_take = v_active & (sv >= tau)
                 zv = uv if cfg.z_source == "flow_latent" else xv
                 val_sub = (xv[v_take], zv[v_take], self.cluster_priors[d][cv[v_take]], yv[v_take])
                 v_active = v_active & ~v_take
                 zv_all = zv
-            head_info = self._train_head(self.cacs[d], (x[take], z[take], self.cluster_priors[d][c[take]]), y[take],
-                                         counts, val_sub, gen)
+            head_info = self._train_head(
+                self.cacs[d], (x[take], z[take], self.cluster_priors[d][c[take]]), y[take], counts, val_sub, gen
+            )
             self.stage_train_counts[d] = int(take.sum())
-            summary["stages"].append({"stage": d + 1, "train_samples": int(take.sum()), "threshold": float(tau),
-                                      **flow_info, **head_info})
-            log.info("DLSA stage %d: flow epoch %s (%d pure clusters), threshold %.3f, %d of %d train samples "
-                     "to CAC_%d%s", d + 1, flow_info["flow_epoch"], flow_info["pure_clusters"], float(tau),
-                     int(take.sum()), n_act, d + 1, _val_text(head_info))
+            grid = flow_info.pop("flow_lr_grid")
+            summary["stages"].append(
+                {
+                    "stage": d + 1,
+                    "train_samples": int(take.sum()),
+                    "threshold": float(tau),
+                    **flow_info,
+                    **head_info,
+                    "train_class_fraction": class_fraction(take),
+                    "flow_lr_grid": grid,
+                }
+            )
+            log.info(
+                "DLSA stage %d: flow lr %g epoch %s (%d pure clusters, purity %.3f), threshold %.3f, %d of %d train "
+                "samples to CAC_%d%s",
+                d + 1,
+                flow_info["flow_lr"],
+                flow_info["flow_epoch"],
+                flow_info["pure_clusters"],
+                flow_info["purity"],
+                float(tau),
+                int(take.sum()),
+                n_act,
+                d + 1,
+                _val_text(head_info),
+            )
             active = active & ~take
             z_all = z
         rest = active
         self.stage_train_counts[len(self.flows)] = int(rest.sum())
-        counts = torch.bincount(y[rest], minlength=self.num_classes).float() if cfg.regular_prior == "subset" \
+        counts = (
+            torch.bincount(y[rest], minlength=self.num_classes).float()
+            if cfg.regular_prior == "subset"
             else self.train_counts.to(x.device)
+        )
         val_sub = None
         if xv is not None:
             val_sub = (xv[v_active], (zv_all if cfg.z_source == "flow_latent" else xv)[v_active], None, yv[v_active])
         zr = z_all if cfg.z_source == "flow_latent" else x
         head_info = self._train_head(self.regular, (x[rest], zr[rest], None), y[rest], counts, val_sub, gen)
-        summary["stages"].append({"stage": "regular", "train_samples": int(rest.sum()), **head_info})
+        summary["stages"].append(
+            {
+                "stage": "regular",
+                "train_samples": int(rest.sum()),
+                **head_info,
+                "train_class_fraction": class_fraction(rest),
+            }
+        )
         log.info("DLSA regular head: %d train samples%s", int(rest.sum()), _val_text(head_info))
+        self.report = summary
         return summary
 
     def _init_from_stage1(self, head: nn.Linear, feats: torch.Tensor, labels: torch.Tensor) -> None:
         """Copy the stage-1 linear layer into every Linear_x, then check it reproduces the stage-1 predictions
         on the (prepared) training features: a mismatch (normalisation, label order) aborts (spec section 10)."""
         if head.weight.shape != (self.num_classes, self.dim) or head.bias is None:
-            raise ValueError(f"head_init=stage1 needs a stage-1 linear head with bias of shape "
-                             f"({self.num_classes}, {self.dim}); got {tuple(head.weight.shape)}, "
-                             f"bias {'present' if head.bias is not None else 'absent'} (model.head_bias=true)")
+            raise ValueError(
+                f"head_init=stage1 needs a stage-1 linear head with bias of shape "
+                f"({self.num_classes}, {self.dim}); got {tuple(head.weight.shape)}, "
+                f"bias {'present' if head.bias is not None else 'absent'} (model.head_bias=true)"
+            )
         with torch.no_grad():
             for h in [*self.cacs, self.regular]:
                 h.lin_x.weight.copy_(head.weight)
@@ -402,11 +667,100 @@ class DLSACascade(nn.Module):
             ref = (head(feats.float()).argmax(1) == labels).float().mean().item()
             ours = (self.regular.lin_x(self.prepare(feats)).argmax(1) == labels).float().mean().item()
         if abs(ref - ours) > 0.01:
-            raise ValueError(f"head_init=stage1: the copied head gives {100 * ours:.2f}% train accuracy on the "
-                             f"prepared features, the stage-1 model {100 * ref:.2f}%: check normalize_features")
+            raise ValueError(
+                f"head_init=stage1: the copied head gives {100 * ours:.2f}% train accuracy on the "
+                f"prepared features, the stage-1 model {100 * ref:.2f}%: check normalize_features"
+            )
 
-    def _train_flow(self, flow: FlowGMM, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> dict:
-        """Three losses over class-balanced pairs (spec section 4); keeps the epoch with the most pure clusters."""
+    def _fit_flow(self, d: int, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> dict:
+        """Train flow d on the (N, dim) active training features once per ``flow_lr`` candidate and keep one.
+
+        Every candidate starts from the same initial weights and draws the same pair stream (a copy of
+        ``gen``), so they differ only in the learning rate. Kept: the candidate whose selected epoch (section
+        4.3) has the most pure clusters, ties broken by the higher overall purity (share of samples in their
+        cluster's majority class), then by the earlier candidate; an lr whose epochs never had their largest
+        cluster below ``max_cluster_size`` ranks below every lr whose epochs did. A candidate whose loss or
+        scores turn non-finite is skipped with a warning; if every one does, FloatingPointError. Training
+        data only: the criterion is the one the reference uses to pick the flow's epoch.
+        """
+        lrs = self.cfg.flow_lrs
+        flow = self.flows[d]
+        xf = self.flow_input(x)
+        many = len(lrs) > 1
+        init = copy.deepcopy(flow.state_dict()) if many else None
+        start = gen.get_state()
+        rows: list[dict] = []
+        best: tuple | None = None  # (key, row index, flow state, generator state)
+        for lr in lrs:
+            if init is not None:
+                flow.load_state_dict(init)
+            g = torch.Generator()
+            g.set_state(start)
+            try:
+                info = self._train_flow(flow, xf, y, g, lr)
+            except _FlowDiverged as e:
+                if not many:
+                    raise
+                rows.append({"lr": lr, "diverged": True, "diverged_epoch": e.epoch, "epochs": e.history})
+                log.warning(
+                    "DLSA stage %d: flow lr %g diverged at epoch %d (%s); candidate skipped", d + 1, lr, e.epoch, e
+                )
+                continue
+            rows.append({"lr": lr, "diverged": False, **info})
+            key = (info["qualified"], info["pure_clusters"], info["purity"])
+            if best is None or key > best[0]:
+                best = (key, len(rows) - 1, copy.deepcopy(flow.state_dict()) if many else None, g.get_state())
+            ep = info["epochs"]
+            log.info(
+                "DLSA stage %d: flow lr %g: epoch %d of %d kept, %d pure clusters, purity %.3f; train "
+                "log-likelihood (median) %.4g -> %.4g, loss %.4g -> %.4g",
+                d + 1,
+                lr,
+                info["flow_epoch"],
+                len(ep["loss"]),
+                info["pure_clusters"],
+                info["purity"],
+                ep["train_llh"][0],
+                ep["train_llh"][-1],
+                ep["loss"][0],
+                ep["loss"][-1],
+            )
+        if best is None:
+            raise FloatingPointError(
+                f"DLSA stage {d + 1}: every flow_lr candidate diverged ([{', '.join(f'{v:g}' for v in lrs)}]): "
+                f"lower them or set method.flow_grad_clip"
+            )
+        _, i, state, g_state = best
+        if state is not None:
+            flow.load_state_dict(state)
+        gen.set_state(g_state)  # the heads draw on from the kept candidate's stream (one lr: as without a grid)
+        chosen = rows[i]
+        if many:
+            log.info(
+                "DLSA stage %d: flow lr %g chosen on training purity (%s)",
+                d + 1,
+                chosen["lr"],
+                ", ".join(
+                    f"{r['lr']:g}: diverged"
+                    if r["diverged"]
+                    else f"{r['lr']:g}: {r['pure_clusters']} pure, {r['purity']:.3f}"
+                    for r in rows
+                ),
+            )
+        return {
+            "flow_lr": chosen["lr"],
+            "flow_epoch": chosen["flow_epoch"],
+            "pure_clusters": chosen["pure_clusters"],
+            "purity": chosen["purity"],
+            "flow_lr_grid": rows,
+        }
+
+    def _train_flow(self, flow: FlowGMM, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, lr: float) -> dict:
+        """Three losses over class-balanced pairs (spec section 4) on (N, D_flow) flow inputs; keeps the epoch with
+        the most pure clusters. Returns that epoch, its pure-cluster count and overall purity, whether any epoch
+        met max_cluster_size (``qualified``), and per epoch the mean loss, the median training log-likelihood
+        (eval mode), the pure-cluster count and the overall purity. Raises _FlowDiverged on a non-finite loss
+        or training score."""
         cfg, k = self.cfg, self.cfg.clusters
         dev = x.device
         w = _class_weights(y, self.num_classes, cfg.weight_q).to(dev)
@@ -415,12 +769,13 @@ class DLSACascade(nn.Module):
         starts = torch.cumsum(counts, 0) - counts
         present = torch.nonzero(counts > 0).squeeze(1)
         n_present = len(present)
-        opt = torch.optim.SGD(flow.parameters(), lr=cfg.flow_lr, momentum=0.0)
+        opt = torch.optim.SGD(flow.parameters(), lr=lr, momentum=0.0)
         ema = torch.zeros(k, device=dev)
         t = 0
-        best: dict[str, Any] = {"pure_clusters": -1, "flow_epoch": None, "state": None}
+        best: dict[str, Any] = {"pure_clusters": -1, "flow_epoch": None, "purity": 0.0, "state": None}
         steps = max(1, len(x) // cfg.flow_batch_size)
         bs = min(cfg.flow_batch_size, len(x))
+        hist: dict[str, list] = {"loss": [], "train_llh": [], "pure_clusters": [], "purity": []}
 
         def draw(cls: torch.Tensor) -> torch.Tensor:
             off = (torch.rand(len(cls), generator=gen) * counts[cls].cpu()).long().to(dev)
@@ -428,6 +783,7 @@ class DLSACascade(nn.Module):
 
         for epoch in range(cfg.flow_epochs):
             flow.train()
+            loss_sum = 0.0
             for _ in range(steps):
                 ai = torch.randint(n_present, (bs,), generator=gen)
                 a = present[ai.to(dev)]
@@ -441,38 +797,78 @@ class DLSACascade(nn.Module):
                 logp = lp_p.logsumexp(1) - math.log(k)  # (B,) log p(x+)
                 loss_lh = -cfg.lambda_lh * (w[a] * logp).mean()
                 q_p = lp_p.softmax(1)  # (B, K)
-                loss_pur = cfg.lambda_pur * (q_p.detach() * lp_n.log_softmax(1)).sum(1).mean() if n_present > 1 \
+                loss_pur = (
+                    cfg.lambda_pur * (q_p.detach() * lp_n.log_softmax(1)).sum(1).mean()
+                    if n_present > 1
                     else lp.new_zeros(())
+                )
                 t += 1
                 ema = cfg.posterior_momentum * ema.detach() + (1 - cfg.posterior_momentum) * (q_p.mean(0) + 1e-7)
                 p_hat = ema / (1 - cfg.posterior_momentum**t)
                 loss_bal = cfg.lambda_bal * ((p_hat * p_hat.log()).sum() + math.log(k))
                 loss = loss_lh + loss_pur + loss_bal
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"DLSA flow loss is {loss.item()} at epoch {epoch + 1}: lower "
-                                             f"method.flow_lr ({cfg.flow_lr}) or set method.flow_grad_clip")
+                    raise _FlowDiverged(
+                        f"DLSA flow loss is {loss.item()} at epoch {epoch + 1}: lower "
+                        f"method.flow_lr ({lr:g}) or set method.flow_grad_clip",
+                        epoch + 1,
+                        hist,
+                    )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.flow_grad_clip > 0:
                     nn.utils.clip_grad_norm_(flow.parameters(), cfg.flow_grad_clip)
                 opt.step()
+                loss_sum += loss.item()
             flow.eval()
-            _, c, _ = flow.score(x)
-            _, sizes, purity = cluster_purity(c, y, k, self.num_classes)
+            s, c, _ = flow.score(x)
+            if not torch.isfinite(s).all():
+                raise _FlowDiverged(
+                    f"DLSA flow gives non-finite training log-likelihoods after epoch {epoch + 1}: lower "
+                    f"method.flow_lr ({lr:g}) or set method.flow_grad_clip",
+                    epoch + 1,
+                    hist,
+                )
+            joint, sizes, purity = cluster_purity(c, y, k, self.num_classes)
             pure = int(((purity > cfg.min_purity) & (sizes > cfg.min_size)).sum())
+            overall = float(joint.max(1).values.sum()) / len(y)  # share of samples in their cluster's majority
+            hist["loss"].append(_r(loss_sum / steps))
+            hist["train_llh"].append(_r(float(s.median())))  # median: a few outliers can dominate the mean
+            hist["pure_clusters"].append(pure)
+            hist["purity"].append(round(overall, 4))
             if int(sizes.max()) < cfg.max_cluster_size and pure > best["pure_clusters"]:
-                best = {"pure_clusters": pure, "flow_epoch": epoch + 1,
-                        "state": copy.deepcopy(flow.state_dict())}
-        if best["state"] is None:
-            log.warning("DLSA: no flow epoch had its largest cluster below max_cluster_size=%d; keeping the last "
-                        "epoch", cfg.max_cluster_size)
-            best = {"pure_clusters": pure, "flow_epoch": cfg.flow_epochs, "state": None}
+                best = {
+                    "pure_clusters": pure,
+                    "flow_epoch": epoch + 1,
+                    "purity": round(overall, 4),
+                    "state": copy.deepcopy(flow.state_dict()),
+                }
+        qualified = best["state"] is not None
+        if not qualified:
+            log.warning(
+                "DLSA: no flow epoch had its largest cluster below max_cluster_size=%d; keeping the last epoch",
+                cfg.max_cluster_size,
+            )
+            best = {"pure_clusters": pure, "flow_epoch": cfg.flow_epochs, "purity": round(overall, 4)}
         else:
             flow.load_state_dict(best["state"])
-        return {"flow_epoch": best["flow_epoch"], "pure_clusters": best["pure_clusters"]}
+        return {
+            "flow_epoch": best["flow_epoch"],
+            "pure_clusters": best["pure_clusters"],
+            "purity": best["purity"],
+            "qualified": qualified,
+            "epochs": hist,
+        }
 
-    def _train_head(self, head: nn.Module, inputs: tuple, y: torch.Tensor, counts: torch.Tensor,
-                    val: tuple | None, gen: torch.Generator) -> dict:
+    def _train_head(
+        self,
+        head: nn.Module,
+        inputs: tuple,
+        y: torch.Tensor,
+        counts: torch.Tensor,
+        val: tuple | None,
+        gen: torch.Generator,
+    ) -> dict:
         """Balanced Softmax CE(logits + log(n_c + 1e-6), y), SGD momentum 0, constant lr; the epoch is chosen on
         the val samples routed to this head (head_select=auto with a val split) or is the last one."""
         cfg = self.cfg
@@ -492,7 +888,7 @@ class DLSACascade(nn.Module):
         for epoch in range(cfg.head_epochs):
             perm = torch.randperm(n, generator=gen).to(y.device)
             for i in range(0, n, cfg.head_batch_size):
-                idx = perm[i:i + cfg.head_batch_size]
+                idx = perm[i : i + cfg.head_batch_size]
                 logits = head(*(t[idx] if t is not None else None for t in inputs))
                 loss = F.cross_entropy(logits + log_prior, y[idx])
                 opt.zero_grad(set_to_none=True)
@@ -537,11 +933,15 @@ class DLSA(_FrozenBackbone):
 
     def on_stage_start(self, ctx: MethodContext) -> None:
         if ctx.epochs != 0:
-            raise ValueError(f"a dlsa stage trains on extracted features inside the stage: set its epochs to 0 "
-                             f"(got {ctx.epochs}); its own epochs are method.flow_epochs and method.head_epochs")
+            raise ValueError(
+                f"a dlsa stage trains on extracted features inside the stage: set its epochs to 0 "
+                f"(got {ctx.epochs}); its own epochs are method.flow_epochs and method.head_epochs"
+            )
         if ctx.stage is not None and ctx.stage.init_from is None:
-            raise ValueError("a dlsa stage works on a trained stage-1 backbone: set its init_from (an earlier stage, "
-                             "or a stage-1 run folder / checkpoint)")
+            raise ValueError(
+                "a dlsa stage works on a trained stage-1 backbone: set its init_from (an earlier stage, "
+                "or a stage-1 run folder / checkpoint)"
+            )
         loader = ctx.extras["loader"]
         feats, labels = self.split_features(loader, "train")
         val = None
@@ -552,10 +952,20 @@ class DLSA(_FrozenBackbone):
             stage1 = getattr(self.model.head, "fc", None)
             if not isinstance(stage1, nn.Linear):
                 raise ValueError("head_init=stage1 needs a stage-1 linear head (model.head=linear)")
-        log.info("DLSA: %d train features of dim %d%s", len(feats), feats.shape[1],
-                 f", {len(val[0])} val" if val is not None else ", no val split: heads keep their last epoch")
+        log.info(
+            "DLSA: %d train features of dim %d%s",
+            len(feats),
+            feats.shape[1],
+            f", {len(val[0])} val" if val is not None else ", no val split: heads keep their last epoch",
+        )
         self.summary = self.cascade.fit(feats, labels, val, stage1)
         broadcast_from_main(self.cascade)  # DDP: every rank fitted on all features; keep rank 0's cascade
+        self.cascade.report = self.summary = object_from_main(self.summary)  # ...and the report that describes it
+
+    def report(self) -> dict:
+        """The cascade's fit summary (saved with the weights): dead channels, per stage the chosen flow lr and
+        epoch with every candidate's training purity, and the share of each class's training samples taken."""
+        return self.cascade.report
 
     @property
     def route_names(self) -> list[str]:
@@ -574,9 +984,15 @@ class DLSA(_FrozenBackbone):
 # ----------------------------------------------------------------------------- feature evaluation (section 8)
 
 
-def evaluate_features(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
-                      test_labels: torch.Tensor, num_classes: int | None = None, thresholds: Any = None,
-                      cfg: DLSAConfig | None = None) -> dict:
+def evaluate_features(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    test_labels: torch.Tensor,
+    num_classes: int | None = None,
+    thresholds: Any = None,
+    cfg: DLSAConfig | None = None,
+) -> dict:
     """Head-tail separability of a feature set (OUR interpretation of the paper's feature evaluation, spec
     section 8; the paper's protocol was not available): one flow filter (depth 1) on the training features,
     then
@@ -601,8 +1017,7 @@ def evaluate_features(train_feats: torch.Tensor, train_labels: torch.Tensor, tes
     casc = DLSACascade(train_feats.shape[1], num_classes, cfg, counts).to(train_feats.device)
     summary = casc.fit(train_feats, train_labels)
     casc.eval()
-    flow = casc.flows[0]
-    s_tr, c_tr, _ = flow.score(casc.prepare(train_feats))
+    s_tr, c_tr, _ = casc.score_stage(0, casc.prepare(train_feats))
     _, sizes, purity = cluster_purity(c_tr, train_labels.to(c_tr.device), cfg.clusters, num_classes)
     nonempty = sizes > 0
     q = torch.quantile(sizes[nonempty].double(), torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
@@ -620,26 +1035,38 @@ def evaluate_features(train_feats: torch.Tensor, train_labels: torch.Tensor, tes
         if not mask.any():
             return {"num_samples": 0}
         m = classification_metrics(preds[mask], tl[mask], counts, thresholds)
-        return {"num_samples": int(mask.sum()), **{k: m[k] for k in ("top1", "many", "medium", "few")},
-                "mcc": round(100 * float(matthews_corrcoef(tl[mask], preds[mask])), 2),
-                "nmi": round(100 * float(normalized_mutual_info_score(tl[mask], preds[mask])), 2)}
+        return {
+            "num_samples": int(mask.sum()),
+            **{k: m[k] for k in ("top1", "many", "medium", "few")},
+            "mcc": round(100 * float(matthews_corrcoef(tl[mask], preds[mask])), 2),
+            "nmi": round(100 * float(normalized_mutual_info_score(tl[mask], preds[mask])), 2),
+        }
 
     return {
         "protocol": "our interpretation of DLSA's feature evaluation (spec dlsa.md section 8): one flow filter, "
-                    f"{cfg.clusters} clusters, filter_fraction {cfg.filter_fraction}",
-        "clusters": {"purity_gt_0.9": int((purity[nonempty] > 0.9).sum()),
-                     "purity_gt_0.7": int((purity[nonempty] > 0.7).sum()),
-                     "purity_gt_0.5": int((purity[nonempty] > 0.5).sum()),
-                     "empty": int((~nonempty).sum()), "size_quartiles": [round(v, 1) for v in q]},
-        "composition": {"train_all": composition(train_labels), "train_filtered": composition(train_labels[taken_tr]),
-                        "test_all": composition(tl), "test_filtered": composition(tl[routes == 0])},
+        f"{cfg.clusters} clusters, filter_fraction {cfg.filter_fraction}",
+        "clusters": {
+            "purity_gt_0.9": int((purity[nonempty] > 0.9).sum()),
+            "purity_gt_0.7": int((purity[nonempty] > 0.7).sum()),
+            "purity_gt_0.5": int((purity[nonempty] > 0.5).sum()),
+            "empty": int((~nonempty).sum()),
+            "size_quartiles": [round(v, 1) for v in q],
+        },
+        "composition": {
+            "train_all": composition(train_labels),
+            "train_filtered": composition(train_labels[taken_tr]),
+            "test_all": composition(tl),
+            "test_filtered": composition(tl[routes == 0]),
+        },
         "filtered": subset_metrics(routes == 0),
         "rest": subset_metrics(routes == 1),
         "all": subset_metrics(torch.ones_like(routes, dtype=torch.bool)),
         "flow_epoch": summary["stages"][0]["flow_epoch"],
+        "flow_lr": summary["stages"][0]["flow_lr"],
+        "dead_channels": summary["dead_channels"],
         "thresholds": thresholds.describe(),
         "options": asdict(cfg),  # as used: max_depth 1, heads at their last epoch
     }
 
 
-__all__ = ["DLSA", "DLSAConfig", "DLSACascade", "FlowGMM", "BatchNormFlow", "evaluate_features"]
+__all__ = ["DLSA", "DLSAConfig", "DLSACascade", "FlowGMM", "BatchNormFlow", "evaluate_features", "resolve_center_std"]
