@@ -51,6 +51,8 @@ def record(run_dir: Path, name: str, command: str | None, split: str | None, not
         result["routes"] = m["routes"]
     if metrics.get("chosen_on_val"):  # prediction-time options chosen on val (tau: val): value, metric, curve
         result["chosen_on_val"] = metrics["chosen_on_val"]
+    if metrics.get("method_report"):  # what the method fitted (DLSA: chosen flow lr / epoch, filtered fractions)
+        result["method_report"] = metrics["method_report"]
     init = [st["init_from"] for st in cfg["stages"] if st.get("init_from") and "/" in str(st["init_from"])]
     if init:  # stage 2 on top of another run: name the stage-1 weights it used
         result["init_from"] = init
