@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from longtail.engine.distributed import broadcast_from_main
+from longtail.errors import ConfigError, DataError
 from longtail.methods.base import MethodContext
 from longtail.methods.decoupling import _FrozenBackbone
 from longtail.models import Classifier
@@ -344,7 +345,7 @@ class DLSACascade(nn.Module):
         for d, flow in enumerate(self.flows):
             n_act = int(active.sum())
             if n_act < 2:
-                raise ValueError(f"DLSA stage {d + 1}: only {n_act} training samples left; lower max_depth")
+                raise DataError(f"DLSA stage {d + 1}: only {n_act} training samples left; lower max_depth")
             flow_info = self._train_flow(flow, x[active], y[active], gen)
             flow.eval()
             s, c, u = flow.score(x)
@@ -392,7 +393,7 @@ class DLSACascade(nn.Module):
         """Copy the stage-1 linear layer into every Linear_x, then check it reproduces the stage-1 predictions
         on the (prepared) training features: a mismatch (normalisation, label order) aborts (spec section 10)."""
         if head.weight.shape != (self.num_classes, self.dim) or head.bias is None:
-            raise ValueError(f"head_init=stage1 needs a stage-1 linear head with bias of shape "
+            raise ConfigError(f"head_init=stage1 needs a stage-1 linear head with bias of shape "
                              f"({self.num_classes}, {self.dim}); got {tuple(head.weight.shape)}, "
                              f"bias {'present' if head.bias is not None else 'absent'} (model.head_bias=true)")
         with torch.no_grad():
@@ -402,7 +403,7 @@ class DLSACascade(nn.Module):
             ref = (head(feats.float()).argmax(1) == labels).float().mean().item()
             ours = (self.regular.lin_x(self.prepare(feats)).argmax(1) == labels).float().mean().item()
         if abs(ref - ours) > 0.01:
-            raise ValueError(f"head_init=stage1: the copied head gives {100 * ours:.2f}% train accuracy on the "
+            raise ConfigError(f"head_init=stage1: the copied head gives {100 * ours:.2f}% train accuracy on the "
                              f"prepared features, the stage-1 model {100 * ref:.2f}%: check normalize_features")
 
     def _train_flow(self, flow: FlowGMM, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> dict:
@@ -523,6 +524,7 @@ class DLSA(_FrozenBackbone):
     """DLSA: flow-filter cascade with cluster-aided Balanced-Softmax classifiers on frozen features (stage 2)."""
 
     requires_head = None  # any stage-1 head: DLSA uses only the backbone's features (head_init=stage1: linear)
+    trains = False  # a stage of epochs 0: flows and heads train inside on_stage_start, on extracted features
     Config = DLSAConfig
 
     def __init__(self, model: Classifier, cfg: DLSAConfig, ctx: MethodContext) -> None:
@@ -537,10 +539,10 @@ class DLSA(_FrozenBackbone):
 
     def on_stage_start(self, ctx: MethodContext) -> None:
         if ctx.epochs != 0:
-            raise ValueError(f"a dlsa stage trains on extracted features inside the stage: set its epochs to 0 "
+            raise ConfigError(f"a dlsa stage trains on extracted features inside the stage: set its epochs to 0 "
                              f"(got {ctx.epochs}); its own epochs are method.flow_epochs and method.head_epochs")
         if ctx.stage is not None and ctx.stage.init_from is None:
-            raise ValueError("a dlsa stage works on a trained stage-1 backbone: set its init_from (an earlier stage, "
+            raise ConfigError("a dlsa stage works on a trained stage-1 backbone: set its init_from (an earlier stage, "
                              "or a stage-1 run folder / checkpoint)")
         loader = ctx.extras["loader"]
         feats, labels = self.split_features(loader, "train")
@@ -551,7 +553,7 @@ class DLSA(_FrozenBackbone):
         if self.cfg.head_init == "stage1":
             stage1 = getattr(self.model.head, "fc", None)
             if not isinstance(stage1, nn.Linear):
-                raise ValueError("head_init=stage1 needs a stage-1 linear head (model.head=linear)")
+                raise ConfigError("head_init=stage1 needs a stage-1 linear head (model.head=linear)")
         log.info("DLSA: %d train features of dim %d%s", len(feats), feats.shape[1],
                  f", {len(val[0])} val" if val is not None else ", no val split: heads keep their last epoch")
         self.summary = self.cascade.fit(feats, labels, val, stage1)
