@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from longtail.config import build_config
 from longtail.engine import train
@@ -300,7 +301,9 @@ def test_decoupling_reproduction_recipes_validate(name):
     cfg = load_config(path, ["init_from=/runs/ce"])
     (st,) = cfg.stages
     assert st.method["name"] == name and st.init_from == "/runs/ce"
-    assert cfg.model.head_bias is False  # fits the weights of a cifar10_lt/ce run
+    # The model of the reproduction table's stage-1 row `ce` (cifar10_lt/ce with a head bias), whose weights it loads.
+    row = next(r for r in yaml.safe_load((path.parents[1] / "reproduce.yaml").read_text())["rows"] if r["name"] == "ce")
+    assert cfg.model == load_config(row["recipe"], row.get("overrides", [])).model
     if name in ("crt", "lws"):
         assert st.method["backbone_bn"] == "train" and st.epoch_length == "dataset" and st.batch_size == 512
         assert st.schedule.reference_offset and cfg.eval.select == "best_val" and cfg.data.val_per_class == 1000

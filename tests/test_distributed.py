@@ -151,6 +151,25 @@ def test_sigint_on_one_rank_stops_both_and_resume_matches(tmp_path):
     )
 
 
+def test_periodic_checkpoints_change_nothing_under_ddp(tmp_path):
+    """checkpoint_every_steps under DDP averages the BN statistics on copies for the checkpoint: the training
+    itself goes on as without it, to the bit, and rank 0 alone writes (and locks) the folder."""
+    root = _folder(tmp_path)
+    cfg_path = tmp_path / "ddp.yaml"
+    cfg_path.write_text(yaml.safe_dump(_raw(root)))
+    every_path = tmp_path / "every.yaml"
+    every_path.write_text(yaml.safe_dump({**_raw(root), "checkpoint_every_steps": 2}))
+    for path, out in ((cfg_path, tmp_path / "plain"), (every_path, tmp_path / "every")):
+        for rc, o in _launch(path, out):
+            assert rc == 0, o
+        assert not (out / ".lock").exists()
+    a, b = (torch.load(p / "checkpoints" / "final.pt", weights_only=True)["method"]
+            for p in (tmp_path / "plain", tmp_path / "every"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def test_ifl_environments_and_centres_agree_across_ranks(tmp_path):
     """IFL under DDP: each rank records its own draws, all ranks gather them, so env2 (rebuilt from the
     global record) and the centres (a DDP-averaged parameter) are identical on both ranks."""

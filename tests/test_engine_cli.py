@@ -118,7 +118,7 @@ def test_every_sampler_trains(image_folder, tmp_path, sampler):
 
 def test_refuses_to_overwrite_a_run(image_folder, tmp_path):
     train(build_config(tiny_raw(image_folder, epochs=1)), out=tmp_path / "r", progress=False)
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(FileExistsError, match="finished run.*--overwrite"):
         train(build_config(tiny_raw(image_folder, epochs=1)), out=tmp_path / "r", progress=False)
 
 

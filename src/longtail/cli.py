@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
+import shlex
 import sys
 from pathlib import Path
+
+from longtail.errors import UsageError, UserError
 
 EPILOG = """examples:
   longtail train                                   # quickstart: shapes-glt, tiny CNN, ~1 minute on a laptop
   longtail train cifar10_lt/ce data.root=cifar10-jpeg.zip
   longtail train my.yaml stages.0.epochs=10 optim.lr=0.05 --out runs/try1
   longtail train --resume --out runs/try1          # continue an interrupted run
+  longtail train my.yaml --out runs/try1 --overwrite   # start again in runs/try1, replacing its run
   longtail eval runs/try1 --split test
   longtail report runs/*
   longtail predict runs/try1 cat.jpg dog.png
@@ -25,8 +28,10 @@ EPILOG = """examples:
 """
 
 
-class UsageError(Exception):
-    """A command used wrongly; main() prints it and exits with 2."""
+def _at_least(value: int, minimum: int, flag: str) -> int:
+    if value < minimum:
+        raise UsageError(f"{flag} must be at least {minimum}, got {value}")
+    return value
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -36,6 +41,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         if args.config or args.overrides:
             raise UsageError("--resume continues a run with its saved config; drop CONFIG and key=value")
+        if args.overwrite:
+            raise UsageError("--resume continues the run in --out, --overwrite starts a new one there: pick one")
         cfg = None
     else:
         config, overrides = args.config, list(args.overrides)
@@ -44,7 +51,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             config = None
         cfg = load_config(config, overrides)
     try:
-        run_dir = train(cfg, out=args.out, resume=args.resume, progress=not args.quiet)
+        run_dir = train(cfg, out=args.out, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite,
+                        command=args.command_line)
     except Interrupted as e:
         print(f"\n{e}", file=sys.stderr)
         return 130
@@ -84,8 +92,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(results_table(metrics, title=title))
     if not args.set and args.write:
         # Merge into metrics.json: re-evaluating one split keeps the others.
+        from longtail.evaluation.report import read_metrics
+
         path = Path(args.run_dir) / "metrics.json"
-        old = json.loads(path.read_text()) if path.is_file() else {}
+        old = read_metrics(path) if path.is_file() else {}
         merged = {**old, **{k: v for k, v in metrics.items() if k != "splits"},
                   "splits": {**old.get("splits", {}), **metrics["splits"]}}
         write_metrics(Path(args.run_dir), merged, run.cfg)
@@ -134,8 +144,10 @@ def _feature_quality(args: argparse.Namespace) -> int:
     rep["split"] = split
     print(f"{Path(args.run_dir).name}: feature quality on {split}\n\n{feature_quality_table(rep)}")
     if args.write:
+        from longtail.evaluation.report import read_metrics
+
         path = Path(args.run_dir) / "metrics.json"
-        old = json.loads(path.read_text()) if path.is_file() else {}
+        old = read_metrics(path) if path.is_file() else {}
         old.setdefault("feature_quality", {})[split] = rep
         write_metrics(Path(args.run_dir), old, run.cfg)
         print(f"\nupdated {path} (feature_quality.{split})")
@@ -172,6 +184,7 @@ def feature_quality_table(rep: dict) -> str:
 def _cmd_features(args: argparse.Namespace) -> int:
     from longtail.engine.features import export_features, feature_paths
 
+    _at_least(args.batch_size, 1, "--batch-size")
     splits = [s.strip() for s in args.split.split(",")] if args.split else None
     paths = export_features(args.run_dir, splits, batch_size=args.batch_size, device=args.device,
                             progress=not args.quiet, force=args.force)
@@ -224,10 +237,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from longtail.engine.inference import load_trained, predict_images
+    from longtail.utils import display_name
 
+    _at_least(args.topk, 1, "--topk")
     run = load_trained(args.run_dir, device=args.device)
     for path, top in zip(args.images, predict_images(run, args.images, args.topk), strict=True):
-        print(f"{path}: " + ", ".join(f"{name} {p:.1%}" for name, p in top))
+        print(display_name(f"{path}: " + ", ".join(f"{name} {p:.1%}" for name, p in top)))
     return 0
 
 
@@ -258,6 +273,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_data_glt(args: argparse.Namespace) -> int:
     from longtail.data.glt_build import build_glt_benchmark
 
+    for flag, minimum in (("image_size", 1), ("clusters", 1), ("test_per_class", 0), ("val_per_class", 0),
+                          ("batch_size", 1), ("num_workers", 0)):
+        _at_least(getattr(args, flag), minimum, "--" + flag.replace("_", "-"))
+    if args.cbl_per_class is not None:
+        _at_least(args.cbl_per_class, 1, "--cbl-per-class")
+    if args.imbalance_ratio is not None and not args.imbalance_ratio >= 1:
+        raise UsageError(f"--imbalance-ratio is n_max / n_min and must be >= 1, got {args.imbalance_ratio}")
     res = build_glt_benchmark(args.root, args.out, name=args.name, weights=args.weights, backbone=args.backbone,
                               image_size=args.image_size, clusters=args.clusters, test_per_class=args.test_per_class,
                               val_per_class=args.val_per_class, imbalance_ratio=args.imbalance_ratio,
@@ -293,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     from longtail import __version__
 
     p.add_argument("--version", action="version", version=f"longtail {__version__}")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error (also: LONGTAIL_DEBUG=1)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a recipe (default: the quickstart)",
@@ -304,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     t.add_argument("--out", help="run folder (default: runs/<name>-<time>)")
     t.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start even when --out holds a run or other files: its config.yaml, metrics.json, train.log, "
+                        "checkpoints/, plots/, sweeps/ and features/ are removed first (other files are kept)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_cmd_train)
 
@@ -396,23 +422,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("list", help="registered datasets, backbones, heads, methods, samplers and recipes")
     ls.set_defaults(func=_cmd_list)
+    # `--debug` also after the command (`longtail train ... --debug`); SUPPRESS keeps the main parser's value
+    # when a sub-command does not see it.
+    for parser in (t, e, r, pr, fe, bn, dg, ls):
+        parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A user's mistake (any ``longtail.errors.UserError``: a setting, a file, a flag) is one
+    line on stderr and exit code 2; anything else is a bug and keeps its traceback. ``--debug`` shows the
+    traceback of user errors too."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    from longtail.config import ConfigError
-    from longtail.data.base import DataError
-    from longtail.registry import RegistryError
-
+    args.command_line = "longtail " + shlex.join(argv)  # recorded in a new run's log
+    debug = args.debug or os.environ.get("LONGTAIL_DEBUG", "") not in ("", "0")
     try:
         return args.func(args)
-    except (UsageError, ConfigError, DataError, RegistryError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except UserError as e:
+        if debug:
+            raise
+        from longtail.utils import display_name
+
+        print(f"error: {display_name(' '.join(str(e).split()))}", file=sys.stderr)  # one line, printable
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

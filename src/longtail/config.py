@@ -16,9 +16,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config that cannot be used: unknown key, wrong type, bad value. Says what to fix."""
+from longtail.errors import ConfigError  # defined with the other user errors; importable from here as before
 
 
 @dataclass
@@ -138,6 +136,9 @@ class RunConfig:
     amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
     compile: bool = False  # torch.compile the model (GPU)
     checkpoint_every: int = 1  # epochs between checkpoints (atomic, resumable)
+    # Also save the resume point every N training steps inside an epoch (0: off), so a kill loses at most N
+    # steps of a long epoch; the checkpoint is the one SIGINT writes at that step, and training is unchanged.
+    checkpoint_every_steps: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
@@ -356,13 +357,15 @@ def resolve_config_path(name_or_path: str) -> Path:
     raise ConfigError(f"config '{name_or_path}' is neither a file nor a shipped recipe{hint}")
 
 
-def load_raw(path: str | Path) -> dict:
+def load_raw(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
     """Read a YAML recipe (safe_load) into a raw dict; ``base: other.yaml`` inherits from another."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read recipe {path}: {getattr(e, 'strerror', None) or e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a recipe is a mapping of keys, got {type(raw).__name__}")
     base = raw.pop("base", None)
@@ -370,7 +373,13 @@ def load_raw(path: str | Path) -> dict:
         base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
         if not base_path.is_file():
             base_path = resolve_config_path(str(base))
-        merged = load_raw(base_path)
+        # A recipe that names itself, or a chain that comes back, would recurse until Python gives up.
+        chain = (*_chain, path.resolve())
+        if base_path.resolve() in chain:
+            loop = " -> ".join(p.name for p in (*chain[chain.index(base_path.resolve()):], base_path))
+            raise ConfigError(f"{path}: 'base: {base}' makes a cycle ({loop}); a recipe cannot inherit from "
+                              f"itself: point base at another recipe or drop it")
+        merged = load_raw(base_path, chain)
         _deep_merge(merged, raw)
         raw = merged
     return raw
@@ -439,6 +448,23 @@ def validate(cfg: RunConfig) -> None:
     check(cfg.eval.select in ("last", "best_val"), "eval.select must be last or best_val")
     check(cfg.eval.few_below <= cfg.eval.many_above, "eval.few_below must not exceed eval.many_above")
     check(cfg.checkpoint_every >= 1, "checkpoint_every must be >= 1")
+    check(cfg.checkpoint_every_steps >= 0, "checkpoint_every_steps must be >= 0 (0: only at epoch ends)")
+    if cfg.device != "auto":
+        from longtail.utils import parse_device
+
+        parse_device(cfg.device)  # its syntax now; whether it is present, when the run starts
+    # Sizes where 0 or a negative number used to fall back silently to the dataset's default (`x or default`).
+    for key in ("image_size", "max_per_class", "num_classes"):
+        value = getattr(cfg.data, key)
+        check(value is None or value >= 1, f"data.{key} must be >= 1, got {value}; drop it (or null) for the "
+                                           f"dataset's default")
+    check(cfg.data.num_workers >= 0, f"data.num_workers must be >= 0 (0: load in this process), "
+                                     f"got {cfg.data.num_workers}")
+    check(cfg.model.num_heads >= 1, f"model.num_heads must be >= 1, got {cfg.model.num_heads}")
+    check(cfg.model.head_scale > 0, f"model.head_scale must be > 0, got {cfg.model.head_scale}")
+    check(cfg.model.head_gamma >= 0, f"model.head_gamma must be >= 0, got {cfg.model.head_gamma}")
+    check(cfg.eval.batch_size >= 1, f"eval.batch_size must be >= 1, got {cfg.eval.batch_size}")
+    check(cfg.eval.many_above >= 0 and cfg.eval.few_below >= 0, "eval.many_above and eval.few_below must be >= 0")
     check(len(cfg.stages) >= 1, "a recipe needs at least one stage")
     check(cfg.eval.select != "best_val" or cfg.stages[-1].eval_every > 0,
           "eval.select=best_val needs val evaluations during the last stage: set its eval_every (e.g. 1)")
@@ -451,6 +477,16 @@ def validate(cfg: RunConfig) -> None:
         check(st.optim.lr >= 0, f"{where}: optim.lr must be >= 0")
         check(st.epoch_length in ("sampler", "dataset"),
               f"{where}: epoch_length must be sampler or dataset, got '{st.epoch_length}'")
+        check(st.optim.momentum >= 0, f"{where}: optim.momentum must be >= 0")
+        check(st.optim.weight_decay >= 0, f"{where}: optim.weight_decay must be >= 0")
+        check(st.eval_every >= 0, f"{where}: eval_every must be >= 0 (0: only at the end)")
+        check(st.schedule.warmup_epochs >= 0, f"{where}: schedule.warmup_epochs must be >= 0 (0: no warm-up), "
+                                              f"got {st.schedule.warmup_epochs}")
+        check(st.schedule.warmup_factor >= 0, f"{where}: schedule.warmup_factor must be >= 0")
+        check(st.schedule.gamma >= 0 and st.schedule.min_lr >= 0, f"{where}: schedule.gamma and schedule.min_lr "
+                                                                   f"must be >= 0")
+        check(all(m >= 0 for m in st.schedule.milestones), f"{where}: schedule.milestones are 0-based epochs "
+                                                           f"(>= 0), got {st.schedule.milestones}")
         check(st.schedule.name in ("multistep", "cosine", "constant"),
               f"{where}: schedule.name must be multistep, cosine or constant")
         # The reference code steps its scheduler before epoch 0, so with the offset epoch 0 already trains at

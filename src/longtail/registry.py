@@ -6,6 +6,8 @@ import difflib
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
+from longtail.errors import UserError
+
 T = TypeVar("T")
 
 
@@ -14,7 +16,7 @@ def _canonical(name: str) -> str:
     return name.strip().lower().replace("-", "_")
 
 
-class RegistryError(KeyError):
+class RegistryError(UserError, KeyError):
     """Unknown or duplicate name. The message lists close matches."""
 
     def __str__(self) -> str:  # KeyError would quote the message

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -15,23 +17,43 @@ from typing import Any
 import numpy as np
 import torch
 
+from longtail.errors import WRITE_ERRNOS, ConfigError, write_error
+
 
 def _atomic(path: str | Path, write) -> None:
     # Write next to the target, then rename: a reader never sees a half-written file, and an
-    # interrupted write leaves the previous version intact.
+    # interrupted write leaves the previous version intact. A process killed in between (SIGKILL) leaves
+    # `.NAME.XXXX.tmp`, which a run removes when it starts or resumes (run_folder.remove_orphans).
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        if e.errno in WRITE_ERRNOS:  # read-only disk, no permission, a file where a folder should be
+            raise write_error(path, e) from None
+        raise
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:  # e.g. the disk filled up during the write
+            raise write_error(path, e) from None
+        if isinstance(e, RuntimeError) and "write" in str(e).lower() and _disk_nearly_full(path.parent):
+            # torch's zip writer reports a full disk as its own RuntimeError ("... file write failed")
+            raise write_error(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))) from None
         raise
+
+
+def _disk_nearly_full(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < 64 * 2**20
+    except OSError:
+        return False
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -56,13 +78,43 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("LONGTAIL_CACHE", Path.home() / ".cache" / "longtail"))
 
 
+def parse_device(name: str) -> torch.device:
+    """The device a ``device`` setting names (not ``auto``), without checking it is present; ConfigError when
+    the text names no device."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device '{name}' is not a device: use auto, cpu, cuda or cuda:N (mps on a Mac)")
+    return dev
+
+
 def resolve_device(name: str) -> torch.device:
+    """The torch device ``name`` names (auto: CUDA when present, else CPU); ConfigError when it is not
+    one, or not present on this machine."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device '{name}' asked for, but no CUDA GPU is available; use device=cpu")
+    dev = parse_device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device '{name}' asked for, but no CUDA GPU is available; use device=cpu "
+                              f"(--device cpu for eval / predict / features)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device '{name}': this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                              f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device '{name}' asked for, but MPS is not available here; use device=cpu")
     return dev
+
+
+def display_name(name: str) -> str:
+    """``name`` as printable text: bytes that were not UTF-8 (a folder name decoded with surrogateescape)
+    become U+FFFD, so plots, tables and JSON can show it."""
+    try:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # lone surrogates outside the escape range (e.g. from a JSON \ud800)
+        return name.encode("utf-8", "replace").decode("utf-8")
 
 
 def git_commit() -> str | None:

@@ -7,9 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-
-class DataError(ValueError):
-    """Bad user data (missing root, corrupt image, label out of range, empty class). Says what to fix."""
+from longtail.errors import DataError  # defined with the other user errors; importable from here as before
 
 
 @dataclass

@@ -16,6 +16,7 @@ from longtail.config import DataConfig
 from longtail.data.base import DataError, LTDataset, Split
 from longtail.data.images import IMAGE_EXTENSIONS, read_image, resize_square
 from longtail.registry import DATASETS
+from longtail.utils import display_name
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -108,7 +109,10 @@ def image_folder(cfg: DataConfig, cache_dir: Path) -> LTDataset:
             labels += [index[cdir.name]] * len(files)
         if paths:
             splits[split] = Split(targets=torch.tensor(labels), paths=paths)
-    return _finish(cfg, "image_folder", class_names, splits, default_size=224, info={"root": str(root)})
+    # Folder names that are not UTF-8 (decoded with surrogateescape) are shown with U+FFFD in metrics, tables
+    # and plots; the files are still found by the names as they are on disk.
+    return _finish(cfg, "image_folder", [display_name(c) for c in class_names], splits, default_size=224,
+                   info={"root": str(root)})
 
 
 def _list_dataset(cfg: DataConfig, name: str, default_lists: dict[str, str], expected: dict[str, int],

@@ -6,6 +6,8 @@ import hashlib
 
 import numpy as np
 
+from longtail.errors import DataError
+
 
 def class_counts(num_classes: int, n_max: int, imbalance_ratio: float, profile: str = "exp") -> list[int]:
     """Training images per class, class 0 the largest.
@@ -14,9 +16,9 @@ def class_counts(num_classes: int, n_max: int, imbalance_ratio: float, profile: 
     step: the first C // 2 classes n_max, the others int(n_max * r)
     """
     if num_classes < 1 or n_max < 1:
-        raise ValueError("num_classes and n_max must be positive")
+        raise DataError("num_classes and n_max must be positive")
     if imbalance_ratio < 1:
-        raise ValueError(f"imbalance_ratio is n_max / n_min and must be >= 1, got {imbalance_ratio}")
+        raise DataError(f"imbalance_ratio is n_max / n_min and must be >= 1, got {imbalance_ratio}")
     r = 1.0 / imbalance_ratio
     if profile == "exp":
         if num_classes == 1:
@@ -25,7 +27,7 @@ def class_counts(num_classes: int, n_max: int, imbalance_ratio: float, profile: 
     if profile == "step":
         half = num_classes // 2
         return [n_max] * half + [int(n_max * r)] * (num_classes - half)
-    raise ValueError(f"unknown imbalance profile '{profile}' (exp or step)")
+    raise DataError(f"unknown imbalance profile '{profile}' (exp or step)")
 
 
 def select_long_tailed(targets: np.ndarray, counts: list[int], seed: int) -> np.ndarray:
@@ -43,7 +45,7 @@ def select_long_tailed(targets: np.ndarray, counts: list[int], seed: int) -> np.
     for c, n in enumerate(counts):
         idx = np.where(targets == c)[0]
         if n > len(idx):
-            raise ValueError(f"class {c} has {len(idx)} images, fewer than the {n} the profile asks for")
+            raise DataError(f"class {c} has {len(idx)} images, fewer than the {n} the profile asks for")
         rng.shuffle(idx)
         keep.append(idx[:n])
     return np.concatenate(keep) if keep else np.zeros(0, dtype=np.int64)

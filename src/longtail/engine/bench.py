@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from longtail.config import RunConfig
+from longtail.config import ConfigError, RunConfig
 from longtail.data import create_dataset
 from longtail.models import create_model
 from longtail.utils import device_name, environment_info, resolve_device, seed_everything
@@ -80,7 +80,8 @@ def reference_loop(cfg: RunConfig, epochs: int = 2) -> tuple[float, float]:
     ds = create_dataset(cfg.data)
     train = ds.splits["train"]
     if train.images is None:
-        raise ValueError("the reference loop needs an in-memory dataset (CIFAR-LT, shapes-glt, digits-lt)")
+        raise ConfigError("the reference loop needs an in-memory dataset (CIFAR-LT, shapes-glt, digits-lt, or "
+                          "data.in_memory=always); or pass --no-reference")
     st = cfg.stages[0]
     size = train.images.shape[-1]
     transform = v2.Compose([v2.RandomCrop(size, padding=4), v2.RandomHorizontalFlip(),

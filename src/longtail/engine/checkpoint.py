@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from longtail.errors import CheckpointError, MissingFileError, load_failure
 from longtail.utils import atomic_torch_save
 
 FORMAT_VERSION = 1
@@ -24,15 +25,19 @@ def save_checkpoint(path: str | Path, **payload: Any) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint's payload; MissingFileError / CheckpointError (one line, naming the file) when it is absent,
+    truncated, another program's file, or not longtail's format."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise MissingFileError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file: say which one
-        raise RuntimeError(f"cannot load checkpoint {path}: {e}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT_VERSION:
-        raise RuntimeError(f"{path} is not a longtail checkpoint (format {FORMAT_VERSION})")
+    except Exception as e:  # any failure to unpickle is the file's: truncated, foreign, an unsafe pickle
+        raise CheckpointError(f"cannot load checkpoint {path}: truncated or not a longtail checkpoint "
+                              f"({load_failure(e)}); use the file a longtail run wrote there") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT_VERSION or "method" not in ckpt:
+        raise CheckpointError(f"{path} is not a longtail checkpoint (format {FORMAT_VERSION}, with the method's "
+                              f"weights); use the file a longtail run wrote there")
     return ckpt
 
 

@@ -113,6 +113,32 @@ def average_buffers(module: torch.nn.Module, info: DistInfo) -> None:
             b /= info.world_size
 
 
+def averaged_state_dict(module: torch.nn.Module, info: DistInfo) -> dict:
+    """``module.state_dict()`` with every floating-point buffer replaced by its mean over ranks, computed on
+    copies: the values ``average_buffers`` would give at this step, while the module's own buffers (and so
+    the training that goes on) stay untouched. Without a process group: the plain state dict."""
+    state = module.state_dict()
+    if not info.enabled:
+        return state
+    for name, b in module.named_buffers():  # the order average_buffers uses, the same on every rank
+        if b.is_floating_point():
+            t = b.detach().clone()
+            dist.all_reduce(t)
+            t /= info.world_size
+            if name in state:
+                state[name] = t
+    return state
+
+
+def broadcast_object(obj, info: DistInfo):
+    """Rank 0's ``obj`` (picklable) on every rank; ``obj`` itself without a process group."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def broadcast_from_main(*targets: torch.nn.Module | torch.Tensor) -> None:
     """Copy rank 0's values into every rank's tensors (a module: all its parameters and buffers); a no-op
     without a process group.

@@ -10,6 +10,7 @@ from longtail.config import EvalConfig
 from longtail.data.loaders import Loader
 from longtail.data.samplers import shard
 from longtail.engine.distributed import DistInfo, gather_in_order
+from longtail.errors import ConfigError, UsageError
 from longtail.evaluation.metrics import ShotThresholds, classification_metrics
 from longtail.methods import Method
 
@@ -175,10 +176,10 @@ def extract_features(
 def parse_sweep(text: str) -> tuple[str, list[float]]:
     """``method.alpha=0:3:0.25`` (start:stop:step, stop included) or ``method.alpha=0,1.5,3``."""
     if "=" not in text:
-        raise ValueError(f"--sweep '{text}' must look like method.alpha=0:3:0.25 or method.alpha=0,1,2")
+        raise UsageError(f"--sweep '{text}' must look like method.alpha=0:3:0.25 or method.alpha=0,1,2")
     key, spec = text.split("=", 1)
     if not key.startswith("method.") or key.count(".") != 1:
-        raise ValueError(f"--sweep sweeps a prediction-time method option (method.NAME), got '{key}'")
+        raise UsageError(f"--sweep sweeps a prediction-time method option (method.NAME), got '{key}'")
     try:
         if ":" in spec:
             start, stop, step = (float(v) for v in spec.split(":"))
@@ -189,7 +190,7 @@ def parse_sweep(text: str) -> tuple[str, list[float]]:
         else:
             values = [float(v) for v in spec.split(",")]
     except ValueError:
-        raise ValueError(f"--sweep '{text}': values must be start:stop:step (step > 0) or a comma list") from None
+        raise UsageError(f"--sweep '{text}': values must be start:stop:step (step > 0) or a comma list") from None
     return key.split(".", 1)[1], values
 
 
@@ -215,7 +216,7 @@ def sweep_option(
     """
     if not hasattr(method.cfg, option):
         known = ", ".join(f for f in vars(method.cfg))
-        raise ValueError(f"method '{type(method).__name__}' has no option '{option}' (options: {known or 'none'})")
+        raise UsageError(f"method '{type(method).__name__}' has no option '{option}' (options: {known or 'none'})")
     feats, targets = extract_features(method, loader, split, cfg.batch_size, amp, channels_last, dist)
     counts = loader.ds.train_counts()
     old = getattr(method.cfg, option)
@@ -259,7 +260,7 @@ def choose_on_val(
     changed (the caller stores the value with ``method.set_chosen``).
     """
     if "val" not in loader.ds.splits:
-        raise ValueError(
+        raise ConfigError(
             f"method.{option}=val needs a validation split and this run has none (never chosen on "
             f"test): set data.val_per_class (CIFAR-LT) or data.val_fraction"
         )

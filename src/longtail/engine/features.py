@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from longtail.errors import WRITE_ERRNOS, MissingFileError, UsageError, write_error
 from longtail.utils import atomic_write_json
 
 
@@ -50,7 +51,7 @@ def load_features(run_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarr
     """(N, D) memory-mapped float32 features and (N,) labels of a split written by ``export_features``."""
     feats, labels, _ = feature_paths(run_dir, split)
     if not feats.is_file():
-        raise FileNotFoundError(f"no features for split {split!r} in {Path(run_dir) / 'features'}: "
+        raise MissingFileError(f"no features for split {split!r} in {Path(run_dir) / 'features'}: "
                                 f"run longtail features {run_dir} --split {split}")
     return np.load(feats, mmap_mode="r"), np.load(labels)
 
@@ -76,14 +77,19 @@ def export_features(run_dir: str | Path, splits: list[str] | None = None, batch_
             continue
         if run is None:
             run = load_trained(run_dir, device=device)
-        out[split] = _write_split(run, run_dir, split, batch_size, progress)
+        try:
+            out[split] = _write_split(run, run_dir, split, batch_size, progress)
+        except OSError as e:
+            if e.errno in WRITE_ERRNOS:  # a full or read-only disk: one line, naming the folder
+                raise write_error(run_dir / "features", e) from None
+            raise
     return out
 
 
 @torch.no_grad()
 def _write_split(run, run_dir: Path, split: str, batch_size: int, progress: bool) -> Path:
     if split not in run.dataset.splits:
-        raise ValueError(f"no split {split!r}; this run has {', '.join(run.dataset.splits)}")
+        raise UsageError(f"no split {split!r}; this run has {', '.join(run.dataset.splits)}")
     feats_path, labels_path, stamp_path = feature_paths(run_dir, split)
     feats_path.parent.mkdir(parents=True, exist_ok=True)
     n, dim = len(run.dataset.splits[split]), run.method.model.feature_dim

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from longtail.config import RunConfig, StageConfig, build_config, load_raw, save_yaml, to_dict
+from longtail.config import ConfigError, RunConfig, StageConfig, build_config, load_raw, save_yaml, to_dict
 from longtail.data import LTDataset, create_dataset
 from longtail.data.loaders import Loader
 from longtail.data.samplers import create_sampler, shard
@@ -26,17 +26,28 @@ from longtail.engine.distributed import (
     all_reduce_sum,
     any_rank,
     average_buffers,
+    averaged_state_dict,
     barrier,
     broadcast_from_main,
+    broadcast_object,
     init_distributed,
     shutdown,
 )
 from longtail.engine.evaluate import autocast, choose_on_val, evaluate_split, thresholds_of
 from longtail.engine.schedule import lr_at
+from longtail.errors import WRITE_ERRNOS, CheckpointError, MissingFileError, TrainingError, UsageError, write_error
 from longtail.evaluation.metrics import describe_class_groups
 from longtail.methods import Method, MethodContext, create_method
 from longtail.models import Classifier, create_model
 from longtail.registry import METHODS
+from longtail.run_folder import (
+    RunLock,
+    check_new_run_folder,
+    check_resumable,
+    default_command,
+    remove_orphans,
+    unique_run_dir,
+)
 from longtail.utils import atomic_write_json, environment_info, resolve_device, seed_everything
 
 log = logging.getLogger("longtail")
@@ -82,14 +93,21 @@ class RunState:
 
 
 def new_run_dir(cfg: RunConfig, out: str | Path | None) -> Path:
+    """``out``, or a new folder ``runs/<name>-<time>`` (``-2``, ``-3``... when a run started in the same second
+    has it), created here so that no other run can take it."""
     if out is not None:
         return Path(out)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{cfg.name}-{stamp}"
+    return unique_run_dir(Path("runs"), f"{cfg.name}-{stamp}")
 
 
 def _setup_logging(run_dir: Path) -> logging.Handler:
-    handler = logging.FileHandler(run_dir / "train.log")
+    try:
+        handler = logging.FileHandler(run_dir / "train.log")
+    except OSError as e:
+        if e.errno in WRITE_ERRNOS:
+            raise write_error(run_dir / "train.log", e) from None
+        raise
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
@@ -130,7 +148,10 @@ def build_stage_method(
 def _make_optimizer(method: Method, st: StageConfig) -> torch.optim.Optimizer:
     groups = method.param_groups()
     if not any(p.requires_grad for g in groups for p in g["params"]):
-        raise RuntimeError(f"stage '{st.name}': the method has no trainable parameters")
+        raise ConfigError(
+            f"stage '{st.name}': method '{st.method['name']}' has no trainable parameters, so "
+            f"epochs={st.epochs} would train nothing; set the stage's epochs to 0"
+        )
     return torch.optim.SGD(
         groups,
         lr=st.optim.lr,
@@ -155,7 +176,7 @@ def _epoch_steps(st: StageConfig, sampler_steps: int, n_train: int) -> int:
         return sampler_steps
     steps = n_train // st.batch_size
     if steps < 1:
-        raise ValueError(
+        raise ConfigError(
             f"stage '{st.name}': epoch_length=dataset gives int({n_train} / {st.batch_size}) = 0 steps "
             f"per epoch; lower batch_size or use epoch_length=sampler"
         )
@@ -194,14 +215,29 @@ def _init_checkpoint(init_from: str) -> Path:
     if p.is_dir():
         final = p / "checkpoints" / "final.pt"
         if not final.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"init_from {init_from}: a folder without checkpoints/final.pt (is it a "
                 f"finished longtail run? an interrupted one continues with --resume)"
             )
         return final
     if not p.is_file():
-        raise FileNotFoundError(f"init_from {init_from}: no such run folder or checkpoint file")
+        raise MissingFileError(f"init_from {init_from}: no such run folder or checkpoint file")
     return p
+
+
+def _check_stages_train(cfg: RunConfig) -> None:
+    """Refuse a stage that would silently train nothing: epochs 0 for a method that learns in its epochs
+    (``Method.trains``), without ``init_from``. With init_from it uses those weights as they are (skip a stage 1
+    you already have); without, it would report what it started from (random weights for a first stage).
+    At train start, not in config validation: a shipped recipe may leave init_from for the command line."""
+    for i, st in enumerate(cfg.stages):
+        if METHODS.get(st.method["name"]).trains and st.epochs == 0 and st.init_from is None:
+            post_hoc = ", ".join(n for n in METHODS if not METHODS.get(n).trains)
+            raise ConfigError(
+                f"stages.{i} ('{st.name}'): epochs=0 with method '{st.method['name']}' trains nothing; "
+                f"set epochs >= 1, or init_from to take its weights from an earlier stage or another "
+                f"run (only post-hoc methods have epochs 0 on their own: {post_hoc})"
+            )
 
 
 def _resolve_init_paths(cfg: RunConfig) -> None:
@@ -216,51 +252,118 @@ def _load_init(model: torch.nn.Module, st: StageConfig, ckpt_dir: Path, earlier:
     weights = model_state(load_checkpoint(path)["method"])
     try:
         model.load_state_dict(weights)
-    except RuntimeError as e:  # another run's backbone / head / class count: say which settings differ
-        raise RuntimeError(
+    except RuntimeError:  # another run's backbone / head / class count: say which settings differ
+        raise CheckpointError(
             f"stage '{st.name}': the weights in {path} do not fit this model (model.backbone, "
             f"model.head, head_bias and the class count must match the run they come from): "
-            f"{e}"
+            f"{state_mismatch(model.state_dict(), weights)}"
         ) from None
     log.info("stage %s starts from %s", st.name, path)
 
 
+def state_mismatch(own: dict, loaded: dict) -> str:
+    """One line on how a state dict differs from the one a module expects (torch's message spans lines)."""
+    missing = [k for k in own if k not in loaded]
+    extra = [k for k in loaded if k not in own]
+    shapes = [
+        f"{k} {tuple(loaded[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in loaded and hasattr(loaded[k], "shape") and tuple(loaded[k].shape) != tuple(own[k].shape)
+    ]
+
+    def few(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (f" (+{len(keys) - 3})" if len(keys) > 3 else "")
+
+    parts = [
+        f"{len(missing)} missing ({few(missing)})" if missing else "",
+        f"{len(extra)} unexpected ({few(extra)})" if extra else "",
+        f"{len(shapes)} of another shape ({few(shapes)}; checkpoint vs model)" if shapes else "",
+    ]
+    return "; ".join(p for p in parts if p) or "the tensors differ"
+
+
+def _load_method_state(method: Method, state: dict, path: Path) -> None:
+    try:
+        method.load_state_dict(state)
+    except RuntimeError:
+        raise CheckpointError(
+            f"{path} does not fit the method its config.yaml builds ("
+            f"{state_mismatch(method.state_dict(), state)}); was config.yaml edited? restore it, "
+            f"or start the run again"
+        ) from None
+
+
 def train(
-    cfg: RunConfig | None = None, out: str | Path | None = None, resume: bool = False, progress: bool = True
+    cfg: RunConfig | None = None,
+    out: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    overwrite: bool = False,
+    command: str | None = None,
 ) -> Path:
     """Train a recipe, evaluate it, and write a complete run folder. Returns the run folder.
 
     With ``resume=True``, ``out`` names an existing run folder; training continues from its last
-    checkpoint with its saved config and ends at the same result as an uninterrupted run.
+    checkpoint with its saved config (and ends at the same weights as an uninterrupted run on in-memory data
+    with batch augmentation; not yet exactly with DataLoader workers, per-image augmentation or mixup).
+
+    A new run needs ``out`` to be new, empty, or a folder a start stopped early in; a folder with other files
+    or a finished or unfinished run is refused unless ``overwrite`` (see ``longtail.run_folder``). While it trains,
+    the run folder is locked (``.lock``): a second run or resume in it is refused. ``command`` is the command
+    line recorded in the log (default: this process's), so a run killed during start-up can say how to start
+    it again.
 
     Under ``torchrun`` (or inside a process group the caller started) this trains with DDP: every rank
     calls ``train`` with the same arguments; ``stages[].batch_size`` stays the GLOBAL batch; rank 0 alone
-    writes the run folder.
+    writes (and locks) the run folder.
     """
+    command = command or default_command()
     if resume:
         if out is None:
-            raise ValueError("--resume needs the run folder: longtail train --resume --out RUN_DIR")
-        run_dir = Path(out)
-        if not (run_dir / "config.yaml").is_file():
-            raise FileNotFoundError(f"{run_dir} has no config.yaml: not a longtail run folder")
+            raise UsageError("--resume needs the run folder: longtail train --resume --out RUN_DIR")
+        if overwrite:
+            raise UsageError("--resume continues the run in --out, --overwrite starts a new one there: pick one")
+        run_dir: Path | None = Path(out)
+        check_resumable(run_dir)
         saved = load_raw(run_dir / "config.yaml")
         saved.pop("meta", None)
         cfg = build_config(saved)
     else:
         cfg = cfg or build_config({})
+        _check_stages_train(cfg)
         _resolve_init_paths(cfg)  # before anything trains: a wrong path fails now, not after stage 1
-        run_dir = new_run_dir(cfg, out)
-        if (run_dir / "checkpoints" / "last.pt").exists():
-            raise FileExistsError(f"{run_dir} already holds a run; continue it with --resume or pick another --out")
+        run_dir = Path(out) if out is not None else None
     dist, device = init_distributed(resolve_device(cfg.device))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handler = _setup_logging(run_dir) if dist.is_main else None
+    lock, handler = None, None
     try:
+        notes: list[str] = []
+        if dist.is_main:
+            run_dir = new_run_dir(cfg, run_dir)
+            # Lock first, then look: two runs started on one folder at once cannot both find it free.
+            lock = RunLock(run_dir).acquire(command)
+            notes += lock.notes
+            if not resume:
+                notes += check_new_run_folder(run_dir, overwrite)
+            orphans = remove_orphans(run_dir)
+            if orphans:
+                notes.append(
+                    f"removed {len(orphans)} temporary file(s) of a write that was killed: {', '.join(orphans)}"
+                )
+        run_dir = broadcast_object(run_dir, dist)  # the default folder's name is rank 0's
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if dist.is_main:
+            handler = _setup_logging(run_dir)
+            if not resume:
+                log.info("command: %s", command)
+            for note in notes:
+                log.warning(note)
         return _train(cfg, run_dir, resume, progress and dist.is_main, dist, device)
     finally:
         if handler is not None:
             log.removeHandler(handler)
             handler.close()
+        if lock is not None:
+            lock.release()
         shutdown(dist)
 
 
@@ -268,7 +371,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
     main = dist.is_main
     for st in cfg.stages:
         if st.batch_size % dist.world_size:
-            raise ValueError(
+            raise ConfigError(
                 f"stage '{st.name}': batch_size {st.batch_size} is the global batch and must divide "
                 f"evenly over {dist.world_size} processes"
             )
@@ -287,11 +390,11 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
     ds = create_dataset(cfg.data)
     loader = Loader(ds, device, cfg.data.augment, cfg.data.num_workers, cfg.data.fast_path)
     if cfg.eval.select == "best_val" and "val" not in ds.splits:
-        raise ValueError("eval.select=best_val needs a validation split: set data.val_fraction (never select on test)")
+        raise ConfigError("eval.select=best_val needs a validation split: set data.val_fraction (never select on test)")
     for st in cfg.stages:  # before anything trains: an option chosen on val needs a val split
         on_val = METHODS.get(st.method["name"]).options_on_val(st.method)
         if on_val and "val" not in ds.splits:
-            raise ValueError(
+            raise ConfigError(
                 f"stage '{st.name}': method.{on_val[0]}=val is chosen on a validation split and this "
                 f"run has none (never on test): set data.val_per_class (CIFAR-LT) or data.val_fraction"
             )
@@ -322,6 +425,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
     best = ckpt.get("best", {"top1": -1.0}) if ckpt else {"top1": -1.0}
     choices: list[dict] = ckpt.get("choices", []) if ckpt else []  # options chosen on val, per stage
     timing: list[dict] = []  # the epochs this process trained: seconds and images (all ranks), for `bench`
+    every_steps = cfg.checkpoint_every_steps  # 0: checkpoints at epoch ends only
     method = None
     with _StopFlag() as stop:
         for si in range(state.stage, len(cfg.stages)):
@@ -333,7 +437,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
             opt = _make_optimizer(method, st) if st.epochs > 0 else None  # tau_norm / ncm: nothing to train
             start_epoch, start_step, gen_state = 0, 0, None
             if ckpt is not None and si == state.stage:
-                method.load_state_dict(ckpt["method"])
+                _load_method_state(method, ckpt["method"], last_path)
                 if opt is not None:
                     opt.load_state_dict(ckpt["optimizer"])
                 start_epoch, start_step, gen_state = state.epoch, state.step, ckpt.get("gen_state")
@@ -363,6 +467,13 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
             sampler_steps = loader.steps_per_epoch(-(-len(sampler) // ctx.world_size), local_batch, st.drop_last)
             steps = ctx.steps_per_epoch = _epoch_steps(st, sampler_steps, len(ds.train))
             cut = steps * st.batch_size if st.epoch_length == "dataset" else None  # global samples per epoch
+            if opt is not None and steps == 0:  # before this stage trains anything: it would train nothing
+                raise ConfigError(
+                    f"stage '{st.name}': an epoch of {len(sampler)} sampled images in batches of {st.batch_size} "
+                    f"(drop_last={str(st.drop_last).lower()}) has 0 training steps; set stages.{si}.batch_size "
+                    f"to at most {-(-len(sampler) // ctx.world_size) * dist.world_size}, or drop_last=false, or "
+                    f"use more training images"
+                )
             bar = tqdm(
                 total=st.epochs * steps,
                 initial=start_epoch * steps + start_step,
@@ -395,7 +506,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                         out = train_fn(loader.normalize(x, channels_last), y)
                     loss = out["loss"]
                     if not torch.isfinite(loss):
-                        raise FloatingPointError(
+                        raise TrainingError(
                             f"stage '{st.name}' epoch {epoch + 1} step {step + 1}: loss is {loss.item()}; "
                             f"lower the learning rate (optim.lr={st.optim.lr}) or check the data"
                         )
@@ -427,6 +538,23 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                             f"interrupted at stage '{st.name}' epoch {epoch + 1} step {step + 1}; "
                             f"continue with: longtail train --resume --out {run_dir}"
                         )
+                    if every_steps and (step + 1) % every_steps == 0 and step + 1 < steps:
+                        # The resume point SIGINT would save at this step (the epoch's last step is left to
+                        # the epoch-end checkpoint). Under DDP the BN statistics are averaged on copies: the
+                        # checkpoint holds the mean, while training goes on with each rank's own, as it would
+                        # without this save.
+                        saved = averaged_state_dict(method, dist)
+                        if main:
+                            save_checkpoint(
+                                last_path,
+                                state=vars(RunState(si, epoch, step + 1)),
+                                method=saved,
+                                optimizer=opt.state_dict(),
+                                gen_state=gen.get_state(),
+                                best=best,
+                                choices=choices,
+                                config=to_dict(cfg),
+                            )
                 average_buffers(method, dist)
                 loss_sum, seen = all_reduce_sum([loss_sum, seen], dist, device)
                 if device.type == "cuda":
@@ -495,11 +623,12 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
     loader.close()  # training is over: stop any persistent DataLoader workers
     if method is None:  # resumed a finished run: rebuild the last stage's method from its checkpoint
         method, _ = build_stage_method(cfg, len(cfg.stages) - 1, model, ds, loader, device, dist)
-        method.load_state_dict(load_checkpoint(ckpt_dir / f"stage_{cfg.stages[-1].name}.pt")["method"])
+        stage_path = ckpt_dir / f"stage_{cfg.stages[-1].name}.pt"
+        _load_method_state(method, load_checkpoint(stage_path)["method"], stage_path)
     selected = "last epoch"
     if cfg.eval.select == "best_val" and (ckpt_dir / "best.pt").exists():
         b = load_checkpoint(ckpt_dir / "best.pt")
-        method.load_state_dict(b["method"])
+        _load_method_state(method, b["method"], ckpt_dir / "best.pt")
         selected = f"best val top1 {b['best']['top1']:.2f} at stage {b['best']['stage']} epoch {b['best']['epoch']}"
         if method.options_to_choose():  # best.pt was saved before the stage end: choose for these weights
             last = cfg.stages[-1]

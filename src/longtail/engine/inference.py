@@ -12,9 +12,11 @@ from longtail.data import LTDataset, create_dataset
 from longtail.data.images import read_image, resize_square
 from longtail.data.loaders import Loader, file_transform
 from longtail.engine.checkpoint import load_checkpoint
-from longtail.engine.fit import build_stage_method
+from longtail.engine.fit import build_stage_method, state_mismatch
+from longtail.errors import CheckpointError, MissingFileError, UsageError
 from longtail.methods import Method
 from longtail.models import create_model
+from longtail.run_folder import lock_holder
 from longtail.utils import resolve_device
 
 
@@ -35,11 +37,15 @@ def load_trained(run_dir: str | Path, overrides: list[str] | None = None, device
     """
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a longtail run folder (no config.yaml)")
+        raise MissingFileError(f"{run_dir} is not a longtail run folder (no config.yaml)")
     final = run_dir / "checkpoints" / "final.pt"
     if not final.is_file():
-        raise FileNotFoundError(f"{run_dir} has no checkpoints/final.pt: the run has not finished; "
-                                f"continue it with longtail train --resume --out {run_dir}")
+        holder = lock_holder(run_dir)
+        if holder is not None:
+            raise MissingFileError(f"{run_dir} has no checkpoints/final.pt yet: it is still training (pid "
+                                   f"{holder.get('pid', '?')} on {holder.get('host', '?')}); wait for it to finish")
+        raise MissingFileError(f"{run_dir} has no checkpoints/final.pt: the run has not finished; "
+                               f"continue it with longtail train --resume --out {run_dir}")
     raw = load_raw(run_dir / "config.yaml")
     raw.pop("meta", None)
     ov = []
@@ -55,7 +61,14 @@ def load_trained(run_dir: str | Path, overrides: list[str] | None = None, device
     loader = Loader(ds, dev, cfg.data.augment, cfg.data.num_workers, cfg.data.fast_path)
     model = create_model(cfg.model, ds.num_classes).to(dev)
     method, _ = build_stage_method(cfg, len(cfg.stages) - 1, model, ds, loader, dev)
-    method.load_state_dict(load_checkpoint(final)["method"])
+    state = load_checkpoint(final)["method"]
+    try:
+        method.load_state_dict(state)
+    except RuntimeError:  # overrides that change the architecture, or a final.pt from another run
+        raise CheckpointError(f"{final} does not fit the model and method its config.yaml builds"
+                              f"{' with ' + ' '.join(overrides) if overrides else ''} ("
+                              f"{state_mismatch(method.state_dict(), state)}); --set may change prediction-time "
+                              f"options only") from None
     method.eval()
     return TrainedRun(run_dir, cfg, ds, loader, method)
 
@@ -64,12 +77,12 @@ def protocol_split(ds, protocol: str) -> str:
     """The split a dataset scores a GLT ``protocol`` on (CLT / GLT: Train-GLT runs; ALT: Train-CBL runs)."""
     protocol = protocol.upper()
     if protocol not in ("CLT", "ALT", "GLT"):
-        raise ValueError(f"unknown protocol {protocol!r}: CLT, ALT or GLT")
+        raise UsageError(f"unknown protocol {protocol!r}: CLT, ALT or GLT")
     if protocol not in ds.protocols:
         have = ", ".join(ds.protocols) or "none (not a GLT dataset)"
         hint = (" ALT scores a model trained on Train-CBL (data.train_variant=cbl, or an ..._inter_bl annotation)"
                 if protocol == "ALT" else " CLT and GLT score a model trained on Train-GLT")
-        raise ValueError(f"{ds.name} as trained here is scored under {have}, not {protocol}.{hint}")
+        raise UsageError(f"{ds.name} as trained here is scored under {have}, not {protocol}.{hint}")
     return ds.protocols[protocol]
 
 

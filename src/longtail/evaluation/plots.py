@@ -23,6 +23,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.transforms import blended_transform_factory
 
+from longtail.errors import WRITE_ERRNOS, write_error
+from longtail.utils import display_name
+
 DPI = 120
 SHOT_KEYS = ("many", "medium", "few", "top1")
 SHOT_LABELS = {"many": "many", "medium": "medium", "few": "few", "top1": "overall (top-1)"}
@@ -41,17 +44,24 @@ def _new_figure(width: float, height: float) -> Figure:
 def _save(fig: Figure, path: str | Path) -> Path:
     """Tight layout, write ``fig`` to ``path`` atomically, and release it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fmt = path.suffix.lstrip(".").lower() or "png"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp.{fmt}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp.{fmt}")
+    except OSError as e:
+        if e.errno in WRITE_ERRNOS:
+            raise write_error(path, e) from None
+        raise
     os.close(fd)
     try:
         fig.tight_layout()
         fig.savefig(tmp, format=fmt, dpi=DPI)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
+            raise write_error(path, e) from None
         raise
     finally:
         fig.clear()
@@ -72,7 +82,7 @@ def _names(class_names: Sequence[str] | None, num_classes: int) -> list[str]:
         return [str(i) for i in range(num_classes)]
     if len(class_names) != num_classes:
         raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
-    return [str(n) for n in class_names]
+    return [display_name(str(n)) for n in class_names]  # the font renderer refuses undecodable bytes
 
 
 def parse_thresholds(text: str | None) -> tuple[int, int] | None:

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import yaml
 
+from longtail.errors import CorruptFileError, MissingFileError
+from longtail.run_folder import lock_holder
+
 DASH = "–"  # shown for a missing value (an empty shot group, a split a run lacks)
 
 
@@ -20,27 +23,40 @@ def load_run(run_dir: str | Path) -> dict:
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"{run_dir} is not a longtail run folder: no such folder")
+        raise MissingFileError(f"{run_dir} is not a longtail run folder: no such folder")
     metrics_path = run_dir / "metrics.json"
     if not metrics_path.is_file():
-        raise FileNotFoundError(
+        holder = lock_holder(run_dir)
+        if holder is not None:
+            raise MissingFileError(f"{run_dir} has no metrics.json yet: it is still training (pid "
+                                   f"{holder.get('pid', '?')} on {holder.get('host', '?')})")
+        raise MissingFileError(
             f"{run_dir} is not a longtail run folder: no metrics.json; did the run finish? "
             f"`longtail eval {run_dir}` re-creates it"
         )
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a longtail run folder: no config.yaml")
+        raise MissingFileError(f"{run_dir} is not a longtail run folder: no config.yaml")
     try:
         config = yaml.safe_load(config_path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"{config_path}: not valid YAML ({e})") from e
-    try:
-        metrics = json.loads(metrics_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{metrics_path}: not valid JSON ({e})") from e
-    if not isinstance(config, dict) or not isinstance(metrics, dict):
-        raise ValueError(f"{run_dir}: config.yaml and metrics.json must each hold a mapping")
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise CorruptFileError(f"{config_path}: not valid YAML ({' '.join(str(e).split())})") from e
+    metrics = read_metrics(metrics_path)
+    if not isinstance(config, dict):
+        raise CorruptFileError(f"{run_dir}: config.yaml and metrics.json must each hold a mapping")
     return {"run_dir": run_dir, "name": run_dir.name, "config": config, "metrics": metrics}
+
+
+def read_metrics(path: str | Path) -> dict:
+    """A run's metrics.json; CorruptFileError (one line) when it is not a JSON mapping."""
+    path = Path(path)
+    try:
+        metrics = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptFileError(f"{path}: not valid JSON ({e}); `longtail eval {path.parent}` writes it again") from e
+    if not isinstance(metrics, dict):
+        raise CorruptFileError(f"{path.parent}: config.yaml and metrics.json must each hold a mapping")
+    return metrics
 
 
 # --------------------------------------------------------------------------------------------- formatting

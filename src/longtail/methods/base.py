@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from longtail.errors import CheckpointError
 from longtail.models import Classifier
 
 
@@ -50,6 +51,10 @@ class Method(nn.Module):
     # with the best mean per-class accuracy and stores it here in the buffer ``chosen_<option>``, so the stage
     # checkpoint and final.pt carry it. Such an option is read with ``self.option(name)``.
     val_options: tuple[str, ...] = ()
+    # Whether the stage's epochs optimise ``param_groups()``. False for post-hoc methods, whose stage has
+    # epochs 0 (they fit statistics, or train inside ``on_stage_start``); for the others train() refuses
+    # epochs 0 without init_from, which would train nothing and report their starting weights.
+    trains: bool = True
 
     @dataclass
     class Config:
@@ -82,7 +87,8 @@ class Method(nn.Module):
             return float(value)
         chosen = getattr(self, f"chosen_{name}")
         if chosen.isnan():
-            raise RuntimeError(f"method.{name}=val: not chosen yet (it is chosen on the val split when the stage ends)")
+            raise CheckpointError(f"method.{name}=val: not chosen yet (it is chosen on the val split when the stage "
+                                  f"ends); set method.{name} to a number")
         return float(chosen)
 
     def set_chosen(self, name: str, value: float) -> None:

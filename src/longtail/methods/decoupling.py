@@ -132,6 +132,8 @@ class TauNormalization(_FrozenBackbone):
 
     val_options = ("tau",)
 
+    trains = False  # post-hoc: a stage of epochs 0
+
     @dataclass
     class Config:
         tau: float | str = 1.0  # a number, or "val": chosen on the val split over tau_grid at the stage end
@@ -151,6 +153,8 @@ class TauNormalization(_FrozenBackbone):
 class NearestClassMean(_FrozenBackbone):
     """NCM: nearest class centroid of the stage-1 training features, 'cl2n' transform (subtract the mean
     training feature, L2-normalise) and Euclidean distance, as the reference KNNClassifier defaults."""
+
+    trains = False  # post-hoc: a stage of epochs 0; the centroids are fitted at the stage start
 
     @dataclass
     class Config:

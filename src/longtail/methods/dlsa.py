@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from longtail.engine.distributed import broadcast_from_main, object_from_main
+from longtail.errors import ConfigError, DataError, TrainingError
 from longtail.methods.base import MethodContext
 from longtail.methods.decoupling import _FrozenBackbone
 from longtail.models import Classifier
@@ -337,7 +338,7 @@ def cluster_purity(
     return joint, sizes, purity
 
 
-class _FlowDiverged(FloatingPointError):
+class _FlowDiverged(TrainingError):
     """A flow's loss or training scores became non-finite at ``epoch`` (1-based); ``history``: its epochs so far."""
 
     def __init__(self, message: str, epoch: int, history: dict) -> None:
@@ -501,7 +502,7 @@ class DLSACascade(nn.Module):
             live = torch.ones_like(var, dtype=torch.bool)
         n_live = int(live.sum())
         if cfg.max_depth and n_live < 2:
-            raise ValueError(
+            raise DataError(
                 f"DLSA: only {n_live} of {self.dim} feature channels vary over the training set "
                 f"(dead_channel_tol {cfg.dead_channel_tol}); a flow needs at least 2"
             )
@@ -571,7 +572,7 @@ class DLSACascade(nn.Module):
         for d, flow in enumerate(self.flows):
             n_act = int(active.sum())
             if n_act < 2:
-                raise ValueError(f"DLSA stage {d + 1}: only {n_act} training samples left; lower max_depth")
+                raise DataError(f"DLSA stage {d + 1}: only {n_act} training samples left; lower max_depth")
             flow_info = self._fit_flow(d, x[active], y[active], gen)
             flow.eval()
             s, c, u = self.score_stage(d, x)
@@ -655,7 +656,7 @@ class DLSACascade(nn.Module):
         """Copy the stage-1 linear layer into every Linear_x, then check it reproduces the stage-1 predictions
         on the (prepared) training features: a mismatch (normalisation, label order) aborts (spec section 10)."""
         if head.weight.shape != (self.num_classes, self.dim) or head.bias is None:
-            raise ValueError(
+            raise ConfigError(
                 f"head_init=stage1 needs a stage-1 linear head with bias of shape "
                 f"({self.num_classes}, {self.dim}); got {tuple(head.weight.shape)}, "
                 f"bias {'present' if head.bias is not None else 'absent'} (model.head_bias=true)"
@@ -667,7 +668,7 @@ class DLSACascade(nn.Module):
             ref = (head(feats.float()).argmax(1) == labels).float().mean().item()
             ours = (self.regular.lin_x(self.prepare(feats)).argmax(1) == labels).float().mean().item()
         if abs(ref - ours) > 0.01:
-            raise ValueError(
+            raise ConfigError(
                 f"head_init=stage1: the copied head gives {100 * ours:.2f}% train accuracy on the "
                 f"prepared features, the stage-1 model {100 * ref:.2f}%: check normalize_features"
             )
@@ -726,7 +727,7 @@ class DLSACascade(nn.Module):
                 ep["loss"][-1],
             )
         if best is None:
-            raise FloatingPointError(
+            raise TrainingError(
                 f"DLSA stage {d + 1}: every flow_lr candidate diverged ([{', '.join(f'{v:g}' for v in lrs)}]): "
                 f"lower them or set method.flow_grad_clip"
             )
@@ -919,6 +920,7 @@ class DLSA(_FrozenBackbone):
     """DLSA: flow-filter cascade with cluster-aided Balanced-Softmax classifiers on frozen features (stage 2)."""
 
     requires_head = None  # any stage-1 head: DLSA uses only the backbone's features (head_init=stage1: linear)
+    trains = False  # a stage of epochs 0: flows and heads train inside on_stage_start, on extracted features
     Config = DLSAConfig
 
     def __init__(self, model: Classifier, cfg: DLSAConfig, ctx: MethodContext) -> None:
@@ -933,12 +935,12 @@ class DLSA(_FrozenBackbone):
 
     def on_stage_start(self, ctx: MethodContext) -> None:
         if ctx.epochs != 0:
-            raise ValueError(
+            raise ConfigError(
                 f"a dlsa stage trains on extracted features inside the stage: set its epochs to 0 "
                 f"(got {ctx.epochs}); its own epochs are method.flow_epochs and method.head_epochs"
             )
         if ctx.stage is not None and ctx.stage.init_from is None:
-            raise ValueError(
+            raise ConfigError(
                 "a dlsa stage works on a trained stage-1 backbone: set its init_from (an earlier stage, "
                 "or a stage-1 run folder / checkpoint)"
             )
@@ -951,7 +953,7 @@ class DLSA(_FrozenBackbone):
         if self.cfg.head_init == "stage1":
             stage1 = getattr(self.model.head, "fc", None)
             if not isinstance(stage1, nn.Linear):
-                raise ValueError("head_init=stage1 needs a stage-1 linear head (model.head=linear)")
+                raise ConfigError("head_init=stage1 needs a stage-1 linear head (model.head=linear)")
         log.info(
             "DLSA: %d train features of dim %d%s",
             len(feats),

@@ -22,6 +22,7 @@ import torch.distributed as tdist
 import torch.nn as nn
 
 from longtail.data.samplers import Sampler
+from longtail.errors import ConfigError
 from longtail.methods.base import Method, MethodContext
 from longtail.models import Classifier
 from longtail.registry import METHODS
@@ -154,7 +155,7 @@ class IFL(Method):
         if len(self.train_targets) != len(sampler.targets):
             raise ValueError("ifl: built without the training set (MethodContext.extras['dataset'])")
         if batch_size % 2:
-            raise ValueError(f"ifl: batch_size {batch_size} must be even (half env1, half env2)")
+            raise ConfigError(f"ifl: batch_size {batch_size} must be even (half env1, half env2)")
         return EnvironmentSampler(sampler.targets, sampler.num_classes, sampler.seed, sampler.total_epochs,
                                   self.env_weights, batch_size // 2)
 

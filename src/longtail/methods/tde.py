@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from longtail.engine.distributed import broadcast_from_main
+from longtail.errors import CheckpointError, ConfigError, DataError
 from longtail.methods.base import Method, MethodContext
 from longtail.models import Classifier
 from longtail.models.heads import CausalNormHead
@@ -43,7 +44,7 @@ class Deconfound(Method):
     def __init__(self, model: Classifier, cfg, ctx: MethodContext) -> None:
         super().__init__(model, cfg, ctx)
         if not isinstance(model.head, CausalNormHead):  # config validation says so earlier; API users too
-            raise ValueError(f"{type(self).__name__.lower()} needs model.head=causal_norm "
+            raise ConfigError(f"{type(self).__name__.lower()} needs model.head=causal_norm "
                              f"(got {type(model.head).__name__})")
         # (D,) moving average of batch-mean features; saved with the weights it belongs to (defect D4).
         self.register_buffer("head_direction", torch.zeros(model.feature_dim))
@@ -91,7 +92,7 @@ class Deconfound(Method):
 
     def check_direction(self) -> None:
         if not torch.isfinite(self.head_direction).all() or self.head_direction.norm() == 0:
-            raise RuntimeError("the TDE head direction is zero or not finite: this model was not trained with "
+            raise CheckpointError("the TDE head direction is zero or not finite: this model was not trained with "
                                "deconfound/tde, or its checkpoint lacks the direction; TDE needs it")
 
     @torch.no_grad()
@@ -121,7 +122,8 @@ class TDE(Deconfound):
     def alpha(self) -> float:
         if self.cfg.alpha == "auto":
             if self.suggested_alpha.item() <= 0:
-                raise RuntimeError("alpha=auto: this model has no suggested alpha (it is computed when training ends)")
+                raise CheckpointError("alpha=auto: this model has no suggested alpha (it is computed when training "
+                                      "ends); set method.alpha to a number")
             return self.suggested_alpha.item()
         return float(self.cfg.alpha)
 
@@ -135,7 +137,7 @@ def suggest_alpha(features: torch.Tensor, direction: torch.Tensor, num_heads: in
     dk = F.normalize(direction.unflatten(-1, (num_heads, -1)), dim=-1, eps=1e-12)  # (K, D/K)
     mean_cos = torch.einsum("nkd,kd->nk", xk, dk).mean().item()
     if mean_cos <= 0:
-        raise ValueError(f"mean cos with the head direction is {mean_cos:.3g}; cannot suggest an alpha")
+        raise DataError(f"mean cos with the head direction is {mean_cos:.3g}; cannot suggest an alpha")
     return 1.0 / mean_cos
 
 

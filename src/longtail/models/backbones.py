@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from longtail.errors import CheckpointError, ConfigError, MissingFileError, load_failure
 from longtail.registry import BACKBONES
 
 
@@ -159,9 +160,14 @@ def load_pretrained(backbone: nn.Module, path: str) -> list[str]:
 
     p = Path(path).expanduser()
     if not p.is_file():
-        raise FileNotFoundError(f"pretrained weights not found: {p}")
-    state = torch.load(p, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        raise MissingFileError(f"pretrained weights not found: {p}; check model.pretrained")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # any failure to unpickle is the file's (truncated, not weights, unsafe pickle)
+        raise CheckpointError(f"model.pretrained {p}: not a readable weights file ({load_failure(e)})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"model.pretrained {p}: holds a {type(state).__name__}, not a state dict of weights")
+    if "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     own = backbone.state_dict()
     mapped = {}
@@ -175,9 +181,11 @@ def load_pretrained(backbone: nn.Module, path: str) -> list[str]:
             k = f"net.{k}"
         if k in own:
             if own[k].shape != v.shape:
-                raise ValueError(f"{p}: '{k}' has shape {tuple(v.shape)}, the backbone expects {tuple(own[k].shape)}")
+                raise ConfigError(f"model.pretrained {p}: '{k}' has shape {tuple(v.shape)}, the backbone expects "
+                                  f"{tuple(own[k].shape)}")
             mapped[k] = v
     if not mapped:
-        raise ValueError(f"{p}: no parameter matches this backbone; is it the right architecture?")
+        raise ConfigError(f"model.pretrained {p}: no parameter matches this backbone; is it the right "
+                          f"architecture (model.backbone)?")
     backbone.load_state_dict(mapped, strict=False)
     return sorted(set(own) - set(mapped))

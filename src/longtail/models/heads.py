@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from longtail.config import ModelConfig
+from longtail.config import ConfigError, ModelConfig
 from longtail.registry import HEADS
 
 
@@ -89,7 +89,8 @@ class CausalNormHead(nn.Module):
                  gamma: float = 1 / 32) -> None:
         super().__init__()
         if in_dim % num_heads:
-            raise ValueError(f"causal_norm head: feature dim {in_dim} is not divisible by num_heads={num_heads}")
+            raise ConfigError(f"causal_norm head: feature dim {in_dim} is not divisible by num_heads={num_heads}; "
+                              f"set model.num_heads to a divisor of {in_dim}")
         self.weight = nn.Parameter(torch.empty(num_classes, in_dim))  # (C, D)
         nn.init.uniform_(self.weight, -1 / math.sqrt(in_dim), 1 / math.sqrt(in_dim))
         self.num_heads, self.tau, self.gamma = num_heads, tau, gamma
