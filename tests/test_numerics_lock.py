@@ -207,7 +207,20 @@ def _weights(n: int) -> torch.Tensor:
     return (torch.arange(n, dtype=torch.int64) * 2654435761) % 1009 - 504
 
 
-def _fingerprint(t: torch.Tensor) -> dict:
+def _plain(obj):
+    """A non-tensor state entry (a module's extra state, e.g. a fit report) as JSON: tensors inside fingerprinted."""
+    if isinstance(obj, torch.Tensor):
+        return _fingerprint(obj)
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    return obj if obj is None or isinstance(obj, bool | int | float | str) else repr(obj)
+
+
+def _fingerprint(t) -> dict:
+    if not isinstance(t, torch.Tensor):
+        return {"value": _plain(t)}
     t = t.detach().cpu()
     fp = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
     if t.is_floating_point():
@@ -317,6 +330,16 @@ def _scale(state: dict, key: str) -> float:
     return max(rms)
 
 
+def _plain_diffs(a, b, where: str) -> list[str]:
+    if isinstance(a, float) and isinstance(b, float):
+        return [] if abs(a - b) <= 1e-3 * abs(b) + ATOL else [f"{where}: golden {b!r}, now {a!r}"]
+    if isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys():
+        return [d for k in b for d in _plain_diffs(a[k], b[k], f"{where}.{k}")]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in _plain_diffs(x, y, f"{where}[{i}]")]
+    return [] if a == b else [f"{where}: golden {b!r}, now {a!r}"]
+
+
 def compare_state(now: dict, gold: dict) -> list[str]:
     diffs = []
     if now.keys() != gold.keys():
@@ -325,6 +348,10 @@ def compare_state(now: dict, gold: dict) -> list[str]:
         )
     for k in sorted(now.keys() & gold.keys()):
         s, g = now[k], gold[k]
+        if "value" in g or "value" in s:  # not a tensor: floats in it are summaries (often rounded), 1e-3
+            bad = _plain_diffs(s.get("value"), g.get("value"), k)
+            diffs += [f"entry {b}" for b in bad[:3]]
+            continue
         if (s["shape"], s["dtype"]) != (g["shape"], g["dtype"]):
             diffs.append(f"tensor {k}: shape/dtype golden {g['shape']} {g['dtype']}, now {s['shape']} {s['dtype']}")
             continue
@@ -559,7 +586,14 @@ def test_comparison_tolerates_rounding_and_catches_changes():
         moved = json.loads(json.dumps(gold))
         moved["epochs"][-1]["lr"] += "1"
         assert compare(moved, gold)[0], case
-        ints = [k for k, v in gold["state"].items() if "sq" not in v]
+        plain = {**gold, "state": {**gold["state"], "x._extra_state": _fingerprint({"report": {"lr": 0.1, "n": [3]}})}}
+        for moved_value, fails in ((0.1 * (1 + 1e-5), False), (0.11, True)):
+            moved = {
+                **plain,
+                "state": {**plain["state"], "x._extra_state": _fingerprint({"report": {"lr": moved_value, "n": [3]}})},
+            }
+            assert bool(compare(moved, plain)[0]) == fails, case
+        ints = [k for k, v in gold["state"].items() if "sq" not in v and "value" not in v]
         if ints:
             moved = json.loads(json.dumps(gold))
             moved["state"][ints[0]]["sum"] += 1
