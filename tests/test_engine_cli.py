@@ -192,6 +192,29 @@ def test_bench_cli_times_both_loops_and_writes_json(image_folder, tmp_path):
     assert rec["images_per_s"] > 0 and rec["reference_images_per_s"] > 0
     assert rec["ratio_vs_reference"] == pytest.approx(rec["images_per_s"] / rec["reference_images_per_s"], rel=1e-2)
     assert rec["epochs_timed"] == 1 and rec["seed"] == 0 and rec["device"].startswith("cpu") and rec["command"]
+    style, ceil = rec["reference_style"], rec["ceiling"]
+    assert style["images_per_s"] > 0 and 0 < style["with_eval_images_per_s"] < style["images_per_s"]
+    assert style["test_images_scored_per_epoch"] == 12  # the tiny folder's test split, scored after every epoch
+    assert style["ours_over_it"] == pytest.approx(rec["images_per_s"] / style["images_per_s"], rel=1e-2)
+    assert ceil["images_per_s"] > 0 and ceil["matmul_peak_gflops_fp32"] > 0 and ceil["flops_per_train_image"] > 0
+    ours = ceil["throughput"]["ours"]
+    assert ours["gflop_per_s"] == pytest.approx(rec["images_per_s"] * ceil["flops_per_train_image"] / 1e9, rel=2e-2)
+    assert ours["pct_of_matmul_peak"] == pytest.approx(100 * ours["gflop_per_s"] / ceil["matmul_peak_gflops_fp32"],
+                                                       rel=2e-2)
+    assert rec["rounds"] == 1 and rec["load_average_1min"]["before"] is not None
+
+
+def test_bench_rounds_interleave_and_anchors_can_be_skipped(image_folder, tmp_path):
+    cfg = tmp_path / "bench.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_raw(image_folder, epochs=5)))
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(cfg), "--epochs", "2", "--rounds", "2", "--no-reference", "--json", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert rec["rounds"] == 2 and "reference_style" not in rec and rec["reference_images_per_s"] is None
+    assert rec["ceiling"]["images_per_s"] > 0
+    assert main(["bench", str(cfg), "--epochs", "2", "--no-reference", "--no-ceiling", "--json", str(out)]) == 0
+    assert "ceiling" not in json.loads(out.read_text())
+    assert main(["bench", str(cfg), "--rounds", "0"]) == 2
 
 
 def test_bench_rejects_zero_epochs(image_folder, tmp_path, capsys):

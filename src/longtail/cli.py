@@ -254,13 +254,24 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.epochs < 1:
         raise UsageError("--epochs must be at least 1 (2 or more: the first is a warm-up and not counted)")
     cfg = load_config(args.config, list(args.overrides))
-    res, record = run_bench(cfg, epochs=args.epochs, reference=not args.no_reference)
+    if args.rounds < 1:
+        raise UsageError("--rounds must be at least 1")
+    res, record = run_bench(cfg, epochs=args.epochs, reference=not args.no_reference,
+                            ceiling_too=not args.no_ceiling, rounds=args.rounds)
     print(f"\n{record['recipe']} on {record['device']}, batch {record['batch_size']}, "
-          f"{record['epochs_timed']} timed epoch(s)")
-    print(f"  longtail fit loop : {res.images_per_s:10.1f} images/s   peak {res.peak_memory_mb:.0f} MB")
+          f"{record['epochs_timed']} timed epoch(s), {args.rounds} round(s)")
+    print(f"  longtail fit loop     : {res.images_per_s:10.1f} images/s   peak {res.peak_memory_mb:.0f} MB")
     if res.reference_images_per_s is not None:
-        print(f"  reference loop    : {res.reference_images_per_s:10.1f} images/s")
-        print(f"  ratio             : {res.ratio:10.2f}x")
+        style = res.anchors["reference_style"]
+        print(f"  plain loop            : {res.reference_images_per_s:10.1f} images/s   ours {res.ratio:.2f}x")
+        print(f"  reference-style loop  : {style['images_per_s']:10.1f} images/s   ours {style['ours_over_it']:.2f}x"
+              f"  (with its per-epoch test pass: {style['with_eval_images_per_s']:.1f}, ours "
+              f"{style['ours_over_it_with_eval']:.2f}x)")
+    if "ceiling" in res.anchors:
+        c = res.anchors["ceiling"]
+        print(f"  ceiling (no data path): {c['images_per_s']:10.1f} images/s   ours {c['ours_pct_of_ceiling']:.0f}% "
+              f"of it; fp32 matmul peak {c['matmul_peak_gflops_fp32']:.0f} GFLOP/s, ours "
+              f"{c['throughput']['ours']['pct_of_matmul_peak']:.1f}% of it")
     if args.json != "-":
         device = re.sub(r"[^A-Za-z0-9]+", "_", record["device"].split(" (")[0]).strip("_")
         path = Path(args.json or f"benchmarks/results/bench_{record['recipe']}_{device}.json")
@@ -382,15 +393,21 @@ def build_parser() -> argparse.ArgumentParser:
     fe.add_argument("--quiet", action="store_true", help="no progress bar")
     fe.set_defaults(func=_cmd_features)
 
-    bn = sub.add_parser("bench", help="time training epochs of a recipe against a plain PyTorch loop",
-                        description="Time EPOCHS training epochs of the recipe's first stage in longtail's fit loop "
-                        "and in a plain reference loop (torchvision transforms per image, a DataLoader, the same "
-                        "model and optimiser), print images/s and their ratio, and write a JSON record. The "
-                        "first epoch is a warm-up and not counted.")
+    bn = sub.add_parser("bench", help="time training epochs of a recipe against two plain loops and the ceiling",
+                        description="Time EPOCHS training epochs of the recipe's first stage in longtail's fit loop, "
+                        "in a plain PyTorch loop (transforms v2 per image, a DataLoader, the same model and "
+                        "optimiser), in a re-creation of the TDE authors' data path (PIL per image, a DataLoader, "
+                        "the test split scored every epoch), and the bare training step on synthetic tensors (the "
+                        "ceiling) with the fp32 matmul peak; print images/s, ratios and shares of peak, and write "
+                        "a JSON record. The first epoch is a warm-up and not counted.")
     bn.add_argument("config", nargs="?", default="cifar10_lt/tde", help="recipe (default: cifar10_lt/tde)")
     bn.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.root=cifar10-jpeg.zip")
     bn.add_argument("--epochs", type=int, default=2, help="epochs to run in each loop (default 2)")
-    bn.add_argument("--no-reference", action="store_true", help="time only longtail's loop")
+    bn.add_argument("--no-reference", action="store_true", help="skip the plain and reference-style loops")
+    bn.add_argument("--no-ceiling", action="store_true", help="skip the ceiling (bare step on synthetic tensors) "
+                    "and the matmul peak")
+    bn.add_argument("--rounds", type=int, default=1, help="interleave the loops this many times and report "
+                    "medians (default 1)")
     bn.add_argument("--json", default=None,
                     help="where to write the record (default benchmarks/results/bench_RECIPE_DEVICE.json; - for none)")
     bn.set_defaults(func=_cmd_bench)
