@@ -11,7 +11,7 @@ from longtail.models import create_model, load_pretrained
 from longtail.registry import BACKBONES, HEADS, METHODS, Registry, RegistryError
 
 FEATURE_DIMS = {"resnet32": 128, "resnet32_cao": 64, "tiny": 32, "resnet50": 2048, "resnext50_32x4d": 2048,
-                "resnet152": 2048}
+                "resnet152": 2048, "resnet18": 512, "resnet34": 512, "vit_b_16": 768}
 
 
 def test_registry_is_strict():
@@ -28,7 +28,8 @@ def test_registry_is_strict():
 def test_every_backbone_gives_features(name):
     torch.manual_seed(0)
     net = BACKBONES.get(name)().eval()
-    x = torch.randn(2, 3, 32, 32)  # CIFAR-sized input works everywhere (adaptive pooling)
+    size = getattr(net, "image_size", 32)  # CIFAR-sized input works everywhere (adaptive pooling) but a ViT's
+    x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         f = net(x)
     assert f.shape == (2, net.feature_dim) and net.feature_dim == FEATURE_DIMS[name]

@@ -30,6 +30,20 @@ class Registry(Generic[T]):
         self.kind = kind
         self._items: dict[str, T] = {}
         self._help: dict[str, str] = {}
+        self._prefixes: dict[str, tuple[Callable[[str], T], str]] = {}  # "timm/" -> (name -> factory, help)
+
+    def register_prefix(self, prefix: str, resolve: Callable[[str], T], help: str = "") -> None:
+        """Names ``PREFIX<rest>`` resolve to ``resolve(rest)`` (a whole family from another library, e.g.
+        ``timm/<model>``); ``rest`` is passed as typed. ``resolve`` raises for a ``rest`` it does not know."""
+        if prefix in self._prefixes:
+            raise RegistryError(f"{self.kind} prefix '{prefix}' is already registered")
+        self._prefixes[prefix] = (resolve, help)
+
+    def _prefixed(self, name: str) -> tuple[Callable[[str], T], str] | None:
+        for prefix, (resolve, _) in self._prefixes.items():
+            if name.strip().startswith(prefix):
+                return resolve, name.strip()[len(prefix):]
+        return None
 
     def register(self, name: str, help: str = "") -> Callable[[T], T]:
         key = _canonical(name)
@@ -45,17 +59,21 @@ class Registry(Generic[T]):
         return deco
 
     def get(self, name: str) -> T:
+        if (hit := self._prefixed(name)) is not None:
+            resolve, rest = hit
+            return resolve(rest)
         key = _canonical(name)
         if key not in self._items:
             close = difflib.get_close_matches(key, list(self._items), n=3, cutoff=0.5)
             hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            fams = "".join(f", {p}<name>" for p in self._prefixes)
             raise RegistryError(
-                f"unknown {self.kind} '{name}'{hint} (known: {', '.join(sorted(self._items))})"
+                f"unknown {self.kind} '{name}'{hint} (known: {', '.join(sorted(self._items))}{fams})"
             )
         return self._items[key]
 
     def __contains__(self, name: str) -> bool:
-        return _canonical(name) in self._items
+        return _canonical(name) in self._items or self._prefixed(name) is not None
 
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(self._items))
@@ -65,7 +83,9 @@ class Registry(Generic[T]):
 
     def describe(self) -> dict[str, str]:
         """name -> one-line description, for `longtail list`."""
-        return {k: self._help[k] for k in sorted(self._items)}
+        out = {k: self._help[k] for k in sorted(self._items)}
+        out.update({f"{p}<name>": h for p, (_, h) in self._prefixes.items()})
+        return out
 
 
 DATASETS: Registry = Registry("dataset")
