@@ -140,7 +140,7 @@ def _feature_quality(args: argparse.Namespace) -> int:
     (tr_f, tr_y), (te_f, te_y) = load_features(args.run_dir, "train"), load_features(args.run_dir, split)
     rep = evaluate_features(torch.from_numpy(np.array(tr_f)).to(dev), torch.from_numpy(tr_y).to(dev),
                             torch.from_numpy(np.array(te_f)).to(dev), torch.from_numpy(te_y).to(dev),
-                            run.dataset.num_classes, thresholds_of(run.cfg.eval), fq_cfg)
+                            run.dataset.num_classes, thresholds_of(run.cfg.eval, run.dataset.train_counts()), fq_cfg)
     rep["split"] = split
     print(f"{Path(args.run_dir).name}: feature quality on {split}\n\n{feature_quality_table(rep)}")
     if args.write:

@@ -118,8 +118,9 @@ class EvalConfig:
     """What is measured at the end of a run."""
 
     batch_size: int = 512
-    many_above: int = 100  # many-shot: > this many training images
-    few_below: int = 20  # few-shot: < this many training images
+    shots: str = "fixed"  # fixed: the thresholds below | auto: terciles of the training class counts
+    many_above: int = 100  # many-shot: > this many training images (shots=fixed)
+    few_below: int = 20  # few-shot: < this many training images (shots=fixed)
     inclusive: bool = False  # OLTR thresholds (>= many_above, <= few_below)
     select: str = "last"  # last | best_val: which epoch's weights are reported (never chosen on test)
     plots: bool = True
@@ -446,6 +447,7 @@ def validate(cfg: RunConfig) -> None:
           "data.augment must be auto, cifar, imagenet, glt, glt_coco or none")
     check(cfg.data.train_variant in ("lt", "cbl"), "data.train_variant must be lt or cbl")
     check(cfg.eval.select in ("last", "best_val"), "eval.select must be last or best_val")
+    check(cfg.eval.shots in ("fixed", "auto"), f"eval.shots must be fixed or auto, got '{cfg.eval.shots}'")
     check(cfg.eval.few_below <= cfg.eval.many_above, "eval.few_below must not exceed eval.many_above")
     check(cfg.checkpoint_every >= 1, "checkpoint_every must be >= 1")
     check(cfg.checkpoint_every_steps >= 0, "checkpoint_every_steps must be >= 0 (0: only at epoch ends)")

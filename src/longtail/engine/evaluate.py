@@ -15,7 +15,13 @@ from longtail.evaluation.metrics import ShotThresholds, classification_metrics
 from longtail.methods import Method
 
 
-def thresholds_of(cfg: EvalConfig) -> ShotThresholds:
+def thresholds_of(cfg: EvalConfig, train_counts: torch.Tensor | None = None) -> ShotThresholds:
+    """The shot thresholds of ``cfg``: fixed (``many_above`` / ``few_below``) or, with ``shots=auto``, the
+    terciles of ``train_counts`` (required then)."""
+    if cfg.shots == "auto":
+        if train_counts is None:
+            raise ValueError("eval.shots=auto needs the training class counts")
+        return ShotThresholds.from_counts(train_counts)
     return ShotThresholds(cfg.many_above, cfg.few_below, cfg.inclusive)
 
 
@@ -97,7 +103,7 @@ def evaluate_split(
             scores.argmax(1),
             targets,
             loader.ds.train_counts(),
-            thresholds_of(cfg),
+            thresholds_of(cfg, loader.ds.train_counts()),
             attributes=s.attributes,
             class_groups=loader.ds.class_groups,
         )
@@ -114,12 +120,13 @@ def evaluate_split(
         preds,
         targets,
         loader.ds.train_counts(),
-        thresholds_of(cfg),
+        thresholds_of(cfg, loader.ds.train_counts()),
         attributes=s.attributes,
         class_groups=loader.ds.class_groups,
     )
     out["routes"] = route_breakdown(
-        routes, preds, targets, method.route_names, loader.ds.train_counts(), thresholds_of(cfg)
+        routes, preds, targets, method.route_names, loader.ds.train_counts(),
+        thresholds_of(cfg, loader.ds.train_counts())
     )
     return out
 
@@ -232,7 +239,7 @@ def sweep_option(
                     for i in range(0, len(feats), cfg.batch_size)
                 ]
             )
-            m = classification_metrics(preds, targets, counts, thresholds_of(cfg))
+            m = classification_metrics(preds, targets, counts, thresholds_of(cfg, counts))
             rows.append({option: v, **{k: m[k] for k in keys}})
     finally:
         setattr(method.cfg, option, old)

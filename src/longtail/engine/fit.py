@@ -668,6 +668,18 @@ def evaluate_run(
         if split in results:
             results[split].setdefault("protocols", []).append(protocol)
     extra = {"method_report": rep} if (rep := method.report()) else {}
+    if ds.class_groups is None:
+        thresholds = thresholds_of(cfg.eval, ds.train_counts())
+        if small := thresholds.small_groups(ds.train_counts()):
+            # a "mean over the group" of one class (or none) reads like a group figure and is not one
+            extra["small_shot_groups"] = small
+            fix = ("too few classes for three groups" if cfg.eval.shots == "auto" else
+                   "set eval.shots=auto (terciles of the class counts) or eval.many_above / eval.few_below")
+            if dist is None or dist.rank == 0:
+                log.warning(
+                    "shot groups with fewer than two classes (%s) under %s: their many / medium / few figures "
+                    "are single classes or none; %s", ", ".join(f"{k}: {v}" for k, v in small.items()),
+                    thresholds.describe(), fix)
     return {
         "splits": results,
         "protocols": {p: s for p, s in ds.protocols.items() if s in results},
@@ -679,7 +691,7 @@ def evaluate_run(
         "thresholds": (
             describe_class_groups(ds.class_groups)
             if ds.class_groups is not None
-            else thresholds_of(cfg.eval).describe()
+            else thresholds_of(cfg.eval, ds.train_counts()).describe()
         ),
         "finished": datetime.now().isoformat(timespec="seconds"),
         **extra,
