@@ -196,7 +196,8 @@ class Campaign:
 
     def check_config(self, row: Row) -> None:
         """A partial run must have been started by this row as written: a changed value is an error."""
-        from longtail.config import load_config, to_dict
+        from longtail.config import to_dict
+        from longtail.engine.build import load_config
 
         saved = yaml.safe_load((self.run_dir(row) / "config.yaml").read_text())
         saved.pop("meta", None)

@@ -6,8 +6,8 @@ import pytest
 import torch
 import yaml
 
-from longtail.config import build_config
 from longtail.engine import train
+from longtail.engine.build import build_config  # names and method options resolved
 from longtail.engine.checkpoint import load_checkpoint, model_state
 from longtail.engine.inference import load_trained
 from test_engine_cli import tiny_raw
@@ -295,7 +295,7 @@ def test_tau_fixed_value_runs_have_no_chosen_state(image_folder, tmp_path):
 def test_decoupling_reproduction_recipes_validate(name):
     from pathlib import Path
 
-    from longtail.config import load_config
+    from longtail.engine.build import load_config
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "configs" / f"cifar10_lt_{name}_decoupling.yaml"
     cfg = load_config(path, ["init_from=/runs/ce"])

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from longtail.config import ConfigError, ModelConfig, build_config
+from longtail.config import ConfigError, ModelConfig
+from longtail.engine.build import build_config  # names and method options resolved
 from longtail.methods import MethodContext, create_method
 from longtail.methods.tde import background_exempted_tde, suggest_alpha
 from longtail.models import create_model

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from longtail.config import RunConfig, load_config  # noqa: E402
+from longtail.config import RunConfig  # noqa: E402
 from longtail.data import create_dataset  # noqa: E402
 from longtail.engine import evaluate_run, train  # noqa: E402
+from longtail.engine.build import load_config  # noqa: E402
 from longtail.engine.inference import evaluate_protocol, load_trained, predict_images  # noqa: E402
 from longtail.methods import create_method  # noqa: E402
 from longtail.models import create_model  # noqa: E402

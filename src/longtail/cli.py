@@ -35,8 +35,8 @@ def _at_least(value: int, minimum: int, flag: str) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from longtail.config import load_config
     from longtail.engine import Interrupted, train
+    from longtail.engine.build import load_config
 
     if args.resume:
         if args.config or args.overrides:
@@ -247,8 +247,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from longtail.config import load_config
     from longtail.engine.bench import run_bench
+    from longtail.engine.build import load_config
     from longtail.utils import atomic_write_json
 
     if args.epochs < 1:

@@ -1,7 +1,9 @@
 """Strict, typed run configuration: dataclasses are the schema, YAML presets fill them.
 
 Unknown keys are errors with a "did you mean"; ``key.sub=value`` overrides are coerced to the
-field's type. A method's own options are checked against that method's ``Config`` dataclass.
+field's type. A leaf module: it imports no plugin and looks nothing up in a registry. The names a config gives
+(dataset, backbone, head, sampler, method) and a method's own options, checked against that method's ``Config``
+dataclass, are resolved one layer up, by ``longtail.engine.build``.
 """
 
 from __future__ import annotations
@@ -395,7 +397,8 @@ def _deep_merge(dst: dict, src: dict) -> None:
 
 
 def build_config(raw: dict, overrides: list[str] | None = None) -> RunConfig:
-    """Apply ``key=value`` overrides to a raw dict, validate it strictly, return a RunConfig."""
+    """Apply ``key=value`` overrides to a raw dict, validate it strictly (schema, ranges, stage references), return
+    a RunConfig. Plugin names and method options are checked by ``longtail.engine.build.build_config``."""
     raw = yaml.safe_load(yaml.safe_dump(raw))  # deep copy of plain data
     for text in overrides or []:
         path, value = parse_override(text)
@@ -406,7 +409,8 @@ def build_config(raw: dict, overrides: list[str] | None = None) -> RunConfig:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Load a recipe file or shipped recipe name (None: the quickstart) with overrides."""
+    """Load a recipe file or shipped recipe name (None: the quickstart) with overrides; checked as ``build_config``
+    (``longtail.load_config`` also resolves its plugins)."""
     path = resolve_config_path(str(path) if path is not None else "quickstart")
     return build_config(load_raw(path), overrides)
 
@@ -417,25 +421,17 @@ def _looks_like_path(text: str) -> bool:
 
 
 def validate(cfg: RunConfig) -> None:
-    """Semantic checks beyond types: registered names, ranges, stage references, method options."""
-    import longtail.data  # noqa: F401
-    import longtail.methods  # noqa: F401
-    import longtail.models  # noqa: F401
-    from longtail import registry  # registries are filled by importing the subpackages
+    """Semantic checks beyond types: ranges, choices, stage references. Reads ``cfg`` and never changes it.
+
+    The schema knows no plugin: registered names (dataset, backbone, head, sampler, method) and a method's own
+    options are checked, and the options completed with their defaults, by ``longtail.engine.build.resolve``,
+    which ``longtail.load_config``, ``train``, ``load_trained`` and the CLI apply.
+    """
 
     def check(ok: bool, msg: str) -> None:
         if not ok:
             raise ConfigError(msg)
 
-    def known(reg: registry.Registry, name: str, where: str) -> None:
-        try:
-            reg.get(name)
-        except registry.RegistryError as e:
-            raise ConfigError(f"{where}: {e}") from None
-
-    known(registry.DATASETS, cfg.data.name, "data.name")
-    known(registry.BACKBONES, cfg.model.backbone, "model.backbone")
-    known(registry.HEADS, cfg.model.head, "model.head")
     check(cfg.data.profile in ("exp", "step"), f"data.profile must be exp or step, got '{cfg.data.profile}'")
     check(cfg.data.imbalance_ratio >= 1, "data.imbalance_ratio must be >= 1 (n_max / n_min)")
     check(0 <= cfg.data.val_fraction < 1, "data.val_fraction must be in [0, 1)")
@@ -500,15 +496,7 @@ def validate(cfg: RunConfig) -> None:
         check(st.init_from is None or st.init_from in names or _looks_like_path(st.init_from),
               f"{where}: init_from '{st.init_from}' is neither an earlier stage ({', '.join(names) or 'none'}) "
               f"nor a path to a run folder or checkpoint (.pt)")
-        known(registry.SAMPLERS, st.sampler, f"{where}.sampler")
         check("name" in st.method, f"{where}: method needs a name")
-        known(registry.METHODS, st.method["name"], f"{where}.method")
-        method_cls = registry.METHODS.get(st.method["name"])
-        need = getattr(method_cls, "requires_head", None)
-        check(need is None or need == cfg.model.head,
-              f"{where}: method '{st.method['name']}' needs model.head={need} (got '{cfg.model.head}')")
-        opts = {k: v for k, v in st.method.items() if k != "name"}
-        st.method = {"name": st.method["name"], **to_dict(from_dict(method_cls.Config, opts, f"{where}.method"))}
         names.append(st.name)
 
 

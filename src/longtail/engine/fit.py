@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from longtail.config import ConfigError, RunConfig, StageConfig, build_config, load_raw, save_yaml, to_dict
+from longtail.config import ConfigError, RunConfig, StageConfig, load_raw, save_yaml, to_dict
 from longtail.data import LTDataset, create_dataset
 from longtail.data.loaders import Loader
 from longtail.data.samplers import create_sampler, shard
+from longtail.engine.build import build_config, resolve
 from longtail.engine.checkpoint import load_checkpoint, model_state, save_checkpoint
 from longtail.engine.distributed import (
     DistInfo,
@@ -303,6 +304,9 @@ def train(
 ) -> Path:
     """Train a recipe, evaluate it, and write a complete run folder. Returns the run folder.
 
+    ``cfg`` is resolved first (``longtail.engine.build.resolve``: registered names checked, method options completed);
+    the run works on that copy and leaves the caller's object as it is.
+
     With ``resume=True``, ``out`` names an existing run folder; training continues from its last
     checkpoint with its saved config (and ends at the same weights as an uninterrupted run on in-memory data
     with batch augmentation; not yet exactly with DataLoader workers, per-image augmentation or mixup).
@@ -329,7 +333,7 @@ def train(
         saved.pop("meta", None)
         cfg = build_config(saved)
     else:
-        cfg = cfg or build_config({})
+        cfg = resolve(cfg) if cfg is not None else build_config({})  # a copy: the caller's config is left as it is
         _check_stages_train(cfg)
         _resolve_init_paths(cfg)  # before anything trains: a wrong path fails now, not after stage 1
         run_dir = Path(out) if out is not None else None

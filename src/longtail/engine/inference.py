@@ -7,10 +7,11 @@ from pathlib import Path
 
 import torch
 
-from longtail.config import RunConfig, build_config, load_raw
+from longtail.config import RunConfig, load_raw
 from longtail.data import LTDataset, create_dataset
 from longtail.data.images import read_image, resize_square
 from longtail.data.loaders import Loader, file_transform
+from longtail.engine.build import build_config
 from longtail.engine.checkpoint import load_checkpoint
 from longtail.engine.fit import build_stage_method, state_mismatch
 from longtail.errors import CheckpointError, MissingFileError, UsageError

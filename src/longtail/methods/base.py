@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from longtail.config import StageConfig
 from longtail.errors import CheckpointError
 from longtail.models import Classifier
 
@@ -29,7 +30,7 @@ class MethodContext:
     device: torch.device
     world_size: int = 1
     rank: int = 0
-    stage: Any = None  # the StageConfig
+    stage: StageConfig | None = None  # this stage's config (None: a method built outside a run)
     lr: float = 0.0  # the learning rate at the start of the current epoch (set by the engine)
     extras: dict = field(default_factory=dict)  # e.g. the dataset, for methods that need it
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from longtail.engine.distributed import broadcast_from_main
+from longtail.dist import broadcast_from_main
 from longtail.methods.base import Method, MethodContext, check_val_option
 from longtail.methods.losses import logit_adjusted_loss
 from longtail.models import Classifier

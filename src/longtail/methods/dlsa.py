@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from longtail.engine.distributed import broadcast_from_main, object_from_main
+from longtail.dist import broadcast_from_main, object_from_main
 from longtail.errors import ConfigError, DataError, TrainingError
 from longtail.methods.base import MethodContext
 from longtail.methods.decoupling import _FrozenBackbone

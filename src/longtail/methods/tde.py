@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from longtail.engine.distributed import broadcast_from_main
+from longtail.dist import broadcast_from_main
 from longtail.errors import CheckpointError, ConfigError, DataError
 from longtail.methods.base import Method, MethodContext
 from longtail.models import Classifier
