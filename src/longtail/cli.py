@@ -305,14 +305,15 @@ def _cmd_data_glt(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    import longtail  # noqa: F401  (fills every registry)
-    from longtail import registry
     from longtail.config import shipped_configs
+    from longtail.registry import catalogue
 
-    for title, reg in (("datasets", registry.DATASETS), ("backbones", registry.BACKBONES),
-                       ("heads", registry.HEADS), ("methods", registry.METHODS), ("samplers", registry.SAMPLERS)):
+    # What the registries hold once the plugins are imported, read from their source: no torch to import.
+    registries = catalogue()
+    for title, reg in (("datasets", "DATASETS"), ("backbones", "BACKBONES"), ("heads", "HEADS"),
+                       ("methods", "METHODS"), ("samplers", "SAMPLERS")):
         print(f"{title}:")
-        for name, doc in reg.describe().items():
+        for name, doc in registries.get(reg, {}).items():
             print(f"  {name:<18} {doc}")
     print("configs (longtail train NAME):")
     for name in shipped_configs():

@@ -1,9 +1,16 @@
-"""One small strict registry: names map to code in one place, filled at import time."""
+"""One small strict registry: names map to code in one place, filled at import time.
+
+A leaf module (no torch): the plugins register themselves with ``@METHODS.register("name")`` when their module is
+imported (``longtail.data``, ``longtail.models``, ``longtail.methods``; ``longtail.engine.build`` imports all three).
+``catalogue`` reads the same decorators from the source without importing anything, for ``longtail list``.
+"""
 
 from __future__ import annotations
 
+import ast
 import difflib
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Generic, TypeVar
 
 from longtail.errors import UserError
@@ -93,3 +100,26 @@ BACKBONES: Registry = Registry("backbone")
 HEADS: Registry = Registry("head")
 METHODS: Registry = Registry("method")
 SAMPLERS: Registry = Registry("sampler")
+
+
+def catalogue(root: Path | None = None) -> dict[str, dict[str, str]]:
+    """``{registry: {name: one-line help}}`` of every ``@REGISTRY.register("name"[, help])`` decorator in the
+    package's source (``root``: the ``longtail`` folder), read with ``ast``: the registries' ``describe()`` as they
+    are once the plugins are imported, without importing them (and torch), so ``longtail list`` starts at once.
+    Keys are the registries' variable names (``METHODS``); tests/test_layering.py checks it equals the live ones."""
+    root = Path(__file__).resolve().parent if root is None else root
+    out: dict[str, dict[str, str]] = {}
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            if not isinstance(node, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            for deco in node.decorator_list:
+                if not (isinstance(deco, ast.Call) and isinstance(deco.func, ast.Attribute)
+                        and deco.func.attr == "register" and isinstance(deco.func.value, ast.Name)
+                        and deco.args and isinstance(deco.args[0], ast.Constant)):
+                    continue
+                helps = [*deco.args[1:2], *(k.value for k in deco.keywords if k.arg == "help")]
+                doc = helps[0].value if helps and isinstance(helps[0], ast.Constant) else ""
+                doc = doc or (ast.get_docstring(node) or "").strip().split("\n")[0]  # as Registry.register
+                out.setdefault(deco.func.value.id, {})[_canonical(deco.args[0].value)] = doc
+    return {reg: dict(sorted(items.items())) for reg, items in out.items()}
