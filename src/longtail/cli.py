@@ -103,6 +103,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+FEATURE_QUALITY = "flow_filter"  # the registered feature evaluation --feature-quality runs
+
+
 def _feature_quality(args: argparse.Namespace) -> int:
     """DLSA's feature evaluation (our interpretation, spec dlsa.md section 8) of a run's train/test features."""
     import numpy as np
@@ -112,8 +115,8 @@ def _feature_quality(args: argparse.Namespace) -> int:
     from longtail.engine.evaluate import thresholds_of
     from longtail.engine.features import export_features, load_features
     from longtail.engine.fit import write_metrics
-    from longtail.engine.inference import load_trained
-    from longtail.methods.dlsa import DLSAConfig, evaluate_features
+    from longtail.engine.inference import load_trained  # (it imports every plugin: the registries are full)
+    from longtail.registry import FEATURE_EVALUATIONS, METHODS
 
     if args.sweep:
         raise UsageError("--feature-quality and --sweep are separate evaluations: pick one")
@@ -122,25 +125,28 @@ def _feature_quality(args: argparse.Namespace) -> int:
     if "," in split or split not in run.dataset.splits or split == "train":
         raise UsageError(f"--feature-quality takes one evaluation split, got {split!r} "
                          f"(this run has {', '.join(run.dataset.splits)})")
-    # The flow filter's options: the run's own when it is a dlsa run, else the defaults; --set method.X=V
-    # changes them (e.g. method.clusters=50 for a 10-class dataset).
+    evaluation = FEATURE_EVALUATIONS.get(FEATURE_QUALITY)
+    # The evaluation's options: the run's own when its last method has the same options (it trained such a
+    # filter), else the defaults; --set method.X=V changes them (e.g. method.clusters=50 for a 10-class dataset).
     last = run.cfg.stages[-1].method
-    opts = {k: v for k, v in last.items() if k != "name"} if last["name"] == "dlsa" else {}
+    same = METHODS.get(last["name"]).Config is evaluation.Config
+    opts = {k: v for k, v in last.items() if k != "name"} if same else {}
     for o in args.set:
         key, _, value = o.partition("=")
         if not key.startswith("method."):
-            raise UsageError(f"with --feature-quality, --set takes method.OPTION=VALUE of dlsa, got {o!r}")
+            raise UsageError(f"with --feature-quality, --set takes method.OPTION=VALUE of the flow filter, got {o!r}")
         opts[key.split(".", 1)[1]] = parse_override(o)[1]
     try:
-        fq_cfg = from_dict(DLSAConfig, opts, "method")
+        fq_cfg = from_dict(evaluation.Config, opts, "method")
     except ConfigError as e:
         raise UsageError(str(e)) from None
     export_features(args.run_dir, ["train", split], device=args.device)
     dev = run.loader.device
     (tr_f, tr_y), (te_f, te_y) = load_features(args.run_dir, "train"), load_features(args.run_dir, split)
-    rep = evaluate_features(torch.from_numpy(np.array(tr_f)).to(dev), torch.from_numpy(tr_y).to(dev),
-                            torch.from_numpy(np.array(te_f)).to(dev), torch.from_numpy(te_y).to(dev),
-                            run.dataset.num_classes, thresholds_of(run.cfg.eval, run.dataset.train_counts()), fq_cfg)
+    rep = evaluation.evaluate(torch.from_numpy(np.array(tr_f)).to(dev), torch.from_numpy(tr_y).to(dev),
+                              torch.from_numpy(np.array(te_f)).to(dev), torch.from_numpy(te_y).to(dev),
+                              run.dataset.num_classes, thresholds_of(run.cfg.eval, run.dataset.train_counts()),
+                              fq_cfg)
     rep["split"] = split
     print(f"{Path(args.run_dir).name}: feature quality on {split}\n\n{feature_quality_table(rep)}")
     if args.write:

@@ -100,6 +100,9 @@ BACKBONES: Registry = Registry("backbone")
 HEADS: Registry = Registry("head")
 METHODS: Registry = Registry("method")
 SAMPLERS: Registry = Registry("sampler")
+# Measures of a trained run's features (``longtail eval RUN --feature-quality``): classes with a ``Config`` dataclass
+# of options and ``evaluate(train_feats, train_labels, test_feats, test_labels, num_classes, thresholds, cfg)``.
+FEATURE_EVALUATIONS: Registry = Registry("feature evaluation")
 
 
 def catalogue(root: Path | None = None) -> dict[str, dict[str, str]]:

@@ -92,12 +92,12 @@ def evaluate_split(
 ) -> dict:
     """Metrics dict of one split (see ``classification_metrics``); identical on every rank under DDP.
 
-    For a method that routes samples (``Method.routes``), also ``routes``: per route its sample count, top1,
-    many / medium / few, MCC and NMI on the samples it answered, and the share of each class it answered
-    (DLSA's per-stage report; see ``route_breakdown``).
+    For a method that routes samples (non-empty ``Method.route_names``), also ``routes``: per route its sample
+    count, top1, many / medium / few, MCC and NMI on the samples it answered, and the share of each class it
+    answered (DLSA's per-stage report; see ``route_breakdown``).
     """
     s = loader.ds.splits[split]
-    if type(method).routes is Method.routes:
+    if not method.route_names:
         scores, targets = predict_split(method, loader, split, cfg.batch_size, amp, channels_last, dist)
         return classification_metrics(
             scores.argmax(1),

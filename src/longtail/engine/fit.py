@@ -140,7 +140,8 @@ def build_stage_method(
         world_size=dist.world_size,
         rank=dist.rank,
         stage=st,
-        extras={"dataset": ds, "loader": loader},
+        dataset=ds,
+        loader=loader,
     )
     method = create_method(st.method, model, ctx).to(device)
     return method, ctx
@@ -166,7 +167,7 @@ def _set_lr(opt: torch.optim.Optimizer, st: StageConfig, t: float) -> float:
     lr = lr_at(st.optim.lr, st.schedule, st.epochs, t)
     for g in opt.param_groups:
         if not g.get("fixed_lr", False):  # e.g. IFL's centres: their own constant lr
-            g["lr"] = lr * g.get("lr_scale", 1.0)
+            g["lr"] = lr
     return lr
 
 
@@ -193,7 +194,7 @@ def _choose_options(
     for option, grid in method.options_to_choose().items():
         choice = choose_on_val(method, loader, option, grid, cfg.eval, cfg.amp, channels_last, dist)
         method.set_chosen(option, choice["value"])
-        broadcast_from_main(getattr(method, f"chosen_{option}"))  # DDP: one value, rank 0's
+        broadcast_from_main(method.chosen_buffer(option))  # DDP: one value, rank 0's
         log.info(
             "stage %s: %s=%g chosen on val (%s %.2f); curve: %s",
             st.name,
@@ -459,7 +460,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                 train_fn = torch.compile(train_fn)
             local_batch = st.batch_size // dist.world_size
             sampler = create_sampler(
-                method.sampler_name(st.sampler),
+                st.sampler,
                 ds.train.targets,
                 ds.num_classes,
                 seed=_epoch_seed(cfg.seed, si, 0),

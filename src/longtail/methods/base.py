@@ -3,12 +3,30 @@
 The fit loop never asks which method it runs; everything varies through these hooks. Method state
 (a head direction, class centres, flow parameters) lives in registered buffers/parameters of the
 Method, so ``state_dict()`` saves it together with the model weights it belongs to.
+
+The contract (what the engine calls; everything has a default, a method overrides what differs):
+
+- ``Config``: the method's own options, a strict dataclass (``stages[].method`` in a recipe).
+- class attributes ``requires_head`` (a head the method needs; checked by ``engine.build``), ``trains`` (whether
+  its stage's epochs optimise ``param_groups()``), ``val_options`` (prediction-time options chosen on val).
+- training: ``forward(images, targets) -> {'loss', 'logits'}`` (with ``loss``), ``param_groups()``,
+  ``train_sampler(sampler, batch_size)`` and ``on_train_batch(step, sample_ids)`` (a method that resamples or
+  tracks samples: IFL).
+- the stage: ``on_stage_start(ctx)``, ``on_epoch_start(epoch, ctx)``, ``on_stage_end(ctx)``; ``ctx`` is a
+  ``MethodContext``, whose typed ``dataset`` and ``loader`` give a method the run's data (no untyped extras).
+- prediction: ``predict(images)`` / ``predict_features(feats)``; a method that routes each sample to one of several
+  classifiers (DLSA's cascade) names its routes in ``route_names`` and returns them from ``routes(feats)``, and the
+  evaluation reports every route. ``report()``: JSON-able facts for metrics.json.
+
+Changes to this contract stay small and are listed here: ``MethodContext.extras`` became the typed fields
+``dataset`` / ``loader`` and ``stage`` is a ``StageConfig``; the unused ``sampler_name`` hook is gone (a stage
+trains with its configured sampler); the engine tells a routing method by a non-empty ``route_names``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -17,6 +35,10 @@ import torch.nn.functional as F
 from longtail.config import StageConfig
 from longtail.errors import CheckpointError
 from longtail.models import Classifier
+
+if TYPE_CHECKING:  # annotations only: the loader module imports torchvision
+    from longtail.data.base import LTDataset
+    from longtail.data.loaders import Loader
 
 
 @dataclass
@@ -32,7 +54,10 @@ class MethodContext:
     rank: int = 0
     stage: StageConfig | None = None  # this stage's config (None: a method built outside a run)
     lr: float = 0.0  # the learning rate at the start of the current epoch (set by the engine)
-    extras: dict = field(default_factory=dict)  # e.g. the dataset, for methods that need it
+    # The run's data (None: a method built outside a run, e.g. in a unit test). dataset: its splits and training
+    # targets (IFL's environments); loader: batches of any split on the run's device (methods that fit on features).
+    dataset: LTDataset | None = None
+    loader: Loader | None = None
 
 
 def check_val_option(name: str, value: Any, grid: list[float]) -> None:
@@ -93,7 +118,11 @@ class Method(nn.Module):
         return float(chosen)
 
     def set_chosen(self, name: str, value: float) -> None:
-        getattr(self, f"chosen_{name}").fill_(value)
+        self.chosen_buffer(name).fill_(value)
+
+    def chosen_buffer(self, name: str) -> torch.Tensor:
+        """The () float64 buffer that holds the value chosen on val for option ``name`` (NaN until chosen)."""
+        return getattr(self, f"chosen_{name}")
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         # A run whose option was chosen on val re-evaluated at a fixed value (eval --set method.tau=0.5) has no
@@ -153,7 +182,8 @@ class Method(nn.Module):
 
     @property
     def route_names(self) -> list[str]:
-        """Names of the routes ``routes`` returns (index = route id)."""
+        """Names of the routes ``routes`` returns (index = route id); empty (the default): the method does not
+        route, and evaluation scores its predictions directly."""
         return []
 
     def report(self) -> dict:
@@ -165,10 +195,6 @@ class Method(nn.Module):
     def param_groups(self) -> list[dict]:
         """Parameters the optimiser updates; default: every trainable one."""
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]
-
-    def sampler_name(self, configured: str) -> str:
-        """The sampler this method trains with; default: the stage's configured one."""
-        return configured
 
     def train_sampler(self, sampler: Any, batch_size: int) -> Any:
         """The Sampler this stage trains with, given the configured one and the global batch size; default:

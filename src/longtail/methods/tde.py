@@ -79,7 +79,7 @@ class Deconfound(Method):
 
     @torch.no_grad()
     def on_stage_end(self, ctx: MethodContext) -> None:
-        loader = ctx.extras.get("loader")
+        loader = ctx.loader
         if loader is None or self.head_direction.norm() == 0:
             return
         split = "val" if "val" in loader.ds.splits else "train"  # never test
