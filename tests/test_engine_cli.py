@@ -1,9 +1,6 @@
 """The fit loop end to end on a tiny image folder: determinism, resume, stages, the CLI commands."""
 
 import json
-import os
-import signal
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -13,27 +10,7 @@ from longtail.cli import main
 from longtail.config import build_config
 from longtail.engine import Interrupted, train
 from longtail.engine.checkpoint import load_checkpoint
-from longtail.methods.ce import CrossEntropy
 from longtail.registry import METHODS
-
-_FIRED = {"done": False}
-
-
-@METHODS.register("interrupt_test", help="test only: CE that sends itself SIGINT once at a given step")
-class _InterruptOnce(CrossEntropy):
-    @dataclass
-    class Config:
-        label_smoothing: float = 0.0
-        at_step: int = -1
-
-    calls = 0
-
-    def forward(self, images, targets):
-        type(self).calls += 1
-        if type(self).calls == self.cfg.at_step and not _FIRED["done"]:
-            _FIRED["done"] = True
-            os.kill(os.getpid(), signal.SIGINT)
-        return super().forward(images, targets)
 
 
 def tiny_raw(root, epochs=3, method="ce", **method_opts):
@@ -80,9 +57,8 @@ def test_training_is_deterministic(image_folder, tmp_path):
     assert not torch.equal(final_weights(a)["model.head.fc.weight"], final_weights(c)["model.head.fc.weight"])
 
 
-def test_resume_after_sigint_matches_uninterrupted_run(image_folder, tmp_path):
+def test_resume_after_sigint_matches_uninterrupted_run(image_folder, tmp_path, interrupt_method):
     ref = train(build_config(tiny_raw(image_folder)), out=tmp_path / "ref", progress=False)
-    _InterruptOnce.calls, _FIRED["done"] = 0, False
     cfg = build_config(tiny_raw(image_folder, method="interrupt_test", at_step=6))  # epoch 2, mid-epoch (4 steps/epoch)
     with pytest.raises(Interrupted, match="--resume"):
         train(cfg, out=tmp_path / "int", progress=False)
@@ -94,6 +70,14 @@ def test_resume_after_sigint_matches_uninterrupted_run(image_folder, tmp_path):
     ref_m = json.loads((ref / "metrics.json").read_text())["splits"]["test"]
     res_m = json.loads((resumed / "metrics.json").read_text())["splits"]["test"]
     assert ref_m["per_class"] == res_m["per_class"]
+
+
+def test_a_test_only_method_is_registered_for_its_test_only(interrupt_method):
+    assert METHODS.get("interrupt_test") is interrupt_method
+
+
+def test_no_test_only_method_outside_its_test():
+    assert "interrupt_test" not in METHODS  # conftest's interrupt_method removed it when its test ended
 
 
 def test_file_dataset_path_trains_and_predicts(image_folder, tmp_path):

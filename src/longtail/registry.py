@@ -8,6 +8,7 @@ imported (``longtail.data``, ``longtail.models``, ``longtail.methods``; ``longta
 from __future__ import annotations
 
 import ast
+import contextlib
 import difflib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -64,6 +65,16 @@ class Registry(Generic[T]):
             return obj
 
         return deco
+
+    @contextlib.contextmanager
+    def temporarily(self, name: str, obj: T, help: str = "") -> Iterator[T]:
+        """Register ``obj`` as ``name`` for the ``with`` block only (a test's own plugin), then remove it again, so
+        the registry holds after the block exactly what it held before."""
+        self.register(name, help)(obj)
+        try:
+            yield obj
+        finally:
+            del self._items[_canonical(name)], self._help[_canonical(name)]
 
     def get(self, name: str) -> T:
         if (hit := self._prefixed(name)) is not None:
