@@ -216,5 +216,6 @@ def test_the_catalogue_longtail_list_prints_is_what_the_registries_hold():
     static = registry.catalogue()
     for var in ("DATASETS", "BACKBONES", "HEADS", "METHODS", "SAMPLERS"):
         reg = getattr(registry, var)
-        live = {n: d for n, d in reg.describe().items() if reg.get(n).__module__.startswith("longtail.")}
-        assert static[var] == live, var
+        live = {n: d for n, d in reg.describe().items()  # a prefix family (timm/<name>) has no object of its own
+                if n.endswith("/<name>") or reg.get(n).__module__.startswith("longtail.")}
+        assert list(static[var].items()) == list(live.items()), var  # the same entries, in describe()'s order

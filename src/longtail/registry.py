@@ -117,23 +117,34 @@ FEATURE_EVALUATIONS: Registry = Registry("feature evaluation")
 
 
 def catalogue(root: Path | None = None) -> dict[str, dict[str, str]]:
-    """``{registry: {name: one-line help}}`` of every ``@REGISTRY.register("name"[, help])`` decorator in the
-    package's source (``root``: the ``longtail`` folder), read with ``ast``: the registries' ``describe()`` as they
-    are once the plugins are imported, without importing them (and torch), so ``longtail list`` starts at once.
-    Keys are the registries' variable names (``METHODS``); tests/test_layering.py checks it equals the live ones."""
+    """``{registry: {name: one-line help}}`` of every ``@REGISTRY.register("name"[, help])`` decorator and every
+    ``REGISTRY.register_prefix("prefix/", resolve[, help])`` call in the package's source (``root``: the
+    ``longtail`` folder), read with ``ast``: the registries' ``describe()`` as they are once the plugins are
+    imported (names sorted, then the ``prefix/<name>`` families), without importing them (and torch), so
+    ``longtail list`` starts at once. Keys are the registries' variable names (``METHODS``);
+    tests/test_layering.py checks that it equals the live registries."""
+
+    def text(args: list[ast.expr], keywords: list[ast.keyword]) -> str:
+        given = [*args, *(k.value for k in keywords if k.arg == "help")]
+        return given[0].value if given and isinstance(given[0], ast.Constant) else ""
+
     root = Path(__file__).resolve().parent if root is None else root
-    out: dict[str, dict[str, str]] = {}
+    items: dict[str, dict[str, str]] = {}
+    families: dict[str, dict[str, str]] = {}
     for path in sorted(root.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
-            if not isinstance(node, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
-                continue
-            for deco in node.decorator_list:
-                if not (isinstance(deco, ast.Call) and isinstance(deco.func, ast.Attribute)
-                        and deco.func.attr == "register" and isinstance(deco.func.value, ast.Name)
-                        and deco.args and isinstance(deco.args[0], ast.Constant)):
-                    continue
-                helps = [*deco.args[1:2], *(k.value for k in deco.keywords if k.arg == "help")]
-                doc = helps[0].value if helps and isinstance(helps[0], ast.Constant) else ""
-                doc = doc or (ast.get_docstring(node) or "").strip().split("\n")[0]  # as Registry.register
-                out.setdefault(deco.func.value.id, {})[_canonical(deco.args[0].value)] = doc
-    return {reg: dict(sorted(items.items())) for reg, items in out.items()}
+            if isinstance(node, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                for deco in node.decorator_list:
+                    if (isinstance(deco, ast.Call) and isinstance(deco.func, ast.Attribute)
+                            and deco.func.attr == "register" and isinstance(deco.func.value, ast.Name)
+                            and deco.args and isinstance(deco.args[0], ast.Constant)):
+                        doc = text(deco.args[1:2], deco.keywords)
+                        doc = doc or (ast.get_docstring(node) or "").strip().split("\n")[0]  # as register() does
+                        items.setdefault(deco.func.value.id, {})[_canonical(deco.args[0].value)] = doc
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                  and node.func.attr == "register_prefix" and isinstance(node.func.value, ast.Name)
+                  and node.args and isinstance(node.args[0], ast.Constant)):
+                families.setdefault(node.func.value.id, {})[f"{node.args[0].value}<name>"] = text(node.args[2:3],
+                                                                                                  node.keywords)
+    return {reg: {**dict(sorted(items.get(reg, {}).items())), **families.get(reg, {})}
+            for reg in sorted(items.keys() | families.keys())}
