@@ -82,7 +82,8 @@ class Check:
         return [*ov, *self.args.set, *extra]
 
     def config(self, overrides: list[str]):
-        from longtail.config import build_config, load_raw, resolve_config_path
+        from longtail.config import load_raw, resolve_config_path
+        from longtail.engine.build import build_config  # names and method options resolved
 
         return build_config(load_raw(resolve_config_path(RECIPE)), overrides)
 
