@@ -63,8 +63,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
     run = load_run(run_dir)
     print()
     print(results_table(run["metrics"], title=f"{run_dir.name}: {run['metrics'].get('selected', '')}"))
+    _print_val_checks(run["metrics"])
     print(f"\nrun folder: {run_dir}  (config.yaml, metrics.json, train.log, checkpoints/, plots/)")
     return 0
+
+
+def _print_val_checks(metrics: dict) -> None:
+    """The prediction-time options chosen on val, and the warnings of ``check_off_values``."""
+    for c in metrics.get("chosen_on_val", []):
+        print(f"\n{c['option']}={c['value']:g} chosen on val for stage {c['stage']} ({c['metric']} {c['score']:.2f}; "
+              f"curve in metrics.json and plots/)")
+    for c in metrics.get("off_value_check", []):
+        if c.get("warning"):
+            print(f"\nwarning: {c['warning']}", file=sys.stderr)
+    for note in metrics.get("notes", []):
+        print(f"\nnote: {note}", file=sys.stderr)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -90,12 +103,26 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     metrics = evaluate_run(run.method, run.loader, run.cfg, splits=splits)
     title = f"{Path(args.run_dir).name}" + (f" with {' '.join(args.set)}" if args.set else "")
     print(results_table(metrics, title=title))
+    from longtail.engine.evaluate import check_off_values
+    from longtail.evaluation.report import read_metrics
+
+    path = Path(args.run_dir) / "metrics.json"
+    old = read_metrics(path) if path.is_file() else {}
+    # Options chosen on val when the run trained, or just now (--set method.X=val on a run that has no choice).
+    choices = run.choices or old.get("chosen_on_val", [])
+    checks = check_off_values(run.method, run.loader, run.cfg.eval, run.cfg.amp, choices=choices)
+    if checks:
+        metrics["off_value_check"] = checks
+    notes = []
+    if run.method.off_values and "val" not in run.dataset.splits:
+        from longtail.engine.fit import val_split_hint
+
+        options = ", ".join(f"method.{o}" for o in run.method.off_values)
+        notes.append(f"this run has no val split, so whether {options} helps is not checked (never on test); to "
+                     f"train one with a val split, {val_split_hint(run.dataset)}")
+    _print_val_checks({"chosen_on_val": run.choices, "off_value_check": checks, "notes": notes})
     if not args.set and args.write:
         # Merge into metrics.json: re-evaluating one split keeps the others.
-        from longtail.evaluation.report import read_metrics
-
-        path = Path(args.run_dir) / "metrics.json"
-        old = read_metrics(path) if path.is_file() else {}
         merged = {**old, **{k: v for k, v in metrics.items() if k != "splits"},
                   "splits": {**old.get("splits", {}), **metrics["splits"]}}
         write_metrics(Path(args.run_dir), merged, run.cfg)
@@ -352,13 +379,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("eval", help="re-evaluate a finished run", description="Re-evaluate a finished run "
-                       "with its final weights; --set changes prediction-time method options.")
+                       "with its final weights; --set changes prediction-time method options (method.OPTION=val "
+                       "chooses one on the run's val split). When the run has a val split, a prediction-time "
+                       "correction (TDE's alpha) is also scored there against its off value (alpha 0, De-confound), "
+                       "with a warning when it costs accuracy.")
     e.add_argument("run_dir")
     e.add_argument("--split", help="comma-separated splits (default: val if present, then the test splits)")
     e.add_argument("--protocol", help="GLT protocol(s) instead of splits: CLT, GLT (Train-GLT runs), ALT "
                    "(Train-CBL runs), comma-separated")
     e.add_argument("--set", action="append", default=[], metavar="key=value",
-                   help="prediction-time override, e.g. method.alpha=2.0 (printed, metrics.json untouched)")
+                   help="prediction-time override, e.g. method.alpha=2.0, or method.alpha=val to choose it on the "
+                        "run's val split (printed, metrics.json untouched)")
     e.add_argument("--sweep", metavar="method.OPTION=START:STOP:STEP",
                    help="metrics against a prediction-time option, e.g. method.alpha=0:3:0.25 (on --split, "
                         "default val if present); writes a table and a plot to RUN_DIR/sweeps/")

@@ -34,7 +34,7 @@ from longtail.engine.distributed import (
     init_distributed,
     shutdown,
 )
-from longtail.engine.evaluate import autocast, choose_on_val, evaluate_split, thresholds_of
+from longtail.engine.evaluate import autocast, check_off_values, choose_on_val, evaluate_split, thresholds_of
 from longtail.engine.schedule import lr_at
 from longtail.errors import WRITE_ERRNOS, CheckpointError, MissingFileError, TrainingError, UsageError, write_error
 from longtail.evaluation.metrics import describe_class_groups
@@ -209,6 +209,35 @@ def _choose_options(
         )
         out.append({"stage": st.name, **choice})
     return out
+
+
+def val_split_hint(ds: LTDataset) -> str:
+    """How to give a run of this dataset a val split."""
+    if ds.name in ("cifar10_lt", "cifar100_lt"):
+        return "set data.val_per_class (e.g. 100: CIFAR images the long-tailed subset left out) or data.val_fraction"
+    return "set data.val_fraction (e.g. 0.1, held out of train per class)"
+
+
+def _options_without_val(cfg: RunConfig, ds: LTDataset) -> list[str]:
+    """A run without a val split: an ``OPTION: val`` with a ``<option>_fallback`` becomes that value in the run's
+    config (saved so, so `longtail eval` predicts the same); one without a fallback is refused. Returns the notes
+    said (logged, and printed at the end of `longtail train`)."""
+    notes = []
+    for st in cfg.stages:
+        for option, fallback in METHODS.get(st.method["name"]).fallbacks_without_val(st.method).items():
+            if fallback is None:
+                raise ConfigError(
+                    f"stage '{st.name}': method.{option}=val is chosen on a validation split and this "
+                    f"run has none (never on test): {val_split_hint(ds)}"
+                )
+            st.method[option] = fallback
+            notes.append(
+                f"stage {st.name}: method.{option}=val is chosen on a validation split and this run has none (never "
+                f"on test), so it predicts with method.{option}_fallback={fallback}; to choose {option} on val, "
+                f"{val_split_hint(ds)}"
+            )
+            log.warning(notes[-1])
+    return notes
 
 
 def _init_checkpoint(init_from: str) -> Path:
@@ -396,13 +425,9 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
     loader = Loader(ds, device, cfg.data.augment, cfg.data.num_workers, cfg.data.fast_path)
     if cfg.eval.select == "best_val" and "val" not in ds.splits:
         raise ConfigError("eval.select=best_val needs a validation split: set data.val_fraction (never select on test)")
-    for st in cfg.stages:  # before anything trains: an option chosen on val needs a val split
-        on_val = METHODS.get(st.method["name"]).options_on_val(st.method)
-        if on_val and "val" not in ds.splits:
-            raise ConfigError(
-                f"stage '{st.name}': method.{on_val[0]}=val is chosen on a validation split and this "
-                f"run has none (never on test): set data.val_per_class (CIFAR-LT) or data.val_fraction"
-            )
+    notes = []  # for the user at the end of `longtail train`: metrics.json "notes"
+    if "val" not in ds.splits:  # before anything trains: an option chosen on val needs a val split
+        notes += _options_without_val(cfg, ds)
     model = create_model(cfg.model, ds.num_classes).to(device)
     channels_last = cfg.model.channels_last
     if channels_last:
@@ -640,11 +665,23 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
             choices = [c for c in choices if c["stage"] != last.name]
             choices += _choose_options(method, last, loader, cfg, channels_last, dist)
     metrics = evaluate_run(method, loader, cfg, channels_last, dist=dist)
+    checks = check_off_values(method, loader, cfg.eval, cfg.amp, channels_last, dist, choices)
     if main:
         save_checkpoint(ckpt_dir / "final.pt", method=method.state_dict(), config=to_dict(cfg), selected=selected)
         metrics["selected"] = selected
         if choices:
             metrics["chosen_on_val"] = choices
+        if checks:
+            metrics["off_value_check"] = checks
+        for c in checks:
+            if c.get("warning"):
+                log.warning(c["warning"])
+        if method.off_values and "val" not in ds.splits and not notes:
+            notes.append(f"this run has no val split, so whether {', '.join(f'method.{o}' for o in method.off_values)} "
+                         f"helps on this data is not checked (never on test); {val_split_hint(ds)}")
+            log.info(notes[-1])
+        if notes:
+            metrics["notes"] = notes
         metrics["train_seconds"] = round(time.time() - t0, 1)
         metrics["epoch_timing"] = timing
         if dist.enabled:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -13,6 +13,7 @@ from longtail.data.images import read_image, resize_square
 from longtail.data.loaders import Loader, file_transform
 from longtail.engine.build import build_config
 from longtail.engine.checkpoint import load_checkpoint
+from longtail.engine.evaluate import choose_on_val
 from longtail.engine.fit import build_stage_method, state_mismatch
 from longtail.errors import CheckpointError, MissingFileError, UsageError
 from longtail.methods import Method
@@ -28,6 +29,9 @@ class TrainedRun:
     dataset: LTDataset
     loader: Loader
     method: Method
+    # Options set to "val" by the overrides of a run whose checkpoint holds no choice for them, chosen on its val
+    # split when it was loaded (records as metrics.json's ``chosen_on_val``; never on test).
+    choices: list[dict] = field(default_factory=list)
 
 
 def load_trained(run_dir: str | Path, overrides: list[str] | None = None, device: str | None = None) -> TrainedRun:
@@ -71,7 +75,13 @@ def load_trained(run_dir: str | Path, overrides: list[str] | None = None, device
                               f"{state_mismatch(method.state_dict(), state)}); --set may change prediction-time "
                               f"options only") from None
     method.eval()
-    return TrainedRun(run_dir, cfg, ds, loader, method)
+    choices = []
+    for option, grid in method.options_to_choose().items():
+        if getattr(method, f"chosen_{option}").isnan():  # e.g. eval --set method.alpha=val on a fixed-alpha run
+            choice = choose_on_val(method, loader, option, grid, cfg.eval, cfg.amp)
+            method.set_chosen(option, choice["value"])
+            choices.append({"stage": cfg.stages[-1].name, **choice})
+    return TrainedRun(run_dir, cfg, ds, loader, method, choices)
 
 
 def protocol_split(ds, protocol: str) -> str:

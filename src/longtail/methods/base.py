@@ -75,8 +75,15 @@ class Method(nn.Module):
     # Prediction-time options (Config fields) a recipe may set to "val": when the stage ends the engine sweeps the
     # option over the Config field ``<option>_grid`` on the run's val split (one pass of features), keeps the value
     # with the best mean per-class accuracy and stores it here in the buffer ``chosen_<option>``, so the stage
-    # checkpoint and final.pt carry it. Such an option is read with ``self.option(name)``.
+    # checkpoint and final.pt carry it. Such an option is read with ``self.option(name)``. When the Config also has a
+    # field ``<option>_fallback``, a run without a val split predicts with that value instead (the engine writes it
+    # into the run's config and says how to get a val split); without one such a run is refused before training.
     val_options: tuple[str, ...] = ()
+    # Prediction-time options with a value that turns the method's prediction-time correction off, {option: (value,
+    # what predicting at that value is)}, e.g. TDE's {"alpha": (0.0, "De-confound")}. When the run has a val split,
+    # the end of training and `longtail eval` compare the val score at the option's value with the one at the off
+    # value and warn when the correction costs accuracy (``engine.evaluate.check_off_values``).
+    off_values: dict[str, tuple[float, str]] = {}
     # Whether the stage's epochs optimise ``param_groups()``. False for post-hoc methods, whose stage has
     # epochs 0 (they fit statistics, or train inside ``on_stage_start``); for the others train() refuses
     # epochs 0 without init_from, which would train nothing and report their starting weights.
@@ -101,6 +108,11 @@ class Method(nn.Module):
     def options_on_val(cls, opts: dict) -> list[str]:
         """The options a method spec (``{'name': ..., option: value}``) sets to "val" (checked before training)."""
         return [name for name in cls.val_options if opts.get(name) == "val"]
+
+    @classmethod
+    def fallbacks_without_val(cls, opts: dict) -> dict[str, Any]:
+        """{option: its ``<option>_fallback``} for the options a method spec sets to "val" (None: no fallback)."""
+        return {name: opts.get(f"{name}_fallback") for name in cls.options_on_val(opts)}
 
     def options_to_choose(self) -> dict[str, list[float]]:
         """{option: grid} of the options this method chooses on val when its stage ends."""
@@ -185,6 +197,12 @@ class Method(nn.Module):
         """Names of the routes ``routes`` returns (index = route id); empty (the default): the method does not
         route, and evaluation scores its predictions directly."""
         return []
+
+    def diagnostics(self, feats: torch.Tensor, targets: torch.Tensor, class_names: list[str] | None = None) -> dict:
+        """JSON-able statistics of (N, D) features of a split and their (N,) labels that explain the method's
+        prediction-time behaviour (TDE: how features and class weights lie along the head direction); default:
+        none. A ``summary`` entry (one line) is added to the warning when a prediction-time correction hurts."""
+        return {}
 
     def report(self) -> dict:
         """JSON-able facts the method chose or measured while training (a tuned value, a selected epoch,
