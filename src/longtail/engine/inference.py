@@ -77,7 +77,7 @@ def load_trained(run_dir: str | Path, overrides: list[str] | None = None, device
     method.eval()
     choices = []
     for option, grid in method.options_to_choose().items():
-        if getattr(method, f"chosen_{option}").isnan():  # e.g. eval --set method.alpha=val on a fixed-alpha run
+        if method.chosen_buffer(option).isnan():  # e.g. eval --set method.alpha=val on a fixed-alpha run
             choice = choose_on_val(method, loader, option, grid, cfg.eval, cfg.amp)
             method.set_chosen(option, choice["value"])
             choices.append({"stage": cfg.stages[-1].name, **choice})
