@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_in
 from torch.utils.data._utils.worker import _generate_state  # how DataLoader seeds a worker's numpy
 from torchvision.transforms import v2
 
-from longtail.data.base import LTDataset, Split
-from longtail.data.images import read_image
+from longtail.data.base import DataError, LTDataset, Split
+from longtail.data.images import DEFAULT_LIMITS, ImageLimits, read_image
 from longtail.utils import rng_state, set_rng_state
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (B, 3, H, W) uint8 on device, (B,) int64 on device
@@ -63,6 +63,22 @@ def file_transform(augment: str, size: int, train: bool) -> v2.Transform:
         return v2.Compose([v2.RandomResizedCrop(size, scale=scale, antialias=True), v2.RandomHorizontalFlip()])
     return v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(),
                        v2.ColorJitter(0.4, 0.4, 0.4, 0.0)])
+
+
+class DataErrorInWorker(DataError):
+    """A DataError (a missing or corrupt file) raised in a DataLoader worker.
+
+    DataLoader re-raises a worker's exception in the main process as ``type(e)(message)`` with the worker's whole
+    traceback as the message (20 lines); this class keeps the last line, the error itself, so the CLI shows one
+    line naming the file.
+    """
+
+    def __init__(self, message: str) -> None:
+        lines = message.strip().splitlines()
+        tag = f"{type(self).__name__}: "
+        if len(lines) > 1 and tag in lines[-1]:
+            message = lines[-1].split(tag, 1)[1]
+        super().__init__(message)
 
 
 class _Batch(list):
@@ -113,15 +129,21 @@ class FileDataset(Dataset):
     """One image per item, decoded from its file (or taken from an in-memory split) and transformed per image;
     returns ((3, S, S) uint8, label)."""
 
-    def __init__(self, split: Split, transform: v2.Transform) -> None:
+    def __init__(self, split: Split, transform: v2.Transform, limits: ImageLimits | None = None) -> None:
         self.split, self.targets, self.transform = split, split.targets, transform
+        self.limits = limits or DEFAULT_LIMITS
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         s = self.split
-        image = s.images[i] if s.in_memory else read_image(s.paths[i])
+        try:
+            image = s.images[i] if s.in_memory else read_image(s.paths[i], self.limits)
+        except DataError as e:
+            if get_worker_info() is None:
+                raise
+            raise DataErrorInWorker(str(e)) from None
         return self.transform(image), int(self.targets[i])
 
     def __getitems__(self, ids: list[int]) -> list[tuple[torch.Tensor, int]]:
@@ -219,7 +241,7 @@ class Loader:
             # In-memory images are already at the input size: "none" leaves them as the fast path does.
             t = v2.Identity() if s.in_memory and self.augment == "none" else \
                 file_transform(self.augment, self.ds.image_size, True)
-            dl = DataLoader(FileDataset(s, t),
+            dl = DataLoader(FileDataset(s, t, self.ds.image_limits),
                             batch_sampler=sampler, num_workers=workers, collate_fn=_collate_with_stream,
                             pin_memory=self.device.type == "cuda",
                             generator=torch.Generator().manual_seed(streams["seed"]),
@@ -252,7 +274,8 @@ class Loader:
                 yield images[idx], targets[idx]
             return
         sub = s if indices is None else s.subset(indices)
-        dl = DataLoader(FileDataset(sub, file_transform("none", self.ds.image_size, False)), batch_size=batch_size,
-                        shuffle=False, num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
+        dl = DataLoader(FileDataset(sub, file_transform("none", self.ds.image_size, False), self.ds.image_limits),
+                        batch_size=batch_size, shuffle=False, num_workers=self.num_workers,
+                        pin_memory=self.device.type == "cuda")
         for x, y in dl:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
