@@ -20,6 +20,8 @@ import longtail.engine.fit as fit
 from longtail.config import build_config
 from longtail.engine import Interrupted, train
 from longtail.engine.checkpoint import load_checkpoint
+from longtail.methods.decoupling import _FrozenBackbone
+from longtail.registry import METHODS
 from test_distributed import _folder, _launch
 from test_distributed import _raw as ddp_raw
 from test_dlsa import TINY_DLSA
@@ -81,6 +83,16 @@ PATHS = {
     "dlsa": lambda r: _then(_raw(r, epochs=2), {"name": "dlsa", "method": TINY_DLSA, "epochs": 0,
                                                 "init_from": "main"}),
 }
+
+# Every other method that trains on its own (the registry drives it), under per-image augmentation, which draws
+# from the global generator between its steps.
+for _name in METHODS:
+    _cls = METHODS.get(_name)
+    if (_cls.__module__.startswith("longtail.") and _cls.trains and not issubclass(_cls, _FrozenBackbone)
+            and _name not in ("ce", "mixup", "ifl")):
+        PATHS[f"method_{_name}"] = lambda r, n=_name, head=_cls.requires_head: {
+            **_raw(r, {"augment": "imagenet"}, method=n, epochs=2),
+            **({"model": {"backbone": "tiny", "head": head}} if head else {})}
 
 
 class _Count:
