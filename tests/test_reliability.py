@@ -198,9 +198,9 @@ BAD_INPUTS = [
     ("out_user_folder", lambda c: c.user_folder(), "is not empty and is not a longtail run (it holds notes.txt)"),
     ("eval_not_a_run", lambda c: ["eval", c.out], "not a longtail run folder"),
     ("report_bad_metrics", lambda c: c.bad_metrics(), "metrics.json: not valid JSON"),
-    # A run name is one folder under runs/.
+    # A run name makes one folder under runs/ (names with spaces or dots stay valid: old runs resume).
     ("run_name_escapes_runs", lambda c: c.train("name=../.."), "name '../..' names the run folder runs/"),
-    ("run_name_with_slash", lambda c: c.train("name=a/b"), "(no '/', no leading '.')"),
+    ("run_name_with_backslash", lambda c: c.train("name=a\\b"), "cannot hold '/' or '\\'; pass --out"),
     # Every file of a file dataset is checked before training: existence of all, and a decode of a small one.
     ("list_file_missing_late_file", lambda c: c.lists("train/ant/9999.png 0"),
      "9999.png (1 of the 36 train images are missing)"),
@@ -365,6 +365,15 @@ def test_default_run_folders_never_collide(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = build_config({"name": "same"})
     assert new_run_dir(cfg, None) != new_run_dir(cfg, None)  # same second, or not: two folders
+
+
+def test_a_run_name_makes_one_folder_under_runs(tmp_path, monkeypatch):
+    from longtail.engine.fit import new_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("my run v2.1", "..", ".hidden"):  # spaces and dots are names, not paths: the time is appended
+        run = new_run_dir(build_config({"name": name}), None)
+        assert run.resolve().parent == (tmp_path / "runs").resolve() and run.name.startswith(f"{name}-")
 
 
 # --------------------------------------------------------------------------------------------------- lock

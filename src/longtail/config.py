@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,9 +17,6 @@ from typing import Any
 import yaml
 
 from longtail.errors import ConfigError  # defined with the other user errors; importable from here as before
-
-# A run's name is one folder name under runs/ (``name=../..`` must not write elsewhere).
-_RUN_NAME = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*")
 
 
 @dataclass
@@ -480,9 +476,10 @@ def validate(cfg: RunConfig) -> None:
                                       f"got {cfg.data.decode_check}")
     for key in ("max_image_pixels", "max_file_mb", "max_zip_ratio"):
         check(getattr(cfg.data, key) > 0, f"data.{key} must be > 0, got {getattr(cfg.data, key)}")
-    check(_RUN_NAME.fullmatch(cfg.name) is not None,
-          f"name '{cfg.name}' names the run folder runs/<name>-<time>: use letters, digits, '.', '-' and '_' "
-          f"(no '/', no leading '.'), or pass --out for another place")
+    # The default run folder is runs/<name>-<time>: a separator in the name (name=../..) would put it elsewhere.
+    check(not any(c in cfg.name for c in "/\\\0"),
+          f"name '{cfg.name}' names the run folder runs/<name>-<time>, so it cannot hold '/' or '\\'; pass "
+          f"--out to train somewhere else")
     check(cfg.model.num_heads >= 1, f"model.num_heads must be >= 1, got {cfg.model.num_heads}")
     check(cfg.model.head_scale > 0, f"model.head_scale must be > 0, got {cfg.model.head_scale}")
     check(cfg.model.head_gamma >= 0, f"model.head_gamma must be >= 0, got {cfg.model.head_gamma}")
