@@ -265,3 +265,109 @@ def test_cifar_download_from_a_loopback_server(tmp_path, monkeypatch):
     assert ds.train_counts().tolist() == class_counts(10, 12, 4)
     assert len(ds.splits["test"]) == 20 and ds.class_names[0] == "c0"
     assert (root / "cifar-10-batches-py" / "data_batch_1").is_file()
+
+
+# ------------------------------------------------------------------ issue 15: every file checked, bombs, roots
+
+
+def test_image_sizes_come_from_the_header_of_every_decodable_format():
+    import io
+
+    from PIL import Image
+    from torchvision.io import encode_jpeg, encode_png
+
+    from longtail.data.images import image_size_from_header
+
+    x = torch.randint(0, 256, (3, 37, 53), dtype=torch.uint8)
+    assert image_size_from_header(bytes(encode_png(x).numpy())) == (53, 37)  # (width, height)
+    assert image_size_from_header(bytes(encode_jpeg(x).numpy())) == (53, 37)
+    pil = Image.fromarray(x.permute(1, 2, 0).numpy())
+    for fmt, opts in [("GIF", {}), ("WEBP", {}), ("WEBP", {"lossless": True}), ("WEBP", {"exif": b"Exif\0\0x"}),
+                      ("JPEG", {"progressive": True})]:
+        buf = io.BytesIO()
+        pil.save(buf, fmt, **opts)
+        assert image_size_from_header(buf.getvalue()) == (53, 37), (fmt, opts)
+    assert image_size_from_header(b"BM" + b"\0" * 60) is None  # a format without a parser: the decoder decides
+    assert image_size_from_header(bytes(encode_png(x).numpy())[:20]) is None  # cut short
+
+
+def test_pixel_limit_is_a_setting(image_folder):
+    big = image_folder / "train" / "ant" / "0000.png"
+    with pytest.raises(DataError, match=r"0000.png: 16x16 pixels, above data.max_image_pixels=255"):
+        create_dataset(DataConfig(name="image_folder", root=str(image_folder), max_image_pixels=255))
+    assert big.is_file()
+    assert len(create_dataset(DataConfig(name="image_folder", root=str(image_folder), max_image_pixels=256)).train)
+
+
+def test_every_file_is_checked_and_small_datasets_decoded_before_training(image_folder):
+    cfg = DataConfig(name="image_folder", root=str(image_folder), in_memory="never", image_size=16)
+    bad = image_folder / "train" / "cat" / "0002.png"  # the last training file, far from the first one checked
+    bad.write_bytes(b"\x89PNG broken")
+    with pytest.raises(DataError, match="cat/0002.png: cannot decode image"):
+        create_dataset(cfg)
+    cfg.decode_check = 46  # 47 images in all: above the limit, only existence is checked
+    ds = create_dataset(cfg)
+    assert ds.train.paths[-1] == str(bad)
+    bad.unlink()
+    bad.symlink_to(image_folder / "gone.png")  # listed in the folder, not there: a link to a deleted file
+    with pytest.raises(DataError, match=r"image not found: .*cat/0002.png \(1 of the 35 train images"):
+        create_dataset(cfg)
+
+
+def test_a_bad_file_met_by_a_worker_is_one_line_naming_it(image_folder):
+    from longtail.data.loaders import DataErrorInWorker, Loader
+
+    cfg = DataConfig(name="image_folder", root=str(image_folder), in_memory="never", image_size=16, decode_check=0)
+    ds = create_dataset(cfg)
+    (image_folder / "train" / "bee" / "0003.png").unlink()
+    loader = Loader(ds, torch.device("cpu"), augment="none", num_workers=2)
+    with pytest.raises(DataErrorInWorker) as e:
+        for _ in loader.train_batches(torch.arange(len(ds.train)), 8, False, torch.Generator().manual_seed(0)):
+            pass
+    loader.close()
+    assert str(e.value) == f"image not found: {image_folder / 'train' / 'bee' / '0003.png'}"
+    # DataLoader re-raises a worker's error as type(e)(its traceback): the last line is kept.
+    assert str(DataErrorInWorker("Caught X in worker 0.\nTraceback:\n  ...\nm.DataErrorInWorker: a: b")) == "a: b"
+
+
+def test_list_and_annotation_paths_stay_in_root_unless_allowed(image_folder, tmp_path):
+    from longtail.data.glt import read_glt_annotations
+
+    outside = tmp_path / "outside.png"
+    outside.write_bytes((image_folder / "train" / "ant" / "0000.png").read_bytes())
+    lst = tmp_path / "train.txt"
+    lst.write_text(f"train/ant/0001.png 0\n../outside.png 1\n{outside} 1\n")
+    with pytest.raises(DataError, match=r"train.txt:2: '../outside.png' lies outside data.root"):
+        read_list_file(lst, image_folder)
+    paths, _ = read_list_file(lst, image_folder, allow_outside_root=True)
+    assert [str(outside) == str(p) or p.endswith("../outside.png") for p in paths[1:]] == [True, True]
+    ann = tmp_path / "ann.json"
+    split = {"label": {str(outside): 0}}
+    ann.write_text(__import__("json").dumps({"train": split, "test_lt": split}))
+    with pytest.raises(DataError, match=r"1 image path\(s\) lie outside data.root"):
+        read_glt_annotations(ann, image_folder)
+    assert read_glt_annotations(ann, image_folder, allow_outside_root=True)["splits"]["train"].paths == [str(outside)]
+
+
+def test_zip_limits_are_read_from_its_directory(tmp_path):
+    from longtail.data.cifar import _folder_members
+    from longtail.data.images import ImageLimits
+
+    zpath = _cifar_like_zip(tmp_path)
+    members, read = _folder_members(zpath, ImageLimits())
+    assert len(members) == 320 and read(members[0][2])[:4] == b"\x89PNG"
+    with pytest.raises(DataError, match=r"above data.max_file_mb=0.0001"):
+        _folder_members(zpath, ImageLimits(max_file_mb=0.0001))
+    # A member whose directory understates its size: read no further than it says, and say it is damaged.
+    lying = tmp_path / "lying.zip"
+    with zipfile.ZipFile(lying, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("c/train/airplane/0.png", b"\0" * (4 << 20))
+    data = bytearray(lying.read_bytes())
+    for header in (b"PK\x03\x04", b"PK\x01\x02"):  # local header and central directory: file_size := 1000
+        at = data.find(header)
+        at_size = at + (22 if header == b"PK\x03\x04" else 24)
+        data[at_size:at_size + 4] = (1000).to_bytes(4, "little")
+    lying.write_bytes(bytes(data))
+    members, read = _folder_members(lying, ImageLimits())
+    with pytest.raises(DataError, match="damaged zip member"):
+        read(members[0][2])

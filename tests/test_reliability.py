@@ -8,8 +8,11 @@ import os
 import re
 import shlex
 import signal
+import struct
 import subprocess
 import sys
+import zipfile
+import zlib
 from pathlib import Path
 
 import pytest
@@ -113,6 +116,45 @@ class Ctx:
     def train(self, *overrides: str, cfg: str | None = None) -> list[str]:
         return ["train", cfg or self.cfg, *overrides, "--out", self.out, "--quiet"]
 
+    # ---- data files (issue 15, items 6 and 8)
+    def lists(self, *extra_train: str, data: tuple[str, ...] = ()) -> list[str]:
+        """A list_file dataset over the image folder, its files read by workers, with ``extra_train`` lines."""
+        classes = {"ant": 24, "bee": 8, "cat": 3}
+        train = [f"train/{c}/{i:04d}.png {k}" for k, (c, n) in enumerate(classes.items()) for i in range(n)]
+        test = [f"test/{c}/{i:04d}.png {k}" for k, c in enumerate(classes) for i in range(4)]
+        return self.train("data.name=list_file", "data.in_memory=never", "data.num_workers=2",
+                          f"data.train_list={self.file('train.txt', chr(10).join(train + list(extra_train)))}",
+                          f"data.test_list={self.file('test.txt', chr(10).join(test))}", *data)
+
+    def corrupt(self, cls: str = "bee") -> None:
+        for p in (self.folder / "train" / cls).iterdir():
+            p.write_bytes(b"not an image")
+
+    def corrupt_lists(self, *data: str) -> list[str]:
+        self.corrupt()
+        return self.lists(data=data)
+
+    def png_bomb(self) -> list[str]:
+        """A PNG whose header announces 30000 x 30000 pixels (2.7 GB decoded); its data is not even there."""
+        def chunk(kind: bytes, data: bytes) -> bytes:
+            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+        ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
+        data = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+        (self.folder / "train" / "ant" / "0005.png").write_bytes(b"\x89PNG\r\n\x1a\n" + data)
+        return self.train()
+
+    def zip_root(self, member: bytes, *overrides: str, stored: bool = False) -> list[str]:
+        path = self.tmp / "cifar.zip"
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr("cifar/train/airplane/0.png", member)
+        return self.train("data.name=cifar10_lt", f"data.root={path}", "data.image_size=null", *overrides)
+
+    def glt_outside(self) -> list[str]:
+        split = {"label": {"/authors/images/../../outside.png": 0}}
+        ann = self.file("ann.json", json.dumps({"train": split, "test_lt": split}))
+        return self.train("data.name=glt", f"data.annotation={ann}", "data.path_prefix=/authors/images/")
+
 
 BAD_INPUTS = [
     ("device_string", lambda c: c.train("device=gpu"), "device 'gpu' is not a device"),
@@ -156,6 +198,28 @@ BAD_INPUTS = [
     ("out_user_folder", lambda c: c.user_folder(), "is not empty and is not a longtail run (it holds notes.txt)"),
     ("eval_not_a_run", lambda c: ["eval", c.out], "not a longtail run folder"),
     ("report_bad_metrics", lambda c: c.bad_metrics(), "metrics.json: not valid JSON"),
+    # A run name makes one folder under runs/ (names with spaces or dots stay valid: old runs resume).
+    ("run_name_escapes_runs", lambda c: c.train("name=../.."), "name '../..' names the run folder runs/"),
+    ("run_name_with_backslash", lambda c: c.train("name=a\\b"), "cannot hold '/' or '\\'; pass --out"),
+    # Every file of a file dataset is checked before training: existence of all, and a decode of a small one.
+    ("list_file_missing_late_file", lambda c: c.lists("train/ant/9999.png 0"),
+     "9999.png (1 of the 36 train images are missing)"),
+    ("list_file_corrupt_file_at_load", lambda c: c.corrupt_lists(), "bee/0000.png: cannot decode image"),
+    # Without that check (data.decode_check=0) a worker meets it: still one line naming the file.
+    ("corrupt_file_mid_training", lambda c: c.corrupt_lists("data.decode_check=0"), ".png: cannot decode image"),
+    ("decode_check_negative", lambda c: c.train("data.decode_check=-1"), "data.decode_check must be >= 0"),
+    # Paths of list files and annotations stay inside data.root unless data.allow_outside_root=true.
+    ("list_path_dotdot", lambda c: c.lists("../../outside.png 0"),
+     "'../../outside.png' lies outside data.root"),
+    ("list_path_absolute", lambda c: c.lists("/etc/hostname 0"), "'/etc/hostname' lies outside data.root"),
+    ("glt_path_outside", lambda c: c.glt_outside(), "image path(s) lie outside data.root"),
+    # Decompression bombs: refused from the header / the zip's directory, before anything is inflated.
+    ("png_bomb", lambda c: c.png_bomb(), "30000x30000 pixels, above data.max_image_pixels=100000000"),
+    ("zip_bomb", lambda c: c.zip_root(b"\0" * (8 << 20)), "above data.max_zip_ratio=200"),
+    ("zip_member_too_large", lambda c: c.zip_root(os.urandom(3 << 20), "data.max_file_mb=2", stored=True),
+     "3 MB, above data.max_file_mb=2"),
+    ("image_file_too_large", lambda c: c.train("data.max_file_mb=0.0001"), "above data.max_file_mb=0.0001"),
+    ("max_image_pixels_0", lambda c: c.train("data.max_image_pixels=0"), "data.max_image_pixels must be > 0"),
 ]
 if not torch.cuda.is_available():
     BAD_INPUTS.append(("cuda_without_gpu", lambda c: c.train("device=cuda"), "no CUDA GPU is available"))
@@ -301,6 +365,15 @@ def test_default_run_folders_never_collide(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = build_config({"name": "same"})
     assert new_run_dir(cfg, None) != new_run_dir(cfg, None)  # same second, or not: two folders
+
+
+def test_a_run_name_makes_one_folder_under_runs(tmp_path, monkeypatch):
+    from longtail.engine.fit import new_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("my run v2.1", "..", ".hidden"):  # spaces and dots are names, not paths: the time is appended
+        run = new_run_dir(build_config({"name": name}), None)
+        assert run.resolve().parent == (tmp_path / "runs").resolve() and run.name.startswith(f"{name}-")
 
 
 # --------------------------------------------------------------------------------------------------- lock

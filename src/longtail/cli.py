@@ -371,7 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", nargs="?", help="recipe file or shipped recipe name (default: quickstart)")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     t.add_argument("--out", help="run folder (default: runs/<name>-<time>)")
-    t.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in --out (it ends at the weights it would have reached "
+                        "without the interruption)")
     t.add_argument("--overwrite", action="store_true",
                    help="start even when --out holds a run or other files: its config.yaml, metrics.json, train.log, "
                         "checkpoints/, plots/, sweeps/ and features/ are removed first (other files are kept)")

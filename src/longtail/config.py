@@ -52,6 +52,18 @@ class DataConfig:
     fast_path: bool = True
     augment: str = "auto"  # auto | cifar | imagenet | glt | glt_coco | none
     num_workers: int = 2  # DataLoader workers for file datasets
+    # File datasets: every file's existence is checked at load time, and with at most this many images in all
+    # each is also decoded once then (a bad file fails before training, not mid-epoch); 0: no decoding check.
+    decode_check: int = 5000
+    # Against decompression bombs (the error names the file and the setting): the pixels of one image, read from
+    # its header before decoding (PNG, JPEG, GIF, WebP); the MB of one image file or zip member (uncompressed, from
+    # the zip's directory before reading); and a zip member's uncompressed / compressed size (images barely shrink).
+    max_image_pixels: int = 100_000_000
+    max_file_mb: float = 256.0
+    max_zip_ratio: float = 200.0
+    # List files and GLT annotations name images inside data.root (a `../` or an absolute path elsewhere is an
+    # error); true lets them name any file.
+    allow_outside_root: bool = False
     cache_dir: str | None = None  # decoded/generated data cache; None: $LONGTAIL_CACHE or ~/.cache/longtail
 
 
@@ -458,6 +470,14 @@ def validate(cfg: RunConfig) -> None:
                                            f"dataset's default")
     check(cfg.data.num_workers >= 0, f"data.num_workers must be >= 0 (0: load in this process), "
                                      f"got {cfg.data.num_workers}")
+    check(cfg.data.decode_check >= 0, f"data.decode_check must be >= 0 (0: no decoding check at load time), "
+                                      f"got {cfg.data.decode_check}")
+    for key in ("max_image_pixels", "max_file_mb", "max_zip_ratio"):
+        check(getattr(cfg.data, key) > 0, f"data.{key} must be > 0, got {getattr(cfg.data, key)}")
+    # The default run folder is runs/<name>-<time>: a separator in the name (name=../..) would put it elsewhere.
+    check(not any(c in cfg.name for c in "/\\\0"),
+          f"name '{cfg.name}' names the run folder runs/<name>-<time>, so it cannot hold '/' or '\\'; pass "
+          f"--out to train somewhere else")
     check(cfg.model.num_heads >= 1, f"model.num_heads must be >= 1, got {cfg.model.num_heads}")
     check(cfg.model.head_scale > 0, f"model.head_scale must be > 0, got {cfg.model.head_scale}")
     check(cfg.model.head_gamma >= 0, f"model.head_gamma must be >= 0, got {cfg.model.head_gamma}")

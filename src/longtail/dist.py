@@ -109,6 +109,15 @@ def broadcast_object(obj, info: DistInfo):
     return box[0]
 
 
+def gather_objects(obj, info: DistInfo) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank; ``[obj]`` without a process group."""
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_from_main(*targets: torch.nn.Module | torch.Tensor) -> None:
     """Copy rank 0's values into every rank's tensors (a module: all its parameters and buffers); a no-op
     without a process group.

@@ -74,6 +74,34 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rng_state(device: torch.device | None = None) -> dict:
+    """This process's global random generators: torch's CPU one (and ``device``'s, when it is a GPU), numpy's
+    and python's ``random``, as tensors and numbers only (a ``weights_only`` checkpoint holds them, and a
+    DataLoader worker can send them through its queue). ``set_rng_state`` puts them back."""
+    version, mt, gauss = random.getstate()  # (3, 625 ints: the MT state and its position, None or float)
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),  # (5056,) uint8
+        "python": {"version": version, "mt": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+    }
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
+    """Restore what ``rng_state`` returned: every later draw of this process is the one it would have made."""
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["mt"].tolist()), py["gauss"]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in state and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("LONGTAIL_CACHE", Path.home() / ".cache" / "longtail"))
 

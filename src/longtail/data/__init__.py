@@ -10,6 +10,7 @@ import torch
 from longtail.config import DataConfig
 from longtail.data import builtin, cifar, folder, glt, samplers  # noqa: F401  (fill the registries)
 from longtail.data.base import DataError, LTDataset, Split
+from longtail.data.images import ImageLimits
 from longtail.data.profiles import class_counts, hold_out, index_hash, select_long_tailed
 from longtail.registry import DATASETS
 from longtail.utils import default_cache_dir
@@ -40,6 +41,7 @@ def create_dataset(cfg: DataConfig, seed: int = 0) -> LTDataset:
         ds.splits["train"] = ds.train.subset(torch.from_numpy(tr))
         ds.info["val"] = f"held out {cfg.val_fraction:.0%} of train per class (hash {index_hash(va)})"
     ds.validate()
+    ds.image_limits = ImageLimits.of(cfg)
     ds.info["train_size"] = len(ds.train)
     ds.info["train_counts_hash"] = index_hash(np.asarray(ds.train_counts()))
     return ds

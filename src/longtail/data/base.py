@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -80,6 +81,8 @@ class LTDataset:
     # rank (ImageNet-GLT, MSCOCO-GLT) instead of by training-image thresholds
     class_groups: torch.Tensor | None = None
     info: dict = field(default_factory=dict)  # provenance recorded in the run config (seed, index hash, ...)
+    # data.images.ImageLimits for decoding its files (set by create_dataset from the config; None: the defaults)
+    image_limits: Any = None
 
     @property
     def num_classes(self) -> int:

@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from tqdm import tqdm
 
 from longtail.config import DataConfig
 from longtail.data.base import DataError, LTDataset, Split
-from longtail.data.images import IMAGE_EXTENSIONS, decode_bytes
+from longtail.data.images import IMAGE_EXTENSIONS, ImageLimits, decode_bytes
 from longtail.data.profiles import class_counts, draw_unused, index_hash, select_long_tailed
 from longtail.registry import DATASETS
 from longtail.utils import atomic_torch_save
@@ -49,27 +50,55 @@ def _load_torchvision(root: Path, num_classes: int, download: bool) -> tuple[dic
     return out, list(ds.classes)
 
 
-def _folder_members(root: Path) -> tuple[list[tuple[str, str, str]], callable]:
+def _check_member(root: Path, info: zipfile.ZipInfo, limits: ImageLimits) -> None:
+    """A zip member's sizes from the zip's directory, before a byte of it is inflated (zipfile reads no more than
+    the directory's size, and checks it)."""
+    name = f"{root}:{info.filename}"
+    limits.check_file_size(info.file_size, name)
+    ratio = info.file_size / max(info.compress_size, 1)
+    if info.file_size > 2**20 and ratio > limits.max_zip_ratio:
+        raise DataError(f"{name}: inflates {ratio:.0f}x ({info.compress_size} -> {info.file_size} bytes), above "
+                        f"data.max_zip_ratio={limits.max_zip_ratio:g} (a zip bomb? images barely compress); "
+                        f"raise data.max_zip_ratio if the zip is yours, or remove the member")
+
+
+def _folder_members(root: Path, limits: ImageLimits) -> tuple[list[tuple[str, str, str]], callable]:
     """(split, class, name) of every image in an image-folder copy, and a reader of one member's bytes."""
     if root.is_file() and zipfile.is_zipfile(root):
         zf = zipfile.ZipFile(root)
         members = []
-        for name in zf.namelist():
-            parts = name.split("/")
+        for info in zf.infolist():
+            name, parts = info.filename, info.filename.split("/")
             if name.lower().endswith(IMAGE_EXTENSIONS) and len(parts) >= 3 and parts[-3] in ("train", "test"):
+                _check_member(root, info, limits)
                 members.append((parts[-3], parts[-2], name))
-        return members, lambda m: zf.read(m)
+
+        def read_member(m: str) -> bytes:
+            try:
+                with zf.open(m) as f:  # read(n) inflates at most n bytes at a time, whatever the data holds
+                    return f.read(zf.getinfo(m).file_size)
+            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as e:  # e.g. a size that lies
+                raise DataError(f"{root}:{m}: damaged zip member ({e}); re-create the zip, or use the folder "
+                                f"it came from as data.root") from None
+
+        return members, read_member
     if root.is_dir():
         members = []
         for split in ("train", "test"):
             for p in sorted((root / split).glob("*/*")) if (root / split).is_dir() else []:
                 if p.suffix.lower() in IMAGE_EXTENSIONS:
                     members.append((split, p.parent.name, str(p)))
-        return members, lambda m: Path(m).read_bytes()
+
+        def read(m: str) -> bytes:
+            limits.check_file_size(os.path.getsize(m), m)
+            return Path(m).read_bytes()
+
+        return members, read
     raise DataError(f"dataset root {root} does not exist; set data.root to the CIFAR folder or zip")
 
 
-def _load_image_folder(root: Path, num_classes: int, cache_dir: Path) -> tuple[dict, list[str]]:
+def _load_image_folder(root: Path, num_classes: int, cache_dir: Path,
+                       limits: ImageLimits) -> tuple[dict, list[str]]:
     """Decode an image-folder copy once (cached as uint8 tensors); classes sorted by name, files by name.
 
     Sorted class names give the canonical CIFAR label order; files numbered within a class keep the
@@ -81,7 +110,7 @@ def _load_image_folder(root: Path, num_classes: int, cache_dir: Path) -> tuple[d
     if cache.is_file():
         blob = torch.load(cache, weights_only=True)
         return {s: (blob[f"{s}_images"], blob[f"{s}_targets"].numpy()) for s in ("train", "test")}, blob["classes"]
-    members, read = _folder_members(root)
+    members, read = _folder_members(root, limits)
     classes = sorted({c for s, c, _ in members if s == "train"})
     if len(classes) != num_classes:
         raise DataError(
@@ -100,7 +129,7 @@ def _load_image_folder(root: Path, num_classes: int, cache_dir: Path) -> tuple[d
         imgs = torch.empty(len(items), 3, 32, 32, dtype=torch.uint8)
         for i, (_, _, name) in enumerate(tqdm(items, desc=f"decoding CIFAR-{num_classes} {split}", unit="img",
                                                leave=False, mininterval=1.0)):
-            img = decode_bytes(read(name), f"{root}:{name}")
+            img = decode_bytes(read(name), f"{root}:{name}", limits)
             if img.shape != (3, 32, 32):
                 raise DataError(f"{root}:{name}: expected a 32x32 image, got {tuple(img.shape[1:])}")
             imgs[i] = img
@@ -117,7 +146,7 @@ def build_cifar_lt(cfg: DataConfig, cache_dir: Path, num_classes: int) -> LTData
     root = Path(cfg.root).expanduser() if cfg.root else _default_root(num_classes)
     is_folder_copy = root.is_file() or (root / "train").is_dir()
     if is_folder_copy:
-        data, classes = _load_image_folder(root, num_classes, cache_dir)
+        data, classes = _load_image_folder(root, num_classes, cache_dir, ImageLimits.of(cfg))
     else:
         data, classes = _load_torchvision(root, num_classes, cfg.download)
     train_images, train_targets = data["train"]

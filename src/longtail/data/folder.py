@@ -7,6 +7,7 @@ presets that check the published split sizes at load time.
 from __future__ import annotations
 
 import gzip
+import os
 from pathlib import Path
 
 import torch
@@ -14,7 +15,7 @@ from tqdm import tqdm
 
 from longtail.config import DataConfig
 from longtail.data.base import DataError, LTDataset, Split
-from longtail.data.images import IMAGE_EXTENSIONS, read_image, resize_square
+from longtail.data.images import IMAGE_EXTENSIONS, ImageLimits, read_image, resize_square
 from longtail.registry import DATASETS
 from longtail.utils import display_name
 
@@ -31,8 +32,16 @@ def _require_root(cfg: DataConfig, what: str) -> Path:
     return root
 
 
-def read_list_file(path: str | Path, root: Path) -> tuple[list[str], list[int]]:
-    """Parse `relative/path label` lines (plain or .gz). Paths are joined to ``root``; errors name the line."""
+def inside_root(path: str | Path, root: Path) -> bool:
+    """Whether ``path`` (absolute, or relative to the working folder) lies in ``root``, by its name: ``..`` parts
+    count, symbolic links inside root are followed wherever they point (a dataset tree of links stays usable)."""
+    full, top = os.path.abspath(path), os.path.abspath(root)
+    return full == top or full.startswith(top.rstrip(os.sep) + os.sep)
+
+
+def read_list_file(path: str | Path, root: Path, allow_outside_root: bool = False) -> tuple[list[str], list[int]]:
+    """Parse `relative/path label` lines (plain or .gz). Paths are joined to ``root`` and must stay in it (no
+    ``../`` or absolute path elsewhere) unless ``allow_outside_root``; errors name the line."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"list file not found: {path}")
@@ -52,29 +61,50 @@ def read_list_file(path: str | Path, root: Path) -> tuple[list[str], list[int]]:
                 raise DataError(f"{path}:{lineno}: label {parts[1]!r} is not an integer") from None
             if label < 0:
                 raise DataError(f"{path}:{lineno}: negative label {label}")
-            paths.append(str(root / parts[0]))
+            image = root / parts[0]
+            if not allow_outside_root and not inside_root(image, root):
+                raise DataError(f"{path}:{lineno}: {parts[0]!r} lies outside data.root {root}; list paths "
+                                f"relative to data.root, or set data.allow_outside_root=true to allow it")
+            paths.append(str(image))
             labels.append(label)
     if not paths:
         raise DataError(f"{path}: no entries")
     return paths, labels
 
 
-def _materialise(split: Split, size: int, name: str) -> Split:
+def _materialise(split: Split, size: int, name: str, limits: ImageLimits) -> Split:
     """Decode a file split into memory at ``size`` x ``size`` (for small datasets: fast batched training)."""
     images = torch.empty(len(split), 3, size, size, dtype=torch.uint8)
     for i, p in enumerate(tqdm(split.paths, desc=f"decoding {name}", unit="img", leave=False, mininterval=1.0)):
-        images[i] = resize_square(read_image(p), size)
+        images[i] = resize_square(read_image(p, limits), size)
     return Split(targets=split.targets, images=images, attributes=split.attributes)
+
+
+def check_files(cfg: DataConfig, name: str, splits: dict[str, Split], exist: bool = True) -> None:
+    """Before anything trains: every file of every split exists (``exist``), and when the dataset has at most
+    ``data.decode_check`` images (and is not decoded into memory anyway), every one decodes within the limits.
+    DataError naming the first bad file."""
+    if exist:
+        for k, s in splits.items():
+            missing = [p for p in tqdm(s.paths, desc=f"checking {name} {k} files", unit="file", leave=False,
+                                       mininterval=1.0) if not os.path.isfile(p)]
+            if missing:
+                raise DataError(f"{name}: image not found: {missing[0]} ({len(missing)} of the {len(s)} {k} "
+                                f"images are missing); check data.root and the list/folder layout")
+    total = sum(len(s) for s in splits.values())
+    if cfg.in_memory != "always" and 0 < total <= cfg.decode_check:
+        limits = ImageLimits.of(cfg)
+        for k, s in splits.items():
+            for p in tqdm(s.paths, desc=f"checking {name} {k} images", unit="img", leave=False, mininterval=1.0):
+                read_image(p, limits)  # DataError naming the file (corrupt, empty, above the limits)
 
 
 def _finish(cfg: DataConfig, name: str, class_names: list[str], splits: dict[str, Split],
             default_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, info: dict | None = None) -> LTDataset:
     size = cfg.image_size or default_size
-    missing = [p for s in splits.values() for p in s.paths[:1] if not Path(p).is_file()]
-    if missing:
-        raise DataError(f"{name}: image not found: {missing[0]}; check data.root and the list/folder layout")
+    check_files(cfg, name, splits)
     if cfg.in_memory == "always":
-        splits = {k: _materialise(v, size, f"{name} {k}") for k, v in splits.items()}
+        splits = {k: _materialise(v, size, f"{name} {k}", ImageLimits.of(cfg)) for k, v in splits.items()}
     eval_splits = ["test"] if "test" in splits else (["val"] if "val" in splits else [])
     if not eval_splits:
         raise DataError(f"{name}: no test split; add a test folder / test_list")
@@ -130,7 +160,7 @@ def _list_dataset(cfg: DataConfig, name: str, default_lists: dict[str, str], exp
             lst_path = root / lst
         if split != "train" and not lst_path.is_file() and lst == default_lists.get(split):
             continue  # an optional default list that is not there
-        paths, labels = read_list_file(lst_path, root)
+        paths, labels = read_list_file(lst_path, root, cfg.allow_outside_root)
         if split in expected and len(paths) != expected[split]:
             raise DataError(f"{lst_path}: {len(paths)} entries, but {name} {split} has {expected[split]}; "
                             f"is this the right list file?")

@@ -26,7 +26,8 @@ from tqdm import tqdm
 from longtail.config import DataConfig
 from longtail.data.base import DataError, LTDataset, Split
 from longtail.data.builtin import glt_protocols
-from longtail.data.folder import IMAGENET_MEAN, IMAGENET_STD, _materialise
+from longtail.data.folder import IMAGENET_MEAN, IMAGENET_STD, _materialise, check_files, inside_root
+from longtail.data.images import ImageLimits
 from longtail.registry import DATASETS
 
 SPLIT_NAMES = {"train": "train", "val": "val", "test_lt": "test_lt", "test_bl": "test_cbl", "test_bbl": "test_gbl"}
@@ -69,9 +70,10 @@ def _rewriter(first: str, root: Path, prefix: str | None):
 
 
 def read_glt_annotations(path: str | Path, root: str | Path, path_prefix: str | None = None,
-                         check_files: bool = True) -> dict:
+                         check_files: bool = True, allow_outside_root: bool = False) -> dict:
     """Parse a GLT annotation file; returns ``{"class_names", "splits": {name: Split}, "class_groups",
-    "protocols"}`` with paths placed under ``root`` and (``check_files``) every file checked."""
+    "protocols"}`` with paths placed under ``root`` (a path that lands outside it, by ``../`` or as an absolute
+    path elsewhere, is an error unless ``allow_outside_root``) and (``check_files``) every file checked."""
     path, root = Path(path).expanduser(), Path(root).expanduser()
     if not path.is_file():
         raise DataError(f"GLT annotation file not found: {path} (data.annotation)")
@@ -98,6 +100,11 @@ def read_glt_annotations(path: str | Path, root: str | Path, path_prefix: str | 
         if not es:
             continue
         paths = [str(place(p)) for p, *_ in es]
+        outside = [(p, q) for (p, *_), q in zip(es, paths, strict=True) if not inside_root(q, root)]
+        if outside and not allow_outside_root:
+            raise DataError(f"{path} [{name}]: {len(outside)} image path(s) lie outside data.root {root}, e.g. "
+                            f"{outside[0][0]!r} -> {outside[0][1]}; set data.path_prefix / data.root so they land "
+                            f"inside it, or data.allow_outside_root=true to allow it")
         if check_files:
             missing += [p for p in tqdm(paths, desc=f"checking {name} files", unit="file", leave=False,
                                         mininterval=1.0) if not Path(p).is_file()][:5]
@@ -123,11 +130,12 @@ def _glt_dataset(cfg: DataConfig, name: str, default_size: int, mean, std) -> LT
                         f"by `longtail data glt`)")
     if not cfg.root:
         raise DataError(f"{name} needs data.root: the folder the annotation's image paths live under")
-    ann = read_glt_annotations(cfg.annotation, cfg.root, cfg.path_prefix)
+    ann = read_glt_annotations(cfg.annotation, cfg.root, cfg.path_prefix, allow_outside_root=cfg.allow_outside_root)
     size = cfg.image_size or default_size
     splits = ann["splits"]
+    check_files(cfg, name, splits, exist=False)  # existence: read_glt_annotations checked every file
     if cfg.in_memory == "always":  # small benchmarks of your own: decode once, augment in batches
-        splits = {k: _materialise(v, size, f"{name} {k}") for k, v in splits.items()}
+        splits = {k: _materialise(v, size, f"{name} {k}", ImageLimits.of(cfg)) for k, v in splits.items()}
     eval_splits = [s for s in ("test_lt", "test_cbl", "test_gbl") if s in splits]
     if not eval_splits:
         raise DataError(f"{cfg.annotation}: no test split (test_lt / test_bl / test_bbl)")

@@ -11,15 +11,19 @@ Normalisation to float happens on the device in ``normalize`` for both.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
+from torch.utils.data._utils.worker import _generate_state  # how DataLoader seeds a worker's numpy
 from torchvision.transforms import v2
 
-from longtail.data.base import LTDataset, Split
-from longtail.data.images import read_image
+from longtail.data.base import DataError, LTDataset, Split
+from longtail.data.images import DEFAULT_LIMITS, ImageLimits, read_image
+from longtail.utils import rng_state, set_rng_state
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (B, 3, H, W) uint8 on device, (B,) int64 on device
 
@@ -61,20 +65,92 @@ def file_transform(augment: str, size: int, train: bool) -> v2.Transform:
                        v2.ColorJitter(0.4, 0.4, 0.4, 0.0)])
 
 
+class DataErrorInWorker(DataError):
+    """A DataError (a missing or corrupt file) raised in a DataLoader worker.
+
+    DataLoader re-raises a worker's exception in the main process as ``type(e)(message)`` with the worker's whole
+    traceback as the message (20 lines); this class keeps the last line, the error itself, so the CLI shows one
+    line naming the file.
+    """
+
+    def __init__(self, message: str) -> None:
+        lines = message.strip().splitlines()
+        tag = f"{type(self).__name__}: "
+        if len(lines) > 1 and tag in lines[-1]:
+            message = lines[-1].split(tag, 1)[1]
+        super().__init__(message)
+
+
+class _Batch(list):
+    """A training batch's sample ids, and which random stream the worker that takes it continues.
+
+    DataLoader hands batch j of an epoch to worker j % W, and each worker's transforms draw from its own global
+    generators, which run on across epochs. A resumed run starts mid-epoch, in fresh workers, so the first W
+    batches of every epoch say which stream they belong to (``stream`` = j % W) and where it stands: ``rng``, its
+    state after its last batch (``rng_state``), or None for a stream that has not drawn yet (then the worker seeds
+    itself as DataLoader seeds worker ``stream``). In an uninterrupted run every worker already is there.
+    """
+
+    def __init__(self, ids: list[int], stream: int, rng: dict | None) -> None:
+        super().__init__(ids)
+        self.stream, self.rng = stream, rng
+
+
+def _continue_stream(batch: _Batch) -> None:
+    info = get_worker_info()
+    if info is None:  # num_workers=0: the main process's generators, which the engine saves and restores
+        return
+    if batch.rng is not None:
+        set_rng_state(batch.rng)
+        return
+    base = info.seed - info.id  # DataLoader seeds worker w with base + w (torch, random), numpy from (base, w)
+    random.seed(base + batch.stream)
+    torch.manual_seed(base + batch.stream)
+    np.random.seed(_generate_state(base, batch.stream))
+
+
+class _StreamState:
+    """A worker's generators' state riding with its batch; not pinned (pin_memory calls this ``pin_memory``)."""
+
+    def __init__(self, state: dict) -> None:
+        self.state = state
+
+    def pin_memory(self, device: object = None) -> _StreamState:
+        return self
+
+
+def _collate_with_stream(samples: list) -> tuple[torch.Tensor, torch.Tensor, _StreamState | None]:
+    """(B, 3, S, S) uint8, (B,) labels, and in a worker its generators' state after this batch."""
+    x, y = default_collate(samples)
+    return x, y, _StreamState(rng_state()) if get_worker_info() is not None else None
+
+
 class FileDataset(Dataset):
     """One image per item, decoded from its file (or taken from an in-memory split) and transformed per image;
     returns ((3, S, S) uint8, label)."""
 
-    def __init__(self, split: Split, transform: v2.Transform) -> None:
+    def __init__(self, split: Split, transform: v2.Transform, limits: ImageLimits | None = None) -> None:
         self.split, self.targets, self.transform = split, split.targets, transform
+        self.limits = limits or DEFAULT_LIMITS
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         s = self.split
-        image = s.images[i] if s.in_memory else read_image(s.paths[i])
+        try:
+            image = s.images[i] if s.in_memory else read_image(s.paths[i], self.limits)
+        except DataError as e:
+            if get_worker_info() is None:
+                raise
+            raise DataErrorInWorker(str(e)) from None
         return self.transform(image), int(self.targets[i])
+
+    def __getitems__(self, ids: list[int]) -> list[tuple[torch.Tensor, int]]:
+        # DataLoader's fetcher hands a whole batch here (in the worker that loads it).
+        if isinstance(ids, _Batch):
+            _continue_stream(ids)
+        return [self[i] for i in ids]
 
 
 class _EpochBatches:
@@ -106,10 +182,22 @@ class Loader:
         self.std = torch.tensor(ds.std, device=device).view(1, 3, 1, 1) * 255
         self._on_device: dict[str, torch.Tensor] = {}
         self._train_dl: dict[str, tuple[DataLoader, _EpochBatches]] = {}  # file splits: persistent workers
+        # Per split with training workers: the seed its DataLoader was made with and, per worker stream w,
+        # its generators' state after the last batch of that stream the training loop took (None: not drawn yet).
+        self._streams: dict[str, dict] = {}
+        self._resume: dict[str, dict] = {}  # load_state_dict's streams, taken when the split's workers start
 
     def close(self) -> None:
         """Stop the persistent DataLoader workers (also happens when the Loader is garbage-collected)."""
         self._train_dl.clear()
+
+    def state_dict(self) -> dict:
+        """Where the training workers' random streams stand (for last.pt): {split: {seed, streams}}."""
+        return {k: {"seed": v["seed"], "streams": list(v["streams"])} for k, v in self._streams.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue the streams of ``state_dict()`` in workers started from now on (a resumed run's)."""
+        self._resume = {k: v for k, v in state.items() if len(v["streams"]) == self.num_workers}
 
     def _images(self, split: str) -> torch.Tensor:
         # Move an in-memory split to the device once (a few tens of MB for CIFAR).
@@ -143,22 +231,33 @@ class Loader:
             return
         # Files (or in-memory images without the fast path): workers decode and augment per image. They persist
         # across epochs (no re-spawn and re-import each epoch); their seeds derive from `gen` of the epoch that
-        # started them, and their random streams run on.
+        # started them (a resumed run's: the saved seed), and their random streams run on (see _Batch).
+        workers = self.num_workers
         if split not in self._train_dl:
             sampler = _EpochBatches()
             seed = int(torch.randint(2**62, (1,), generator=gen))
+            streams = self._resume.pop(split, None) or {"seed": seed, "streams": [None] * workers}
+            self._streams[split] = {"seed": streams["seed"], "streams": list(streams["streams"])}
             # In-memory images are already at the input size: "none" leaves them as the fast path does.
             t = v2.Identity() if s.in_memory and self.augment == "none" else \
                 file_transform(self.augment, self.ds.image_size, True)
-            dl = DataLoader(FileDataset(s, t),
-                            batch_sampler=sampler, num_workers=self.num_workers,
-                            pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(seed),
-                            persistent_workers=self.num_workers > 0,
-                            prefetch_factor=4 if self.num_workers > 0 else None)
+            dl = DataLoader(FileDataset(s, t, self.ds.image_limits),
+                            batch_sampler=sampler, num_workers=workers, collate_fn=_collate_with_stream,
+                            pin_memory=self.device.type == "cuda",
+                            generator=torch.Generator().manual_seed(streams["seed"]),
+                            persistent_workers=workers > 0,
+                            prefetch_factor=4 if workers > 0 else None)
             self._train_dl[split] = (dl, sampler)
         dl, sampler = self._train_dl[split]
-        sampler.batches = [indices[i * batch_size:(i + 1) * batch_size].tolist() for i in range(steps)][start_step:]
-        for x, y in dl:
+        streams = self._streams[split]["streams"]
+        batches: list[list[int]] = [indices[i * batch_size:(i + 1) * batch_size].tolist()
+                                    for i in range(start_step, steps)]
+        for p in range(min(workers, len(batches))):  # the first batch of each worker of this epoch
+            batches[p] = _Batch(batches[p], (start_step + p) % workers, streams[(start_step + p) % workers])
+        sampler.batches = batches
+        for p, (x, y, rng) in enumerate(dl):
+            if rng is not None:  # the state of stream j % W after batch j (this process's worker p % W)
+                streams[(start_step + p) % workers] = rng.state
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def steps_per_epoch(self, n: int, batch_size: int, drop_last: bool) -> int:
@@ -175,7 +274,8 @@ class Loader:
                 yield images[idx], targets[idx]
             return
         sub = s if indices is None else s.subset(indices)
-        dl = DataLoader(FileDataset(sub, file_transform("none", self.ds.image_size, False)), batch_size=batch_size,
-                        shuffle=False, num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
+        dl = DataLoader(FileDataset(sub, file_transform("none", self.ds.image_size, False), self.ds.image_limits),
+                        batch_size=batch_size, shuffle=False, num_workers=self.num_workers,
+                        pin_memory=self.device.type == "cuda")
         for x, y in dl:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)

@@ -1,7 +1,8 @@
 """Checkpoints: written atomically, loaded with ``weights_only=True``.
 
 Layout of a run folder's ``checkpoints/``:
-  last.pt           rolling resume point (method + optimiser state, stage, epoch, step, RNG state)
+  last.pt           rolling resume point: method + optimiser state, stage, epoch, step, the epoch's batch
+                    generator (gen_state) and every rank's global generators and worker streams (rng)
   stage_<name>.pt   the method state at the end of each stage (``init_from`` loads its model part)
   best.pt           best-on-val method state, when eval.select=best_val
   final.pt          the weights that were evaluated (last or best), used by eval / predict

@@ -23,6 +23,7 @@ from longtail.dist import (
     broadcast_from_main,
     broadcast_object,
     gather_in_order,
+    gather_objects,
     object_from_main,
 )
 
@@ -36,6 +37,7 @@ __all__ = [
     "broadcast_from_main",
     "broadcast_object",
     "gather_in_order",
+    "gather_objects",
     "init_distributed",
     "object_from_main",
     "shutdown",

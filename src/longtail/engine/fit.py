@@ -31,6 +31,7 @@ from longtail.engine.distributed import (
     barrier,
     broadcast_from_main,
     broadcast_object,
+    gather_objects,
     init_distributed,
     shutdown,
 )
@@ -49,7 +50,14 @@ from longtail.run_folder import (
     remove_orphans,
     unique_run_dir,
 )
-from longtail.utils import atomic_write_json, environment_info, resolve_device, seed_everything
+from longtail.utils import (
+    atomic_write_json,
+    environment_info,
+    resolve_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 
 log = logging.getLogger("longtail")
 
@@ -324,6 +332,30 @@ def _load_method_state(method: Method, state: dict, path: Path) -> None:
         ) from None
 
 
+def _rng_entry(loader: Loader, device: torch.device, dist: DistInfo) -> dict:
+    """last.pt's ``rng``: every rank's global generators (torch CPU and GPU, numpy, python: mixup, per-image
+    transforms in the main process, a re-initialised head, DataLoader seeds) and its training workers' streams,
+    as they are at this point of the run. Called on every rank."""
+    return {"ranks": gather_objects({"global": rng_state(device), "loader": loader.state_dict()}, dist)}
+
+
+def _restore_rng(entry: dict | None, loader: Loader, device: torch.device, dist: DistInfo) -> None:
+    """Put back what ``_rng_entry`` saved, so that a resumed run draws what the uninterrupted one drew from the
+    save on. A checkpoint without it (written before it existed) resumes as it did then: the generators as
+    seeded at start, exact on in-memory data with batch augmentation and a method that draws nothing."""
+    if entry is None:
+        return
+    ranks = entry["ranks"]
+    if len(ranks) != dist.world_size:
+        log.warning(
+            "last.pt was saved by %d processes, this run has %d: random augmentation and draws continue from "
+            "fresh streams (the result differs from an uninterrupted run)", len(ranks), dist.world_size
+        )
+        return
+    set_rng_state(ranks[dist.rank]["global"], device)
+    loader.load_state_dict(ranks[dist.rank]["loader"])
+
+
 def train(
     cfg: RunConfig | None = None,
     out: str | Path | None = None,
@@ -338,8 +370,9 @@ def train(
     the run works on that copy and leaves the caller's object as it is.
 
     With ``resume=True``, ``out`` names an existing run folder; training continues from its last
-    checkpoint with its saved config (and ends at the same weights as an uninterrupted run on in-memory data
-    with batch augmentation; not yet exactly with DataLoader workers, per-image augmentation or mixup).
+    checkpoint with its saved config and ends at the same weights as an uninterrupted run: the checkpoint holds
+    every rank's global generators and DataLoader worker streams besides the batch generator (a checkpoint
+    written before those were saved resumes with freshly seeded ones, exact only where nothing draws from them).
 
     A new run needs ``out`` to be new, empty, or a folder a start stopped early in; a folder with other files
     or a finished or unfinished run is refused unless ``overwrite`` (see ``longtail.run_folder``). While it trains,
@@ -452,6 +485,24 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
     )
 
     state = RunState(**ckpt["state"]) if ckpt else RunState()
+    saved_rng = ckpt.get("rng") if ckpt else None
+    # Saved at a stage end (epoch 0, step 0 of the next stage): the next stage starts afresh from the model.
+    between_stages = ckpt is not None and state.epoch == 0 and state.step == 0
+    if ckpt is not None:
+        # What the earlier stages' methods made of the model (a new head, frozen parameters) before its state
+        # loads; their weights come from the checkpoint.
+        for sj in range(min(state.stage, len(cfg.stages) - 1)):
+            build_stage_method(cfg, sj, model, ds, loader, device, dist)
+        if between_stages and state.stage < len(cfg.stages):
+            weights = model_state(ckpt["method"])
+            try:
+                model.load_state_dict(weights)
+            except RuntimeError:
+                raise CheckpointError(
+                    f"{last_path} does not fit the model its config.yaml builds "
+                    f"({state_mismatch(model.state_dict(), weights)}); was config.yaml edited? restore it, "
+                    f"or start the run again"
+                ) from None
     best = ckpt.get("best", {"top1": -1.0}) if ckpt else {"top1": -1.0}
     choices: list[dict] = ckpt.get("choices", []) if ckpt else []  # options chosen on val, per stage
     timing: list[dict] = []  # the epochs this process trained: seconds and images (all ranks), for `bench`
@@ -460,17 +511,21 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
     with _StopFlag() as stop:
         for si in range(state.stage, len(cfg.stages)):
             st = cfg.stages[si]
+            resuming = ckpt is not None and si == state.stage
+            if resuming and between_stages:  # the uninterrupted run drew from here: the stage's set-up on
+                _restore_rng(saved_rng, loader, device, dist)
             if st.init_from is not None:
                 _load_init(model, st, ckpt_dir, [s.name for s in cfg.stages[:si]])
             method, ctx = build_stage_method(cfg, si, model, ds, loader, device, dist)
             method.on_stage_start(ctx)
             opt = _make_optimizer(method, st) if st.epochs > 0 else None  # tau_norm / ncm: nothing to train
             start_epoch, start_step, gen_state = 0, 0, None
-            if ckpt is not None and si == state.stage:
+            if resuming and not between_stages:
                 _load_method_state(method, ckpt["method"], last_path)
                 if opt is not None:
                     opt.load_state_dict(ckpt["optimizer"])
                 start_epoch, start_step, gen_state = state.epoch, state.step, ckpt.get("gen_state")
+            if resuming:
                 ckpt = None
             train_fn = method
             if dist.enabled and opt is not None:
@@ -514,6 +569,8 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                 mininterval=0.5 if sys.stderr.isatty() else 30.0,
                 file=sys.stderr,
             )
+            if resuming and not between_stages:  # mid-stage: the uninterrupted run drew from here on
+                _restore_rng(saved_rng, loader, device, dist)
             for epoch in range(start_epoch, st.epochs):
                 gen = torch.Generator().manual_seed(_epoch_seed(cfg.seed, si, epoch) ^ 0x5EED)
                 first_step = start_step if epoch == start_epoch else 0
@@ -551,6 +608,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                         # BN running statistics are linear EMAs, so averaging them now and again at the epoch
                         # end equals averaging once at the end: the resumed ranks start from rank 0's saved copy.
                         average_buffers(method, dist)
+                        rng = _rng_entry(loader, device, dist)
                         if main:
                             save_checkpoint(
                                 last_path,
@@ -558,6 +616,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                                 method=method.state_dict(),
                                 optimizer=opt.state_dict(),
                                 gen_state=gen.get_state(),
+                                rng=rng,
                                 best=best,
                                 choices=choices,
                                 config=to_dict(cfg),
@@ -574,6 +633,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                         # checkpoint holds the mean, while training goes on with each rank's own, as it would
                         # without this save.
                         saved = averaged_state_dict(method, dist)
+                        rng = _rng_entry(loader, device, dist)
                         if main:
                             save_checkpoint(
                                 last_path,
@@ -581,6 +641,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                                 method=saved,
                                 optimizer=opt.state_dict(),
                                 gen_state=gen.get_state(),
+                                rng=rng,
                                 best=best,
                                 choices=choices,
                                 config=to_dict(cfg),
@@ -615,12 +676,15 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                                 ckpt_dir / "best.pt", method=method.state_dict(), best=best, config=to_dict(cfg)
                             )
                 stop.stop = any_rank(stop.stop, dist, device)
+                if (epoch + 1) % cfg.checkpoint_every == 0 or last_epoch or stop.stop:  # the same on every rank
+                    rng = _rng_entry(loader, device, dist)
                 if main and ((epoch + 1) % cfg.checkpoint_every == 0 or last_epoch or stop.stop):
                     save_checkpoint(
                         last_path,
                         state=vars(RunState(si, epoch + 1, 0)),
                         method=method.state_dict(),
                         optimizer=opt.state_dict(),
+                        rng=rng,
                         best=best,
                         choices=choices,
                         config=to_dict(cfg),
@@ -636,14 +700,17 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
             method.on_stage_end(ctx)
             choices = [c for c in choices if c["stage"] != st.name]
             choices += _choose_options(method, st, loader, cfg, channels_last, dist)
+            rng = _rng_entry(loader, device, dist)
             if main:
                 save_checkpoint(ckpt_dir / f"stage_{st.name}.pt", method=method.state_dict(), config=to_dict(cfg))
-                # The next stage starts at its epoch 0; record that so a resume lands there.
+                # The next stage starts at its epoch 0; record that so a resume lands there (with the model's
+                # weights from `method`; the next stage builds its own method and optimiser).
                 save_checkpoint(
                     last_path,
                     state=vars(RunState(si + 1, 0, 0)),
                     method=method.state_dict(),
                     optimizer=opt.state_dict() if opt is not None else {},
+                    rng=rng,
                     best=best,
                     choices=choices,
                     config=to_dict(cfg),
