@@ -23,6 +23,8 @@ EPILOG = """examples:
   longtail features runs/try1 --split train,test   # backbone features to runs/try1/features/*.npy
   longtail eval runs/try1 --feature-quality        # head/tail separability of its features (DLSA's measure)
   longtail list
+  longtail list tde                                # a method's options, defaults and docs
+  longtail train cifar10_lt/ce seed=1 --print-config   # the resolved config, no training
   longtail bench cifar10_lt/tde data.root=cifar10-jpeg.zip   # our epoch vs a plain PyTorch loop
   longtail data glt /data/imagenet/train --weights resnet50.pth --out glt/   # a GLT benchmark of a folder
 """
@@ -39,6 +41,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from longtail.engine.build import load_config
 
     if args.resume:
+        if args.print_config:
+            raise UsageError("--print-config shows a new run's config; a resumed run's is its config.yaml")
         if args.config or args.overrides:
             raise UsageError("--resume continues a run with its saved config; drop CONFIG and key=value")
         if args.overwrite:
@@ -50,6 +54,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
             overrides.insert(0, config)  # `longtail train epochs=3`: no config, only overrides
             config = None
         cfg = load_config(config, overrides)
+        if args.print_config:
+            import yaml
+
+            from longtail.config import to_dict
+
+            print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+            return 0
     try:
         run_dir = train(cfg, out=args.out, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite,
                         command=args.command_line)
@@ -338,19 +349,52 @@ def _cmd_data_glt(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
+    import shutil
+    import textwrap
+
     from longtail.config import shipped_configs
     from longtail.registry import catalogue
 
+    if args.method:
+        return _list_method(args.method)
     # What the registries hold once the plugins are imported, read from their source: no torch to import.
     registries = catalogue()
+    width = max(80, min(120, shutil.get_terminal_size((100, 24)).columns))
     for title, reg in (("datasets", "DATASETS"), ("backbones", "BACKBONES"), ("heads", "HEADS"),
                        ("methods", "METHODS"), ("samplers", "SAMPLERS")):
         print(f"{title}:")
         for name, doc in registries.get(reg, {}).items():
-            print(f"  {name:<18} {doc}")
+            # Whole descriptions, wrapped under their column (a long name pushes its text to the next line).
+            head = f"  {name:<18} " if len(name) < 19 else f"  {name}\n" + " " * 21
+            print(textwrap.fill(doc, width, initial_indent=" " * 21, subsequent_indent=" " * 21).replace(
+                " " * 21, head, 1) if doc else head.rstrip())
     print("configs (longtail train NAME):")
     for name in shipped_configs():
         print(f"  {name}")
+    return 0
+
+
+def _list_method(name: str) -> int:
+    import shutil
+    import textwrap
+
+    import longtail.methods  # noqa: F401  (fills the method registry)
+    from longtail.registry import METHODS, describe_options
+
+    cls = METHODS.get(name)  # an unknown name: one line with close matches
+    width = max(80, min(120, shutil.get_terminal_size((100, 24)).columns))
+    doc = " ".join((cls.__doc__ or "").split())
+    print(textwrap.fill(f"{name}: {doc}" if doc else name, width))
+    options = describe_options(cls.Config) if hasattr(cls, "Config") else []
+    if not options:
+        print("\nno options")
+        return 0
+    print(f"\noptions (method.OPTION=VALUE in a recipe stage, or e.g. stages.0.method.{options[0][0]}=... on the "
+          f"command line):")
+    for opt, tp, default, doc in options:
+        print(f"  {opt}: {tp} = {default}")
+        if doc:
+            print(textwrap.fill(doc, width, initial_indent=" " * 6, subsequent_indent=" " * 6))
     return 0
 
 
@@ -378,6 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start even when --out holds a run or other files: its config.yaml, metrics.json, train.log, "
                         "checkpoints/, plots/, sweeps/ and features/ are removed first (other files are kept)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (YAML: the recipe with its overrides and every default) and exit")
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("eval", help="re-evaluate a finished run", description="Re-evaluate a finished run "
@@ -477,7 +523,11 @@ def build_parser() -> argparse.ArgumentParser:
     dg.add_argument("--num-workers", type=int, default=2)
     dg.set_defaults(func=_cmd_data_glt)
 
-    ls = sub.add_parser("list", help="registered datasets, backbones, heads, methods, samplers and recipes")
+    ls = sub.add_parser("list", help="registered datasets, backbones, heads, methods, samplers and recipes",
+                        description="Without METHOD: every registered plugin and shipped recipe. With METHOD: its "
+                                    "options (method.OPTION=VALUE in a recipe or on the command line), their types, "
+                                    "defaults and what they do.")
+    ls.add_argument("method", nargs="?", help="a registered method, e.g. ldam_drw: print its options")
     ls.set_defaults(func=_cmd_list)
     # `--debug` also after the command (`longtail train ... --debug`); SUPPRESS keeps the main parser's value
     # when a sub-command does not see it.
@@ -486,13 +536,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``parser.parse_args(argv)`` with a sub-command's options and positionals in any order
+    (``longtail train quickstart --out X key=v``): plain argparse stops collecting ``key=value`` positionals
+    at the first option and calls the rest "unrecognized arguments". The top-level options (``--debug``,
+    ``--version``, ``--help``) come before the command, so the command is the first word that is not an
+    option; the sub-command's own parser then reads the rest with ``parse_intermixed_args``."""
+    at = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    subs = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    if at is None or subs is None or argv[at] not in subs.choices:
+        return parser.parse_args(argv)  # no command, or an unknown one: argparse's own message
+    args = parser.parse_args(argv[:at])  # the top-level options alone
+    try:
+        subs.choices[argv[at]].parse_intermixed_args(argv[at + 1:], namespace=args)
+    except TypeError:  # a command with sub-commands of its own (`data glt`): argparse cannot intermix those
+        return parser.parse_args(argv)
+    args.command = argv[at]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. A user's mistake (any ``longtail.errors.UserError``: a setting, a file, a flag) is one
     line on stderr and exit code 2; anything else is a bug and keeps its traceback. ``--debug`` shows the
     traceback of user errors too."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_command_line(parser, argv)
     if args.command is None:
         parser.print_help()
         return 0

@@ -19,6 +19,56 @@ from longtail.errors import UserError
 T = TypeVar("T")
 
 
+def summary(doc: str | None) -> str:
+    """A docstring's first paragraph on one line: the description ``longtail list`` prints (a docstring's first
+    line alone may stop mid-sentence)."""
+    return " ".join((doc or "").strip().split("\n\n")[0].split())
+
+
+def describe_options(config_cls: type) -> list[tuple[str, str, str, str]]:
+    """``(name, type, default, doc)`` of each field of a plugin's ``Config`` dataclass, in order; ``doc`` is the
+    field's comment in the source (its trailing ``# ...`` and the ``#`` lines just above it), as written there."""
+    import dataclasses
+    import inspect
+    import io
+    import textwrap
+    import tokenize
+
+    comments: dict[int, str] = {}  # source line (1-based, in the class's own source) -> comment text
+    fields_at: dict[str, int] = {}
+    try:
+        src = textwrap.dedent(inspect.getsource(config_cls))
+        for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+            if tok.type == tokenize.COMMENT:
+                comments[tok.start[0]] = tok.string.lstrip("#").strip()
+        lines = src.splitlines()
+        for node in ast.parse(src).body[0].body:
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                fields_at[node.target.id] = node.lineno
+    except (OSError, TypeError, SyntaxError, IndexError, AttributeError, tokenize.TokenError):
+        lines = []
+    out = []
+    for f in dataclasses.fields(config_cls):
+        doc = []
+        line = fields_at.get(f.name)
+        if line is not None:
+            above = line - 1
+            while above >= 1 and lines[above - 1].strip().startswith("#"):
+                doc.insert(0, comments.get(above, ""))
+                above -= 1
+            if line in comments and not lines[line - 1].strip().startswith("#"):
+                doc.append(comments[line])
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default) if isinstance(f.default, str) else str(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = str(f.default_factory())
+        else:
+            default = "(required)"
+        tp = f.type.__name__ if isinstance(f.type, type) else str(f.type).replace("typing.", "")
+        out.append((f.name, tp, default, " ".join(d for d in doc if d)))
+    return out
+
+
 def _canonical(name: str) -> str:
     # `shapes-glt` and `shapes_glt` name the same thing: users type either.
     return name.strip().lower().replace("-", "_")
@@ -60,7 +110,7 @@ class Registry(Generic[T]):
             if key in self._items:
                 raise RegistryError(f"{self.kind} '{key}' is already registered")
             self._items[key] = obj
-            doc = help or (getattr(obj, "__doc__", None) or "").strip().split("\n")[0]
+            doc = help or summary(getattr(obj, "__doc__", None))
             self._help[key] = doc
             return obj
 
@@ -139,7 +189,7 @@ def catalogue(root: Path | None = None) -> dict[str, dict[str, str]]:
                             and deco.func.attr == "register" and isinstance(deco.func.value, ast.Name)
                             and deco.args and isinstance(deco.args[0], ast.Constant)):
                         doc = text(deco.args[1:2], deco.keywords)
-                        doc = doc or (ast.get_docstring(node) or "").strip().split("\n")[0]  # as register() does
+                        doc = doc or summary(ast.get_docstring(node))  # as register() does
                         items.setdefault(deco.func.value.id, {})[_canonical(deco.args[0].value)] = doc
             elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                   and node.func.attr == "register_prefix" and isinstance(node.func.value, ast.Name)
