@@ -79,3 +79,59 @@ def test_list_prints_whole_descriptions(capsys):
     flat = " ".join(capsys.readouterr().out.split())
     assert "with l the loss of method ``base`` at its defaults." in flat  # mixup: two docstring lines
     assert "as the reference KNNClassifier defaults." in flat  # ncm
+
+
+# --------------------------------------------------------------------------------------------- run folders
+
+
+def test_runs_latest_links_the_newest_default_run(image_folder, tmp_path, monkeypatch, capsys):
+    cfg = _recipe(image_folder, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", str(cfg), "--quiet"]) == 0
+    first = sorted(p for p in (tmp_path / "runs").iterdir() if p.name != "latest")
+    assert (tmp_path / "runs" / "latest").resolve() == first[0].resolve()
+    assert main(["train", str(cfg), "--quiet", "seed=1"]) == 0
+    runs = sorted(p for p in (tmp_path / "runs").iterdir() if p.name != "latest")
+    newest = next(p for p in runs if p not in first)
+    link = tmp_path / "runs" / "latest"
+    assert link.is_symlink() and link.resolve() == newest.resolve()
+    capsys.readouterr()
+    assert main(["eval", "runs/latest", "--split", "test", "--no-write"]) == 0
+    # runs/*/ names the link and its run: one row per run all the same
+    assert main(["report", *(f"runs/{p.name}/" for p in sorted((tmp_path / "runs").iterdir()))]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny")]
+    assert len(rows) == 2
+    # an --out folder leaves the link alone
+    assert main(["train", str(cfg), "--quiet", "--out", "runs/named"]) == 0
+    assert link.resolve() == newest.resolve()
+
+
+def test_a_failed_run_logs_its_error_and_report_skips_it(image_folder, tmp_path, capsys):
+    cfg = _recipe(image_folder, tmp_path)
+    good, failed = tmp_path / "good", tmp_path / "failed"
+    assert main(["train", str(cfg), "--out", str(good), "--quiet"]) == 0
+    assert main(["train", str(cfg), "--out", str(failed), "--quiet", f"data.root={tmp_path / 'nowhere'}"]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err
+    log = (failed / "train.log").read_text()
+    assert "ERROR failed: " in log and "does not exist" in log
+    assert main(["report", str(good), str(failed)]) == 0
+    out, err = capsys.readouterr()
+    assert out.count("| good ") == 1 and "failed" not in out
+    assert f"warning: skipped {failed} stopped before its first checkpoint" in err and "train.log" in err
+    assert main(["report", str(failed)]) == 2
+    assert "no finished run among" in capsys.readouterr().err
+
+
+def test_report_names_an_unfinished_run_and_how_to_resume_it(tmp_path):
+    import pytest
+
+    from longtail.errors import MissingFileError
+    from longtail.evaluation.report import load_run
+
+    run = tmp_path / "half"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"name": "x", "meta": {"longtail": "0"}}))
+    (run / "checkpoints" / "last.pt").write_bytes(b"")
+    with pytest.raises(MissingFileError, match=f"unfinished run .*longtail train --resume --out {run}"):
+        load_run(run)

@@ -267,11 +267,22 @@ def _sweep(args: argparse.Namespace, run) -> int:
     return 0
 
 
+def _run_dirs(names: list[str]) -> list[str]:
+    """The run folders named, less a ``runs/latest`` link whose run is named too (``runs/*/`` matches both)."""
+    from longtail.run_folder import LATEST
+
+    targets = {Path(n).resolve() for n in names if not (Path(n).is_symlink() and Path(n).name == LATEST)}
+    return [n for n in names if not (Path(n).is_symlink() and Path(n).name == LATEST and Path(n).resolve() in targets)]
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from longtail.evaluation.report import runs_table
     from longtail.utils import atomic_write_text
 
-    table = runs_table(args.run_dirs, split=args.split)
+    def skip(why: str) -> None:
+        print(f"warning: skipped {why}", file=sys.stderr)
+
+    table = runs_table(_run_dirs(args.run_dirs), split=args.split, skip=skip)
     print(table)
     if args.out:
         atomic_write_text(args.out, table + "\n")
@@ -453,7 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="One markdown table of finished runs: a row per run and evaluated split with "
                                    "top-1, many / medium / few-shot accuracy and precision (GLT protocols labelled), "
                                    "epochs per stage and the run each stage started from.")
-    r.add_argument("run_dirs", nargs="+", help="finished run folders (each with metrics.json)")
+    r.add_argument("run_dirs", nargs="+", help="run folders (each with metrics.json; unfinished ones are skipped "
+                   "with a warning), e.g. runs/*/ or runs/latest")
     r.add_argument("--split", help="only this split, e.g. test (default: every evaluated split)")
     r.add_argument("--out", help="also write the table to this markdown file")
     r.set_defaults(func=_cmd_report)

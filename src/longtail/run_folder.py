@@ -191,6 +191,41 @@ def unique_run_dir(parent: Path, stem: str) -> Path:
     raise RunFolderError(f"{parent}: no free run folder name for {stem}; pass --out")
 
 
+LATEST = "latest"  # runs/latest: a link to the newest run started in the default folder runs/
+
+
+def point_latest(run_dir: Path) -> Path | None:
+    """Make ``<parent>/latest`` a relative symbolic link to ``run_dir`` (replacing an older link atomically), so
+    ``longtail eval runs/latest`` names the newest run. Returns the link, or None where it cannot be made (no
+    symlinks on this file system, or a real ``latest`` file or folder that is not ours to replace)."""
+    link = run_dir.parent / LATEST
+    if link.exists() and not link.is_symlink():
+        return None
+    tmp = run_dir.parent / f".{LATEST}.{os.getpid()}.tmp"
+    try:
+        tmp.unlink(missing_ok=True)
+        os.symlink(run_dir.name, tmp, target_is_directory=True)
+        os.replace(tmp, link)
+    except (OSError, NotImplementedError):
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        return None
+    return link
+
+
+def unfinished_reason(run_dir: Path) -> str | None:
+    """Why ``run_dir`` has no results yet (for ``longtail report``), or None when it is not a run that stopped."""
+    state = folder_state(run_dir)
+    if state.kind == "unfinished":
+        return (f"{run_dir} is an unfinished run (no metrics.json); continue it with: longtail train --resume "
+                f"--out {run_dir}")
+    if state.kind in ("leftovers", "unsaved"):
+        return f"{run_dir} stopped before its first checkpoint (no metrics.json); its train.log says why"
+    return None
+
+
 # ----------------------------------------------------------------------------------------------- the lock
 
 

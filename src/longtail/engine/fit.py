@@ -37,7 +37,15 @@ from longtail.engine.distributed import (
 )
 from longtail.engine.evaluate import autocast, check_off_values, choose_on_val, evaluate_split, thresholds_of
 from longtail.engine.schedule import lr_at
-from longtail.errors import WRITE_ERRNOS, CheckpointError, MissingFileError, TrainingError, UsageError, write_error
+from longtail.errors import (
+    WRITE_ERRNOS,
+    CheckpointError,
+    MissingFileError,
+    TrainingError,
+    UsageError,
+    UserError,
+    write_error,
+)
 from longtail.evaluation.metrics import describe_class_groups
 from longtail.methods import Method, MethodContext, create_method
 from longtail.models import Classifier, create_model
@@ -47,6 +55,7 @@ from longtail.run_folder import (
     check_new_run_folder,
     check_resumable,
     default_command,
+    point_latest,
     remove_orphans,
     unique_run_dir,
 )
@@ -103,11 +112,14 @@ class RunState:
 
 def new_run_dir(cfg: RunConfig, out: str | Path | None) -> Path:
     """``out``, or a new folder ``runs/<name>-<time>`` (``-2``, ``-3``... when a run started in the same second
-    has it), created here so that no other run can take it."""
+    has it), created here so that no other run can take it; ``runs/latest`` then links to it (an ``--out``
+    folder is the user's to name and leaves the link alone)."""
     if out is not None:
         return Path(out)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return unique_run_dir(Path("runs"), f"{cfg.name}-{stamp}")
+    run_dir = unique_run_dir(Path("runs"), f"{cfg.name}-{stamp}")
+    point_latest(run_dir)
+    return run_dir
 
 
 def _setup_logging(run_dir: Path) -> logging.Handler:
@@ -424,7 +436,15 @@ def train(
                 log.info("command: %s", command)
             for note in notes:
                 log.warning(note)
-        return _train(cfg, run_dir, resume, progress and dist.is_main, dist, device)
+        try:
+            return _train(cfg, run_dir, resume, progress and dist.is_main, dist, device)
+        except Exception as e:  # the run's own log says how it ended, beside the terminal
+            if handler is not None and not isinstance(e, Interrupted):  # (an interrupt logs its checkpoint)
+                if isinstance(e, UserError):
+                    log.error("failed: %s", " ".join(str(e).split()))
+                else:
+                    log.exception("failed with an unexpected error (a bug; please report it with this log)")
+            raise
     finally:
         if handler is not None:
             log.removeHandler(handler)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import yaml
 
 from longtail.errors import CorruptFileError, MissingFileError
-from longtail.run_folder import lock_holder
+from longtail.run_folder import lock_holder, unfinished_reason
 
 DASH = "–"  # shown for a missing value (an empty shot group, a split a run lacks)
 
@@ -30,9 +30,15 @@ def load_run(run_dir: str | Path) -> dict:
         if holder is not None:
             raise MissingFileError(f"{run_dir} has no metrics.json yet: it is still training (pid "
                                    f"{holder.get('pid', '?')} on {holder.get('host', '?')})")
+        why = unfinished_reason(run_dir)
+        if why is not None:
+            raise MissingFileError(why)
+        if (run_dir / "checkpoints" / "final.pt").is_file():
+            raise MissingFileError(f"{run_dir} has final weights but no metrics.json; `longtail eval {run_dir}` "
+                                   f"re-creates it")
         raise MissingFileError(
             f"{run_dir} is not a longtail run folder: no metrics.json; did the run finish? "
-            f"`longtail eval {run_dir}` re-creates it"
+            f"`longtail eval {run_dir}` re-creates it from checkpoints/final.pt"
         )
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
@@ -45,6 +51,21 @@ def load_run(run_dir: str | Path) -> dict:
     if not isinstance(config, dict):
         raise CorruptFileError(f"{run_dir}: config.yaml and metrics.json must each hold a mapping")
     return {"run_dir": run_dir, "name": run_dir.name, "config": config, "metrics": metrics}
+
+
+def load_runs(run_dirs: Sequence[str | Path], skip: Callable[[str], None] | None = None) -> list[dict]:
+    """``load_run`` of each folder; with ``skip``, folders without metrics.json are left out (``skip(why)``)."""
+    runs = []
+    for d in run_dirs:
+        try:
+            runs.append(load_run(d))
+        except MissingFileError as e:
+            if skip is None:
+                raise
+            skip(str(e))
+    if not runs:
+        raise MissingFileError(f"no finished run among {', '.join(str(d) for d in run_dirs)}")
+    return runs
 
 
 def read_metrics(path: str | Path) -> dict:
@@ -152,7 +173,8 @@ def _epochs(config: dict) -> str:
 # --------------------------------------------------------------------------------------------- tables
 
 
-def runs_table(run_dirs: Sequence[str | Path], split: str | None = None) -> str:
+def runs_table(run_dirs: Sequence[str | Path], split: str | None = None,
+               skip: Callable[[str], None] | None = None) -> str:
     """One markdown table comparing run folders, one row per run per split.
 
     Columns: run (folder name), dataset (name and imbalance ratio), backbone, method (stage methods
@@ -161,9 +183,10 @@ def runs_table(run_dirs: Sequence[str | Path], split: str | None = None) -> str:
     (macro; percent, one decimal, "–" when missing).
     ``split`` keeps only that split (a run without it gets a row of "–");
     None shows every split of each run. A line under the table states the shot thresholds, and says so
-    when the runs do not share them.
+    when the runs do not share them. With ``skip``, a folder without results (a run still training, stopped or
+    failed) is left out and ``skip(why)`` called, instead of raising; MissingFileError when none is left.
     """
-    runs = [load_run(d) for d in run_dirs]
+    runs = load_runs(run_dirs, skip)
     header = ["run", "dataset", "backbone", "method", "epochs", "split", "top1", "many", "medium", "few",
               "precision"]
     rows: list[list[str]] = []
