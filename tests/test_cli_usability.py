@@ -135,3 +135,52 @@ def test_report_names_an_unfinished_run_and_how_to_resume_it(tmp_path):
     (run / "checkpoints" / "last.pt").write_bytes(b"")
     with pytest.raises(MissingFileError, match=f"unfinished run .*longtail train --resume --out {run}"):
         load_run(run)
+
+
+# --------------------------------------------------------------------------------------------- comparison plots
+
+
+def test_head_to_tail_orders_classes_by_training_images():
+    from longtail.evaluation.plots import head_to_tail
+
+    assert head_to_tail([5, 500, 50, 500]) == [1, 3, 2, 0]
+
+
+def test_confusion_takes_a_permutation_only(tmp_path):
+    import pytest
+
+    from longtail.evaluation.plots import plot_confusion
+
+    cm = [[3, 1], [0, 2]]
+    assert plot_confusion(cm, ["a", "b"], tmp_path / "c.png", order=[1, 0]).stat().st_size > 0
+    with pytest.raises(ValueError, match="permutation"):
+        plot_confusion(cm, None, tmp_path / "d.png", order=[0, 0])
+
+
+def test_long_titles_are_wrapped_inside_the_figure():
+    from longtail.evaluation.plots import _new_figure, _title
+
+    fig = _new_figure(5.0, 4.4)
+    ax = fig.add_subplot()
+    _title(ax, "a-very-long-run-name-20240101-120000-2: accuracy per attribute group, test_gbl (GLT)")
+    fig.tight_layout()
+    renderer = fig.canvas.get_renderer()
+    box = ax.title.get_window_extent(renderer)
+    assert "\n" in ax.get_title() and box.x0 >= 0 and box.x1 <= fig.bbox.width
+
+
+def test_report_plot_draws_the_runs_in_one_figure(tmp_path, capsys):
+    from test_plots_report import _metrics, _split, make_run
+
+    a = make_run(tmp_path, "ce_run", _metrics({"test": _split(70.0, 90.0, 60.0, 10.0)}))
+    b = make_run(tmp_path, "bs_run", _metrics({"test": _split(72.5, 85.0, 65.0, 30.0)}))
+    c = make_run(tmp_path, "val_only", _metrics({"val": _split(50.0, 60.0, 50.0, 10.0)}))
+    out = tmp_path / "cmp.md"
+    assert main(["report", str(a), "--plot", str(b), str(c), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    png = tmp_path / "cmp.png"
+    assert f"plot: {png}" in printed and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    h, w = matplotlib.image.imread(png).shape[:2]
+    assert w > 1.8 * h  # two panels side by side

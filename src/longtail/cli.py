@@ -19,6 +19,7 @@ EPILOG = """examples:
   longtail train my.yaml --out runs/try1 --overwrite   # start again in runs/try1, replacing its run
   longtail eval runs/try1 --split test
   longtail report runs/*
+  longtail report runs/ce runs/tde --plot --out cmp.md   # table + figure (cmp.png) of many/medium/few, per class
   longtail predict runs/try1 cat.jpg dog.png
   longtail features runs/try1 --split train,test   # backbone features to runs/try1/features/*.npy
   longtail eval runs/try1 --feature-quality        # head/tail separability of its features (DLSA's measure)
@@ -276,18 +277,36 @@ def _run_dirs(names: list[str]) -> list[str]:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from longtail.evaluation.report import runs_table
+    from longtail.evaluation.report import load_runs, runs_table
     from longtail.utils import atomic_write_text
 
     def skip(why: str) -> None:
         print(f"warning: skipped {why}", file=sys.stderr)
 
-    table = runs_table(_run_dirs(args.run_dirs), split=args.split, skip=skip)
+    names = _run_dirs(args.run_dirs)
+    table = runs_table(names, split=args.split, skip=skip)
     print(table)
     if args.out:
         atomic_write_text(args.out, table + "\n")
         print(f"\nwritten to {args.out}")
+    if args.plot:
+        from longtail.evaluation.plots import plot_compare
+
+        runs = load_runs(names, skip=lambda why: None)  # (skipped ones were warned about above)
+        split = args.split or _common_split(runs)
+        path = Path(args.out).with_suffix(".png") if args.out else Path("report.png")
+        plot_compare({r["name"]: r["metrics"] for r in runs}, split, path,
+                     title=f"{len(runs)} run(s) on {split}: many / medium / few and per-class accuracy")
+        print(f"{'' if args.out else chr(10)}plot: {path}")
     return 0
+
+
+def _common_split(runs: list[dict]) -> str:
+    """The split a comparison figure draws: test when every run has it, else the first run's first non-val."""
+    splits = [list(r["metrics"].get("splits") or {}) for r in runs]
+    if all("test" in s for s in splits):
+        return "test"
+    return next((s for s in splits[0] if s != "val"), splits[0][0] if splits[0] else "test")
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -468,6 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "with a warning), e.g. runs/*/ or runs/latest")
     r.add_argument("--split", help="only this split, e.g. test (default: every evaluated split)")
     r.add_argument("--out", help="also write the table to this markdown file")
+    r.add_argument("--plot", action="store_true",
+                   help="also draw the runs in one figure: grouped many / medium / few bars and per-class accuracy "
+                        "curves head -> tail, of --split (default test) to --out's name with .png, else report.png")
     r.set_defaults(func=_cmd_report)
 
     pr = sub.add_parser("predict", help="top-k classes of image files",

@@ -15,12 +15,14 @@ import math
 import os
 import re
 import tempfile
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from matplotlib.transforms import blended_transform_factory
 
 from longtail.errors import WRITE_ERRNOS, write_error
@@ -66,6 +68,20 @@ def _save(fig: Figure, path: str | Path) -> Path:
     finally:
         fig.clear()
     return path
+
+
+def _title(ax, text: str, fontsize: float = 11.0) -> None:
+    """Set ``ax``'s title wrapped onto as many lines as the axes' width needs, so a long run name is not cut
+    off at the figure's edge (matplotlib neither wraps nor shrinks titles)."""
+    fig_w = ax.figure.get_figwidth() * ax.get_position().width  # inches the axes spans
+    chars = max(20, int(fig_w * 72 / (0.6 * fontsize)))  # ~0.6 em per character
+    ax.set_title(textwrap.fill(text, chars, break_on_hyphens=False), fontsize=fontsize)
+
+
+def head_to_tail(train_counts: Sequence[int]) -> list[int]:
+    """Class indices from the most to the fewest training images (ties in class order): the order of the
+    confusion matrix and the per-class curves, so the head is top-left and the tail bottom-right."""
+    return sorted(range(len(train_counts)), key=lambda i: (-int(train_counts[i]), i))
 
 
 def _is_num(v) -> bool:
@@ -160,7 +176,7 @@ def plot_per_class(
         ax.text(0.5, 0.5, "no evaluated classes", transform=ax.transAxes, ha="center", va="center")
     ax.set_xlabel("training images per class (log scale)")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(title or "Per-class accuracy")
+    _title(ax, title or "Per-class accuracy")
     ax.grid(True, which="major", alpha=0.3)
     return _save(fig, path)
 
@@ -199,7 +215,7 @@ def plot_shot_bars(metrics_by_name: dict[str, dict], path: str | Path, title: st
     ax.set_ylim(0, 112)
     ax.set_xlabel("shot group")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(title or "Accuracy by shot group")
+    _title(ax, title or "Accuracy by shot group")
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     return _save(fig, path)
@@ -210,9 +226,12 @@ def plot_confusion(
     class_names: Sequence[str] | None,
     path: str | Path,
     title: str = "",
+    order: Sequence[int] | None = None,
 ) -> Path:
     """Row-normalised confusion matrix (rows: true class, columns: predicted) with a colour bar.
 
+    ``order`` lists the class indices in the order to draw them, rows and columns alike (``head_to_tail`` of
+    the training counts: head top-left, tail bottom-right); None keeps the dataset's order.
     Tick labels are drawn for at most 30 classes, cell values for at most 10. Raises ValueError for
     more than 100 classes (unreadable) or a matrix that is not square.
     """
@@ -223,6 +242,12 @@ def plot_confusion(
     if num_classes > 100:
         raise ValueError(f"plot_confusion draws at most 100 classes, got {num_classes}")
     names = _names(class_names, num_classes)
+    if order is not None:
+        order = [int(i) for i in order]
+        if sorted(order) != list(range(num_classes)):
+            raise ValueError(f"order must be a permutation of the {num_classes} classes")
+        cm = cm[np.ix_(order, order)]
+        names = [names[i] for i in order]
     rows = cm.sum(axis=1, keepdims=True)
     norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
 
@@ -248,9 +273,10 @@ def plot_confusion(
                 if v > 0:
                     ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
                             color="white" if v > 0.6 else "black")
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    ax.set_title(title or "Confusion matrix (row-normalised)")
+    ranked = " (head -> tail)" if order is not None else ""
+    ax.set_xlabel("predicted class" + ranked)
+    ax.set_ylabel("true class" + ranked)
+    _title(ax, title or "Confusion matrix (row-normalised)")
     return _save(fig, path)
 
 
@@ -296,7 +322,7 @@ def plot_per_attribute(
     ax.set_ylim(0, 110)
     ax.set_xlabel("attribute group")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(title or "Accuracy per attribute group")
+    _title(ax, title or "Accuracy per attribute group")
     ax.grid(True, axis="y", alpha=0.3)
     return _save(fig, path)
 
@@ -343,10 +369,77 @@ def plot_sweep(rows: Sequence[dict], x_key: str, path: str | Path, title: str = 
     ax.set_xlabel(x_key)
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 105)
-    ax.set_title(title or f"Accuracy against {x_key}")
+    _title(ax, title or f"Accuracy against {x_key}")
     ax.grid(True, alpha=0.3)
     if drawn:
         ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_compare(runs: dict[str, dict], split: str, path: str | Path, title: str = "") -> Path:
+    """Several runs in one figure: grouped many / medium / few / overall bars (left) and per-class accuracy
+    against the class's rank by training images, head to tail (right), one colour per run.
+
+    ``runs`` maps a run's label to its ``metrics.json`` dict; ``split`` is the split drawn. A run without that
+    split gets "n/a" bars; the curves draw the runs whose class count matches the first run's (ranked by the
+    first run's ``train_counts``), and say how many were left out.
+    """
+    if not runs:
+        raise ValueError("plot_compare needs at least one run")
+    labels = list(runs)
+    results = {k: ((runs[k].get("splits") or {}).get(split) or {}) for k in labels}
+    n = len(labels)
+    fig = _new_figure(min(16.0, 11.0 + 0.3 * n), 4.8)
+    ax, cx = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    width = 0.8 / n
+    for j, label in enumerate(labels):
+        vals = [_val(results[label].get(k)) for k in SHOT_KEYS]
+        offs = np.arange(len(SHOT_KEYS)) - 0.4 + width * (j + 0.5)
+        bars = ax.bar(offs, [0 if math.isnan(v) else v for v in vals], width * 0.92, color=f"C{j % 10}",
+                      label=display_name(str(label)))
+        for bar, v in zip(bars, vals, strict=True):
+            x = bar.get_x() + bar.get_width() / 2
+            ax.text(x, (1.0 if math.isnan(v) else v + 1.0), "n/a" if math.isnan(v) else f"{v:.1f}",
+                    ha="center", va="bottom", fontsize=7 if n <= 3 else 5, rotation=0 if n <= 3 else 90)
+    ax.set_xticks(np.arange(len(SHOT_KEYS)))
+    ax.set_xticklabels([SHOT_LABELS[k] for k in SHOT_KEYS])
+    ax.set_ylim(0, 112)
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(True, axis="y", alpha=0.3)
+    _title(ax, f"by shot group, {split}")
+
+    first = runs[labels[0]]
+    counts = first.get("train_counts") or []
+    order = head_to_tail(counts) if counts else None
+    left_out = 0
+    for j, label in enumerate(labels):
+        pc = results[label].get("per_class")
+        if not pc or (order is not None and len(pc) != len(order)):
+            left_out += 1
+            continue
+        idx = order if order is not None else list(range(len(pc)))
+        ys = [_val(pc[i]) for i in idx]
+        cx.plot(np.arange(1, len(ys) + 1), ys, color=f"C{j % 10}", lw=1.4, marker="o" if len(ys) <= 30 else None,
+                ms=3, label=display_name(str(label)))
+    if order is not None:
+        thr = parse_thresholds(results[labels[0]].get("thresholds") or first.get("thresholds"))
+        if thr is not None:  # where the shot groups change along the ranks
+            few_t, many_t = thr
+            for t in (many_t, few_t):
+                k = sum(1 for i in order if int(counts[i]) > t)
+                if 0 < k < len(order):
+                    cx.axvline(k + 0.5, color="0.35", ls="--", lw=1)
+    cx.xaxis.set_major_locator(MaxNLocator(integer=True))
+    cx.set_ylim(-3, 105)
+    cx.set_xlabel("class rank by training images (1 = head)")
+    cx.set_ylabel("per-class accuracy (%)")
+    cx.grid(True, alpha=0.3)
+    _title(cx, "per class, head -> tail" + (f" ({left_out} run(s) without matching per-class results)"
+                                             if left_out else ""))
+    handles, names = ax.get_legend_handles_labels()
+    cx.legend(handles, names, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    if title:
+        fig.suptitle(textwrap.fill(title, int(fig.get_figwidth() * 72 / 7.2)), fontsize=12)
     return _save(fig, path)
 
 
@@ -386,8 +479,9 @@ def save_run_plots(run_dir: str | Path, metrics: dict) -> list[Path]:
         confusion = m.get("confusion")
         if confusion:
             names = class_names if class_names and len(class_names) == len(confusion) else None
+            order = head_to_tail(train_counts) if train_counts and len(train_counts) == len(confusion) else None
             written.append(plot_confusion(confusion, names, out_dir / f"confusion_{tag}.png",
-                                          title=f"{run}: confusion (row-normalised), {split}"))
+                                          title=f"{run}: confusion (row-normalised), {split}", order=order))
         per_attribute = m.get("per_attribute")
         if per_attribute:
             written.append(plot_per_attribute(per_attribute, attribute_names,
