@@ -184,3 +184,56 @@ def test_report_plot_draws_the_runs_in_one_figure(tmp_path, capsys):
 
     h, w = matplotlib.image.imread(png).shape[:2]
     assert w > 1.8 * h  # two panels side by side
+
+
+# --------------------------------------------------------------------------------------------- images, --quiet
+
+
+def _pil_image(tmp_path, fmt, w=5, h=4):
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    path = tmp_path / f"img.{fmt}"
+    Image.fromarray(pixels).save(path)
+    return path, pixels
+
+
+def test_pillow_decodes_what_torchvision_cannot(tmp_path):
+    import torch
+
+    from longtail.data.images import read_image
+
+    for fmt in ("bmp", "tif"):
+        path, pixels = _pil_image(tmp_path, fmt)
+        assert torch.equal(read_image(path), torch.from_numpy(pixels).permute(2, 0, 1)), fmt
+
+
+def test_pillow_path_keeps_the_pixel_limit_and_names_corrupt_files(tmp_path):
+    import pytest
+
+    from longtail.data.base import DataError
+    from longtail.data.images import ImageLimits, read_image
+
+    path, _ = _pil_image(tmp_path, "bmp", 20, 20)
+    with pytest.raises(DataError, match=r"20x20 pixels, above data.max_image_pixels=100 "):
+        read_image(path, ImageLimits(max_pixels=100))
+    bad = tmp_path / "bad.bmp"
+    bad.write_bytes(b"BM" + b"\x00" * 40)
+    with pytest.raises(DataError, match=f"{bad}: cannot decode image .*delete or replace this file"):
+        read_image(bad)
+
+
+def test_quiet_silences_the_decoding_bars(tmp_path, capsys):
+    from conftest import make_image_folder
+
+    counts = {"train": {"ant": 6, "bee": 3}, "test": {"ant": 2, "bee": 2}}
+    for quiet in (False, True):
+        folder = make_image_folder(tmp_path / f"data{quiet}", counts)
+        recipe = tmp_path / f"r{quiet}.yaml"
+        raw = tiny_raw(folder, epochs=1)
+        raw["eval"] = {"batch_size": 4, "many_above": 4, "few_below": 2}
+        recipe.write_text(yaml.safe_dump(raw))
+        assert main(["train", str(recipe), "--out", str(tmp_path / f"run{quiet}")] + ["--quiet"] * quiet) == 0
+        err = capsys.readouterr().err
+        assert ("decoding" in err) is not quiet, err

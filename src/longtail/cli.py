@@ -602,7 +602,10 @@ def main(argv: list[str] | None = None) -> int:
     args.command_line = "longtail " + shlex.join(argv)  # recorded in a new run's log
     debug = args.debug or os.environ.get("LONGTAIL_DEBUG", "") not in ("", "0")
     try:
-        return args.func(args)
+        from longtail.progress import progress_bars
+
+        with progress_bars(not getattr(args, "quiet", False)):  # --quiet: no bar at all, the data's included
+            return args.func(args)
     except UserError as e:
         if debug:
             raise

@@ -17,6 +17,7 @@ from longtail.config import DataConfig
 from longtail.data.base import DataError, LTDataset, Split
 from longtail.data.images import IMAGE_EXTENSIONS, ImageLimits, decode_bytes
 from longtail.data.profiles import class_counts, draw_unused, index_hash, select_long_tailed
+from longtail.progress import bars_off
 from longtail.registry import DATASETS
 from longtail.utils import atomic_torch_save
 
@@ -128,7 +129,7 @@ def _load_image_folder(root: Path, num_classes: int, cache_dir: Path,
             raise DataError(f"{root}: no images under {split}/")
         imgs = torch.empty(len(items), 3, 32, 32, dtype=torch.uint8)
         for i, (_, _, name) in enumerate(tqdm(items, desc=f"decoding CIFAR-{num_classes} {split}", unit="img",
-                                               leave=False, mininterval=1.0)):
+                                               leave=False, mininterval=1.0, disable=bars_off())):
             img = decode_bytes(read(name), f"{root}:{name}", limits)
             if img.shape != (3, 32, 32):
                 raise DataError(f"{root}:{name}: expected a 32x32 image, got {tuple(img.shape[1:])}")

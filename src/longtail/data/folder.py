@@ -16,6 +16,7 @@ from tqdm import tqdm
 from longtail.config import DataConfig
 from longtail.data.base import DataError, LTDataset, Split
 from longtail.data.images import IMAGE_EXTENSIONS, ImageLimits, read_image, resize_square
+from longtail.progress import bars_off
 from longtail.registry import DATASETS
 from longtail.utils import display_name
 
@@ -75,7 +76,8 @@ def read_list_file(path: str | Path, root: Path, allow_outside_root: bool = Fals
 def _materialise(split: Split, size: int, name: str, limits: ImageLimits) -> Split:
     """Decode a file split into memory at ``size`` x ``size`` (for small datasets: fast batched training)."""
     images = torch.empty(len(split), 3, size, size, dtype=torch.uint8)
-    for i, p in enumerate(tqdm(split.paths, desc=f"decoding {name}", unit="img", leave=False, mininterval=1.0)):
+    for i, p in enumerate(tqdm(split.paths, desc=f"decoding {name}", unit="img", leave=False, mininterval=1.0,
+                               disable=bars_off())):
         images[i] = resize_square(read_image(p, limits), size)
     return Split(targets=split.targets, images=images, attributes=split.attributes)
 
@@ -87,7 +89,7 @@ def check_files(cfg: DataConfig, name: str, splits: dict[str, Split], exist: boo
     if exist:
         for k, s in splits.items():
             missing = [p for p in tqdm(s.paths, desc=f"checking {name} {k} files", unit="file", leave=False,
-                                       mininterval=1.0) if not os.path.isfile(p)]
+                                       mininterval=1.0, disable=bars_off()) if not os.path.isfile(p)]
             if missing:
                 raise DataError(f"{name}: image not found: {missing[0]} ({len(missing)} of the {len(s)} {k} "
                                 f"images are missing); check data.root and the list/folder layout")
@@ -95,7 +97,8 @@ def check_files(cfg: DataConfig, name: str, splits: dict[str, Split], exist: boo
     if cfg.in_memory != "always" and 0 < total <= cfg.decode_check:
         limits = ImageLimits.of(cfg)
         for k, s in splits.items():
-            for p in tqdm(s.paths, desc=f"checking {name} {k} images", unit="img", leave=False, mininterval=1.0):
+            for p in tqdm(s.paths, desc=f"checking {name} {k} images", unit="img", leave=False, mininterval=1.0,
+                          disable=bars_off()):
                 read_image(p, limits)  # DataError naming the file (corrupt, empty, above the limits)
 
 

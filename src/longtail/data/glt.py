@@ -28,6 +28,7 @@ from longtail.data.base import DataError, LTDataset, Split
 from longtail.data.builtin import glt_protocols
 from longtail.data.folder import IMAGENET_MEAN, IMAGENET_STD, _materialise, check_files, inside_root
 from longtail.data.images import ImageLimits
+from longtail.progress import bars_off
 from longtail.registry import DATASETS
 
 SPLIT_NAMES = {"train": "train", "val": "val", "test_lt": "test_lt", "test_bl": "test_cbl", "test_bbl": "test_gbl"}
@@ -107,7 +108,7 @@ def read_glt_annotations(path: str | Path, root: str | Path, path_prefix: str | 
                             f"inside it, or data.allow_outside_root=true to allow it")
         if check_files:
             missing += [p for p in tqdm(paths, desc=f"checking {name} files", unit="file", leave=False,
-                                        mininterval=1.0) if not Path(p).is_file()][:5]
+                                        mininterval=1.0, disable=bars_off()) if not Path(p).is_file()][:5]
         attrs = torch.tensor([a for *_, a in es])
         splits[name] = Split(targets=torch.tensor([c for _, c, _, _ in es]), paths=paths,
                              attributes=attrs if (attrs >= 0).all() else None)

@@ -1,4 +1,5 @@
-"""Image decoding with torchvision.io, with errors that name the file, and limits against decompression bombs."""
+"""Image decoding with torchvision.io (Pillow for the formats it lacks), with errors that name the file, and limits
+against decompression bombs."""
 
 from __future__ import annotations
 
@@ -97,14 +98,48 @@ def decode_bytes(data: bytes, name: str, limits: ImageLimits = DEFAULT_LIMITS) -
 
     if not data:
         raise DataError(f"{name}: empty image file; delete it or replace it with a valid image")
-    size = image_size_from_header(data)
-    if size is not None and size[0] * size[1] > limits.max_pixels:
-        raise DataError(f"{name}: {size[0]}x{size[1]} pixels, above data.max_image_pixels={limits.max_pixels} "
-                        f"(a decompression bomb?); raise data.max_image_pixels if it is a real image, or remove it")
+    _check_pixels(image_size_from_header(data), name, limits)
     try:
         return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except (RuntimeError, ValueError) as e:
-        raise DataError(f"{name}: cannot decode image ({e}); delete or replace this file") from None
+        img = _decode_with_pil(data, name, limits)  # formats torchvision.io lacks: BMP, TIFF, ...
+        if img is None:
+            raise DataError(f"{name}: cannot decode image ({e}); delete or replace this file") from None
+        return img
+
+
+def _check_pixels(size: tuple[int, int] | None, name: str, limits: ImageLimits) -> None:
+    if size is not None and size[0] * size[1] > limits.max_pixels:
+        raise DataError(f"{name}: {size[0]}x{size[1]} pixels, above data.max_image_pixels={limits.max_pixels} "
+                        f"(a decompression bomb?); raise data.max_image_pixels if it is a real image, or remove it")
+
+
+def _decode_with_pil(data: bytes, name: str, limits: ImageLimits) -> torch.Tensor | None:
+    """(3, H, W) uint8 RGB by Pillow (first frame), or None without Pillow; DataError naming ``name`` when Pillow
+    cannot read it either. The size is read
+    from the header (``Image.open`` is lazy) and checked against ``limits`` before any pixel is decoded; Pillow's
+    own bomb check (``Image.MAX_IMAGE_PIXELS``) stays on as well."""
+    try:
+        from PIL import Image
+    except ImportError:
+        return None
+    import io
+
+    import numpy as np
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            size = im.size
+            _check_pixels(size, name, limits)
+            rgb = im.convert("RGB")  # decodes; palette, grey, CMYK and alpha become RGB
+    except DataError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{name}: {e} (Pillow's limit); remove the file if it is not a real image") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:  # Pillow's ways of saying "cannot read this"
+        raise DataError(f"{name}: cannot decode image (neither torchvision nor Pillow reads it: "
+                        f"{' '.join(str(e).split()) or type(e).__name__}); delete or replace this file") from None
+    return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()  # (H, W, 3) -> (3, H, W)
 
 
 def read_image(path: str | Path, limits: ImageLimits = DEFAULT_LIMITS) -> torch.Tensor:

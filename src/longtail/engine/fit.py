@@ -49,6 +49,7 @@ from longtail.errors import (
 from longtail.evaluation.metrics import describe_class_groups
 from longtail.methods import Method, MethodContext, create_method
 from longtail.models import Classifier, create_model
+from longtail.progress import progress_bars
 from longtail.registry import METHODS
 from longtail.run_folder import (
     RunLock,
@@ -437,7 +438,8 @@ def train(
             for note in notes:
                 log.warning(note)
         try:
-            return _train(cfg, run_dir, resume, progress and dist.is_main, dist, device)
+            with progress_bars(progress and dist.is_main):  # (the data's decoding bars too)
+                return _train(cfg, run_dir, resume, progress and dist.is_main, dist, device)
         except Exception as e:  # the run's own log says how it ended, beside the terminal
             if handler is not None and not isinstance(e, Interrupted):  # (an interrupt logs its checkpoint)
                 if isinstance(e, UserError):
