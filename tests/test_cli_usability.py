@@ -237,3 +237,26 @@ def test_quiet_silences_the_decoding_bars(tmp_path, capsys):
         assert main(["train", str(recipe), "--out", str(tmp_path / f"run{quiet}")] + ["--quiet"] * quiet) == 0
         err = capsys.readouterr().err
         assert ("decoding" in err) is not quiet, err
+
+
+# --------------------------------------------------------------------------------------------- README
+
+
+def test_every_readme_command_parses():
+    """Each one-line `longtail ...` example in the README's bash blocks is a valid command line (options and
+    key=value in the order written there)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from longtail.cli import build_parser, parse_command_line
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    lines = [ln.split("  #")[0].strip() for block in re.findall(r"```bash\n(.*?)```", readme, re.S)
+             for ln in block.splitlines()]
+    commands = [ln for ln in lines if ln.startswith("longtail ") and not ln.endswith("\\") and "|" not in ln
+                and "--help" not in ln]
+    assert len(commands) >= 15
+    for line in commands:
+        assert parse_command_line(build_parser(), shlex.split(line)[1:]).command, line
+    assert "| | longtail | timm `train.py` | mmpretrain | Lightning |" in readme

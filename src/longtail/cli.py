@@ -451,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true",
                    help="start even when --out holds a run or other files: its config.yaml, metrics.json, train.log, "
                         "checkpoints/, plots/, sweeps/ and features/ are removed first (other files are kept)")
-    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--quiet", action="store_true", help="no progress bars (the data's decoding and checks included)")
     t.add_argument("--print-config", action="store_true",
                    help="print the resolved config (YAML: the recipe with its overrides and every default) and exit")
     t.set_defaults(func=_cmd_train)
