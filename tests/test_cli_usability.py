@@ -38,6 +38,18 @@ def test_train_with_overrides_after_options(image_folder, tmp_path, capsys):
     assert saved["seed"] == 2 and saved["eval"]["batch_size"] == 8
 
 
+def test_intermixed_parsing_skips_top_level_option_values():
+    from longtail.cli import build_parser, parse_command_line
+
+    parser = build_parser()
+    parser.add_argument("--plugin", action="append", default=[])  # a top-level option that takes a value
+    args = parse_command_line(parser, ["--plugin", "mine", "train", "quickstart", "--out", "x", "seed=2"])
+    assert (args.plugin, args.command, args.config, args.overrides, args.out) == (["mine"], "train", "quickstart",
+                                                                                  ["seed=2"], "x")
+    args = parse_command_line(parser, ["--plugin=m", "--debug", "report", "a", "--split", "test", "b"])
+    assert (args.plugin, args.debug, args.run_dirs, args.split) == (["m"], True, ["a", "b"], "test")
+
+
 def test_unknown_options_still_fail_with_the_subcommand_usage(capsys):
     assert_exit = None
     try:

@@ -570,13 +570,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _command_at(parser: argparse.ArgumentParser, argv: list[str]) -> int | None:
+    """Index of the sub-command in ``argv``: the first word that is neither a top-level option nor its value."""
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if not word.startswith("-") or word == "-":
+            return i
+        action = parser._option_string_actions.get(word.split("=", 1)[0])
+        takes_value = action is not None and action.nargs != 0 and "=" not in word
+        i += 2 if takes_value else 1
+    return None
+
+
 def parse_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     """``parser.parse_args(argv)`` with a sub-command's options and positionals in any order
     (``longtail train quickstart --out X key=v``): plain argparse stops collecting ``key=value`` positionals
     at the first option and calls the rest "unrecognized arguments". The top-level options (``--debug``,
     ``--version``, ``--help``) come before the command, so the command is the first word that is not an
-    option; the sub-command's own parser then reads the rest with ``parse_intermixed_args``."""
-    at = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    option (nor the value of one); the sub-command's own parser then reads the rest with ``parse_intermixed_args``."""
+    at = _command_at(parser, argv)
     subs = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
     if at is None or subs is None or argv[at] not in subs.choices:
         return parser.parse_args(argv)  # no command, or an unknown one: argparse's own message
