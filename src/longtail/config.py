@@ -143,6 +143,9 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # Modules imported before the registries are read (your own datasets, backbones, heads, samplers, methods;
+    # see longtail.plugins): `--plugin MODULE` adds to it, and a run records here every plugin it used.
+    plugins: list[str] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- building from dicts
@@ -421,6 +424,10 @@ def validate(cfg: RunConfig) -> None:
     import longtail.methods  # noqa: F401
     import longtail.models  # noqa: F401
     from longtail import registry  # registries are filled by importing the subpackages
+    from longtail.plugins import load_entry_points, load_plugins
+
+    load_entry_points()  # installed `longtail.plugins` entry points, once per process
+    load_plugins(cfg.plugins, needed_by="this config (plugins)")  # before any registered name is looked up
 
     def check(ok: bool, msg: str) -> None:
         if not ok:
@@ -508,6 +515,22 @@ def validate(cfg: RunConfig) -> None:
         opts = {k: v for k, v in st.method.items() if k != "name"}
         st.method = {"name": st.method["name"], **to_dict(from_dict(method_cls.Config, opts, f"{where}.method"))}
         names.append(st.name)
+
+
+def absolute_paths(cfg: RunConfig) -> None:
+    """Make the file paths of ``cfg`` absolute (``~`` expanded), as a run saves them: its config.yaml then names the
+    same files from any working directory. A list file that does not exist relative to the working directory stays
+    as written: it is looked up under ``data.root``."""
+    d = cfg.data
+    for key in ("root", "annotation", "cache_dir"):
+        if getattr(d, key):
+            setattr(d, key, str(Path(getattr(d, key)).expanduser().absolute()))
+    for key in ("train_list", "val_list", "test_list"):
+        value = getattr(d, key)
+        if value and Path(value).expanduser().is_file():
+            setattr(d, key, str(Path(value).expanduser().absolute()))
+    if cfg.model.pretrained:
+        cfg.model.pretrained = str(Path(cfg.model.pretrained).expanduser().absolute())
 
 
 def save_yaml(obj: Any, path: str | Path) -> None:

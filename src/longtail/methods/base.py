@@ -31,7 +31,9 @@ class MethodContext:
     rank: int = 0
     stage: Any = None  # the StageConfig
     lr: float = 0.0  # the learning rate at the start of the current epoch (set by the engine)
-    extras: dict = field(default_factory=dict)  # e.g. the dataset, for methods that need it
+    # e.g. the dataset and loader ("dataset", "loader"), for methods that fit on them; empty when a finished run is
+    # loaded for prediction (load_model), so read them in on_stage_start / on_stage_end, or with .get in __init__
+    extras: dict = field(default_factory=dict)
 
 
 def check_val_option(name: str, value: Any, grid: list[float]) -> None:
@@ -126,6 +128,16 @@ class Method(nn.Module):
         here, so a sweep over them reuses one pass of features."""
         return self.model.forward_head(feats)
 
+    def inference_module(self) -> nn.Module:
+        """A module mapping (B, 3, H, W) normalised images to the (B, C) scores of ``predict``, with the current
+        prediction-time settings fixed (an alpha, a tau, a direction, centroids): what ``longtail export`` traces
+        into one TorchScript / ONNX module. Tracing records tensor operations and bakes in every Python value, so
+        it must compute the same as ``predict`` for any batch without shapes that depend on the data. Default:
+        ``predict`` itself, which traces for every method whose prediction is tensor algebra on its model and
+        buffers; a method that routes samples (a cascade answering some samples by one head and the rest by
+        another) returns a dense equivalent."""
+        return _Predict(self)
+
     @torch.no_grad()
     def split_features(self, loader: Any, split: str, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, D) un-augmented eval-mode features of a split and its (N,) labels, on the loader's device.
@@ -185,3 +197,14 @@ class Method(nn.Module):
 
     def on_stage_end(self, ctx: MethodContext) -> None:
         """Anything to finalise (e.g. class means)."""
+
+
+class _Predict(nn.Module):
+    """``method.predict`` as a module of its own (the default ``Method.inference_module``)."""
+
+    def __init__(self, method: Method) -> None:
+        super().__init__()
+        self.method = method
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.method.predict(images)  # (B, C)
