@@ -189,8 +189,9 @@ def test_moved_run_without_its_data_predicts_a_folder_and_exports(tmp_path, monk
     moved = tmp_path / "elsewhere" / "model"
     moved.parent.mkdir()
     shutil.move(str(work / "run"), moved)
-    shutil.rmtree(work)
     monkeypatch.chdir(tmp_path)
+    assert main(["eval", str(moved), "--split", "test", "--no-write"]) == 0  # from anywhere: data.root is absolute
+    shutil.rmtree(work)
     capsys.readouterr()
 
     assert main(["predict", str(moved), str(photos), "--out", "preds.csv", "--batch-size", "5", "--quiet"]) == 0

@@ -9,7 +9,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from longtail.errors import UsageError, UserError
+from longtail.errors import MissingFileError, UsageError, UserError
 
 EPILOG = """examples:
   longtail train                                   # quickstart: shapes-glt, tiny CNN, ~1 minute on a laptop
@@ -247,6 +247,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     _at_least(args.num_workers, 0, "--num-workers")
     if args.out is not None and Path(args.out).suffix.lower() not in (".csv", ".json"):
         raise UsageError(f"--out {args.out}: write predictions to a .csv or .json file")
+    missing = next((p for p in args.inputs if not Path(p).exists()), None)
+    if missing is not None:  # before the model loads: a typo fails at once
+        raise MissingFileError(f"{missing}: no such image, folder or list file")
     model = load_model(args.run_dir, args.set, device=args.device)
     samples = collect_inputs(args.inputs, model.class_names)
     res = predict_to(model, samples, args.out, args.topk, args.batch_size, args.num_workers,
