@@ -1,7 +1,10 @@
-"""Shared fixtures: a throw-away cache, and tiny image folders made on the fly."""
+"""Shared fixtures: a throw-away cache, tiny image folders made on the fly, and test-only plugins."""
 
 from __future__ import annotations
 
+import os
+import signal
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -40,3 +43,32 @@ def image_folder(tmp_path) -> Path:
         "train": {"ant": 24, "bee": 8, "cat": 3},
         "test": {"ant": 4, "bee": 4, "cat": 4},
     })
+
+
+@pytest.fixture
+def interrupt_method():
+    """The test-only method ``interrupt_test``, registered for this test only: cross-entropy that sends its own
+    process SIGINT once, at its ``at_step``-th training forward (counted across the test, a resume included).
+    Yields the class; its ``calls`` counts the forwards."""
+    from longtail.methods.ce import CrossEntropy
+    from longtail.registry import METHODS
+
+    class InterruptOnce(CrossEntropy):
+        @dataclass
+        class Config:
+            label_smoothing: float = 0.0
+            at_step: int = -1
+
+        calls = 0
+        fired = False
+
+        def forward(self, images, targets):
+            cls = type(self)
+            cls.calls += 1
+            if cls.calls == self.cfg.at_step and not cls.fired:
+                cls.fired = True
+                os.kill(os.getpid(), signal.SIGINT)
+            return super().forward(images, targets)
+
+    with METHODS.temporarily("interrupt_test", InterruptOnce, help="test only: CE that sends itself SIGINT once"):
+        yield InterruptOnce

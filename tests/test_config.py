@@ -1,19 +1,22 @@
+import copy
+
 import pytest
 
 from longtail.config import (
     ConfigError,
     RunConfig,
     build_config,
-    load_config,
     load_raw,
     resolve_config_path,
     shipped_configs,
+    validate,
 )
+from longtail.engine import build
 
 
 @pytest.mark.parametrize("name", sorted(shipped_configs()))
 def test_every_shipped_config_validates(name):
-    cfg = load_config(name)
+    cfg = build.load_config(name)  # names and method options too
     assert isinstance(cfg, RunConfig)
     assert cfg.stages and all(st.method["name"] for st in cfg.stages)
 
@@ -62,16 +65,33 @@ def test_stage_shorthand_refuses_ambiguity():
 
 def test_method_options_are_strict():
     with pytest.raises(ConfigError, match="did you mean 'label_smoothing'"):
-        build_config({}, ["method.label_smothing=0.1"])
+        build.build_config({}, ["method.label_smothing=0.1"])
 
 
 def test_unknown_names_are_errors_with_suggestions():
     with pytest.raises(ConfigError, match="did you mean 'cifar10_lt'"):
-        build_config({"data": {"name": "cifar10-lr"}})
+        build.build_config({"data": {"name": "cifar10-lr"}})
     with pytest.raises(ConfigError, match="unknown method 'cee'"):
-        build_config({}, ["method.name=cee"])
+        build.build_config({}, ["method.name=cee"])
     with pytest.raises(ConfigError, match="backbone"):
-        build_config({"model": {"backbone": "resnet33"}})
+        build.build_config({"model": {"backbone": "resnet33"}})
+    with pytest.raises(ConfigError, match=r"stages.0 \('main'\).sampler: unknown sampler 'balanced'"):
+        build.build_config({}, ["sampler=balanced"])
+
+
+def test_the_schema_knows_no_plugin_and_resolve_changes_no_config():
+    # config.build_config checks types, ranges and stage references only; names are the engine's (build.resolve).
+    cfg = build_config({"data": {"name": "no_such_data"}}, ["method.name=no_such_method", "method.x=1"])
+    assert cfg.stages[0].method == {"name": "no_such_method", "x": 1}
+    with pytest.raises(ConfigError, match="unknown dataset 'no_such_data'"):
+        build.resolve(cfg)
+    raw = build_config({}, ["method.name=tau_norm", "epochs=0", "model.head=linear"])
+    before = copy.deepcopy(raw)
+    validate(raw)
+    resolved = build.resolve(raw)
+    assert raw == before  # neither validate nor resolve changes the config it is given
+    assert resolved.stages[0].method["tau"] == 1.0 and len(resolved.stages[0].method["tau_grid"]) == 21
+    assert build.resolve(resolved) == resolved  # idempotent: a saved config.yaml resolves to itself
 
 
 def test_semantic_checks():

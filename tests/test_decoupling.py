@@ -6,8 +6,8 @@ import pytest
 import torch
 import yaml
 
-from longtail.config import build_config
 from longtail.engine import train
+from longtail.engine.build import build_config  # names and method options resolved
 from longtail.engine.checkpoint import load_checkpoint, model_state
 from longtail.engine.inference import load_trained
 from test_engine_cli import tiny_raw
@@ -162,9 +162,9 @@ def test_epoch_length_dataset_cuts_a_class_aware_epoch_to_n_over_b_steps(image_f
     assert _images_per_epoch(full)[0] == _images_per_epoch(cut)[0] == 32
 
 
-def test_epoch_length_dataset_resumes_mid_epoch_exactly(image_folder, tmp_path):
+def test_epoch_length_dataset_resumes_mid_epoch_exactly(image_folder, tmp_path, interrupt_method):
     from longtail.engine import Interrupted
-    from test_engine_cli import _FIRED, _InterruptOnce, assert_same_state, final_weights
+    from test_engine_cli import assert_same_state, final_weights
 
     def cfg(method, **opts):
         raw = tiny_raw(image_folder, epochs=3, method=method, **opts)
@@ -173,7 +173,6 @@ def test_epoch_length_dataset_resumes_mid_epoch_exactly(image_folder, tmp_path):
 
     ref = train(cfg("ce"), out=tmp_path / "ref", progress=False)
     assert _images_per_epoch(ref) == [32, 32, 32]
-    _InterruptOnce.calls, _FIRED["done"] = 0, False
     with pytest.raises(Interrupted, match="--resume"):
         train(cfg("interrupt_test", at_step=6), out=tmp_path / "int", progress=False)  # epoch 2, step 2 of 4
     assert load_checkpoint(tmp_path / "int" / "checkpoints" / "last.pt")["state"] == {"stage": 0, "epoch": 1,
@@ -295,7 +294,7 @@ def test_tau_fixed_value_runs_have_no_chosen_state(image_folder, tmp_path):
 def test_decoupling_reproduction_recipes_validate(name):
     from pathlib import Path
 
-    from longtail.config import load_config
+    from longtail.engine.build import load_config
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "configs" / f"cifar10_lt_{name}_decoupling.yaml"
     cfg = load_config(path, ["init_from=/runs/ce"])

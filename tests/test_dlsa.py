@@ -12,8 +12,9 @@ pytest.importorskip("zuko")
 
 from conftest import make_image_folder  # noqa: E402
 from longtail.cli import main  # noqa: E402
-from longtail.config import ConfigError, build_config  # noqa: E402
+from longtail.config import ConfigError  # noqa: E402
 from longtail.engine import train  # noqa: E402
+from longtail.engine.build import build_config  # noqa: E402  (names and method options resolved)
 from longtail.engine.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from longtail.engine.features import feature_paths, load_features  # noqa: E402
 from longtail.engine.inference import load_trained  # noqa: E402
@@ -431,7 +432,7 @@ def test_feature_quality_report(dlsa_run, capsys, monkeypatch):
 def test_benchmark_stage2_configs_validate(name):
     from pathlib import Path
 
-    from longtail.config import load_config
+    from longtail.engine.build import load_config
 
     cfg = load_config(
         Path(__file__).resolve().parents[1] / "benchmarks" / "configs" / f"{name}.yaml", ["init_from=/runs/ce"]

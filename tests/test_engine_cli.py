@@ -1,9 +1,6 @@
 """The fit loop end to end on a tiny image folder: determinism, resume, stages, the CLI commands."""
 
 import json
-import os
-import signal
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -13,27 +10,7 @@ from longtail.cli import main
 from longtail.config import build_config
 from longtail.engine import Interrupted, train
 from longtail.engine.checkpoint import load_checkpoint
-from longtail.methods.ce import CrossEntropy
 from longtail.registry import METHODS
-
-_FIRED = {"done": False}
-
-
-@METHODS.register("interrupt_test", help="test only: CE that sends itself SIGINT once at a given step")
-class _InterruptOnce(CrossEntropy):
-    @dataclass
-    class Config:
-        label_smoothing: float = 0.0
-        at_step: int = -1
-
-    calls = 0
-
-    def forward(self, images, targets):
-        type(self).calls += 1
-        if type(self).calls == self.cfg.at_step and not _FIRED["done"]:
-            _FIRED["done"] = True
-            os.kill(os.getpid(), signal.SIGINT)
-        return super().forward(images, targets)
 
 
 def tiny_raw(root, epochs=3, method="ce", **method_opts):
@@ -80,9 +57,8 @@ def test_training_is_deterministic(image_folder, tmp_path):
     assert not torch.equal(final_weights(a)["model.head.fc.weight"], final_weights(c)["model.head.fc.weight"])
 
 
-def test_resume_after_sigint_matches_uninterrupted_run(image_folder, tmp_path):
+def test_resume_after_sigint_matches_uninterrupted_run(image_folder, tmp_path, interrupt_method):
     ref = train(build_config(tiny_raw(image_folder)), out=tmp_path / "ref", progress=False)
-    _InterruptOnce.calls, _FIRED["done"] = 0, False
     cfg = build_config(tiny_raw(image_folder, method="interrupt_test", at_step=6))  # epoch 2, mid-epoch (4 steps/epoch)
     with pytest.raises(Interrupted, match="--resume"):
         train(cfg, out=tmp_path / "int", progress=False)
@@ -94,6 +70,14 @@ def test_resume_after_sigint_matches_uninterrupted_run(image_folder, tmp_path):
     ref_m = json.loads((ref / "metrics.json").read_text())["splits"]["test"]
     res_m = json.loads((resumed / "metrics.json").read_text())["splits"]["test"]
     assert ref_m["per_class"] == res_m["per_class"]
+
+
+def test_a_test_only_method_is_registered_for_its_test_only(interrupt_method):
+    assert METHODS.get("interrupt_test") is interrupt_method
+
+
+def test_no_test_only_method_outside_its_test():
+    assert "interrupt_test" not in METHODS  # conftest's interrupt_method removed it when its test ended
 
 
 def test_file_dataset_path_trains_and_predicts(image_folder, tmp_path):
@@ -192,6 +176,29 @@ def test_bench_cli_times_both_loops_and_writes_json(image_folder, tmp_path):
     assert rec["images_per_s"] > 0 and rec["reference_images_per_s"] > 0
     assert rec["ratio_vs_reference"] == pytest.approx(rec["images_per_s"] / rec["reference_images_per_s"], rel=1e-2)
     assert rec["epochs_timed"] == 1 and rec["seed"] == 0 and rec["device"].startswith("cpu") and rec["command"]
+    style, ceil = rec["reference_style"], rec["ceiling"]
+    assert style["images_per_s"] > 0 and 0 < style["with_eval_images_per_s"] < style["images_per_s"]
+    assert style["test_images_scored_per_epoch"] == 12  # the tiny folder's test split, scored after every epoch
+    assert style["ours_over_it"] == pytest.approx(rec["images_per_s"] / style["images_per_s"], rel=1e-2)
+    assert ceil["images_per_s"] > 0 and ceil["matmul_peak_gflops_fp32"] > 0 and ceil["flops_per_train_image"] > 0
+    ours = ceil["throughput"]["ours"]
+    assert ours["gflop_per_s"] == pytest.approx(rec["images_per_s"] * ceil["flops_per_train_image"] / 1e9, rel=2e-2)
+    assert ours["pct_of_matmul_peak"] == pytest.approx(100 * ours["gflop_per_s"] / ceil["matmul_peak_gflops_fp32"],
+                                                       rel=2e-2)
+    assert rec["rounds"] == 1 and rec["load_average_1min"]["before"] is not None
+
+
+def test_bench_rounds_interleave_and_anchors_can_be_skipped(image_folder, tmp_path):
+    cfg = tmp_path / "bench.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_raw(image_folder, epochs=5)))
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(cfg), "--epochs", "2", "--rounds", "2", "--no-reference", "--json", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert rec["rounds"] == 2 and "reference_style" not in rec and rec["reference_images_per_s"] is None
+    assert rec["ceiling"]["images_per_s"] > 0
+    assert main(["bench", str(cfg), "--epochs", "2", "--no-reference", "--no-ceiling", "--json", str(out)]) == 0
+    assert "ceiling" not in json.loads(out.read_text())
+    assert main(["bench", str(cfg), "--rounds", "0"]) == 2
 
 
 def test_bench_rejects_zero_epochs(image_folder, tmp_path, capsys):

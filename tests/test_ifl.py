@@ -109,7 +109,7 @@ def test_centre_step_is_the_moving_average_of_the_spec():
     targets = torch.tensor([0, 0, 1, 1, 2, 2])
     ds = LTDataset("t", ["a", "b", "c"], {"train": Split(targets=targets, images=images)}, ["train"], 16)
     ctx = MethodContext(num_classes=3, train_counts=ds.train_counts(), epochs=10, steps_per_epoch=1,
-                        device=torch.device("cpu"), extras={"dataset": ds})
+                        device=torch.device("cpu"), dataset=ds)
     ifl = IFL(model, IFL.Config(), ctx)
     st = StageConfig(epochs=10)
     st.optim.momentum, st.optim.weight_decay = 0.9, 5e-4  # the main group's; the centres ignore them

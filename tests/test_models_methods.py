@@ -11,7 +11,22 @@ from longtail.models import create_model, load_pretrained
 from longtail.registry import BACKBONES, HEADS, METHODS, Registry, RegistryError
 
 FEATURE_DIMS = {"resnet32": 128, "resnet32_cao": 64, "tiny": 32, "resnet50": 2048, "resnext50_32x4d": 2048,
-                "resnet152": 2048}
+                "resnet152": 2048, "resnet18": 512, "resnet34": 512, "vit_b_16": 768}
+
+
+def test_registry_registers_a_plugin_for_a_block_only():
+    reg = Registry("thing")
+    reg.register("kept")(int)
+    with reg.temporarily("extra", str, help="for one test") as obj:
+        assert obj is str and reg.get("extra") is str and list(reg) == ["extra", "kept"]
+        assert reg.describe()["extra"] == "for one test"
+    assert list(reg) == ["kept"] and "extra" not in reg.describe()
+    with pytest.raises(KeyboardInterrupt), reg.temporarily("extra", str):
+        raise KeyboardInterrupt  # removed however the block ends
+    assert "extra" not in reg
+    with pytest.raises(RegistryError, match="already registered"), reg.temporarily("kept", str):
+        pass
+    assert reg.get("kept") is int  # a refused registration leaves the original
 
 
 def test_registry_is_strict():
@@ -28,7 +43,8 @@ def test_registry_is_strict():
 def test_every_backbone_gives_features(name):
     torch.manual_seed(0)
     net = BACKBONES.get(name)().eval()
-    x = torch.randn(2, 3, 32, 32)  # CIFAR-sized input works everywhere (adaptive pooling)
+    size = getattr(net, "image_size", 32)  # CIFAR-sized input works everywhere (adaptive pooling) but a ViT's
+    x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         f = net(x)
     assert f.shape == (2, net.feature_dim) and net.feature_dim == FEATURE_DIMS[name]
@@ -82,21 +98,100 @@ def _ctx(counts):
                          device=torch.device("cpu"))
 
 
-@pytest.mark.parametrize("name", list(METHODS))
-def test_every_method_trains_one_step_and_round_trips(name):
+# The library's methods (a test may register its own for its duration: conftest's interrupt_method).
+LIBRARY_METHODS = sorted(n for n in METHODS if METHODS.get(n).__module__.startswith("longtail."))
+# Options that keep a method's own training tiny on 36 images; every other method runs with its defaults.
+TINY_OPTIONS = {"dlsa": {"max_depth": 1, "clusters": 2, "flow_epochs": 1, "flow_batch_size": 16, "head_epochs": 1,
+                         "head_batch_size": 8, "max_cluster_size": 1000}}
+OPTIONAL = {"dlsa": ("zuko", "dlsa's flows need the optional zuko (pip install 'longtail[flows]')")}
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    """A 3-class in-memory dataset (train 12 / 8 / 4, val and test 2 per class) and its CPU loader."""
+    from longtail.data.base import LTDataset, Split
+    from longtail.data.loaders import Loader
+
+    g = torch.Generator().manual_seed(0)
+
+    def split(counts):
+        targets = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+        base = (targets[:, None, None, None] * 60 + 40).expand(-1, 3, 16, 16)  # a colour per class, plus noise
+        noise = torch.randint(-30, 31, (len(targets), 3, 16, 16), generator=g)
+        return Split(targets=targets, images=(base + noise).clamp(0, 255).to(torch.uint8))
+
+    ds = LTDataset("tiny", ["a", "b", "c"], {"train": split([12, 8, 4]), "val": split([2, 2, 2]),
+                                             "test": split([2, 2, 2])}, ["test"], 16)
+    return ds, Loader(ds, torch.device("cpu"), "cifar", num_workers=0)
+
+
+def _build(name, ds, loader):
+    from longtail.config import DataConfig, RunConfig, StageConfig
+    from longtail.engine.fit import build_stage_method
+
+    cls = METHODS.get(name)
+    stage = StageConfig(name="s", method={"name": name, **TINY_OPTIONS.get(name, {})},
+                        epochs=1 if cls.trains else 0, batch_size=8, init_from="stage1")  # stage-2 methods need one
+    cfg = RunConfig(data=DataConfig(name="image_folder"), model=ModelConfig(backbone="tiny",
+                                                                            head=cls.requires_head or "linear"),
+                    stages=[stage])
+    model = create_model(cfg.model, ds.num_classes)
+    return build_stage_method(cfg, 0, model, ds, loader, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("name", LIBRARY_METHODS)
+def test_every_method_runs_its_stage_hooks_evaluates_and_round_trips(name, tiny_data, tmp_path):
+    """Every registered method through what the fit loop calls: stage start, (training steps with its optimiser
+    groups and its sampler), stage end, evaluation, save and load into a freshly built method."""
+    import json
+
+    from longtail.config import EvalConfig
+    from longtail.data.samplers import create_sampler
+    from longtail.engine.checkpoint import load_checkpoint, save_checkpoint
+    from longtail.engine.evaluate import evaluate_split, predict_split
+    from longtail.engine.fit import _make_optimizer
+
+    if name in OPTIONAL:
+        pytest.importorskip(OPTIONAL[name][0], reason=OPTIONAL[name][1])
+    ds, loader = tiny_data
     torch.manual_seed(0)
-    head = getattr(METHODS.get(name), "requires_head", None) or "linear"
-    model = create_model(ModelConfig(backbone="tiny", head=head), 3)
-    method = create_method({"name": name}, model, _ctx([10, 5, 2]))
-    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
-    out = method(x, y)
-    assert out["logits"].shape == (4, 3) and out["loss"].ndim == 0
-    out["loss"].backward()
-    method.eval()
-    other = create_method({"name": name}, create_model(ModelConfig(backbone="tiny", head=head), 3), _ctx([10, 5, 2]))
-    other.load_state_dict(method.state_dict())
-    other.eval()
-    torch.testing.assert_close(method.predict(x), other.predict(x))
+    method, ctx = _build(name, ds, loader)
+    assert ctx.dataset is ds and ctx.loader is loader and ctx.stage.method["name"] == name
+    method.on_stage_start(ctx)
+    if ctx.epochs:
+        opt = _make_optimizer(method, ctx.stage)
+        sampler = method.train_sampler(create_sampler(ctx.stage.sampler, ds.train.targets, ds.num_classes, seed=0,
+                                                      total_epochs=1), ctx.stage.batch_size)
+        indices = sampler.indices(0)
+        before = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
+        method.on_epoch_start(0, ctx)
+        method.train()
+        for step, (x, y) in enumerate(loader.train_batches(indices[:16], 8, True, torch.Generator().manual_seed(0))):
+            method.on_train_batch(step, indices[step * 8:(step + 1) * 8])
+            out = method(loader.normalize(x), y)
+            assert out["logits"].shape == (8, 3) and out["loss"].ndim == 0 and torch.isfinite(out["loss"])
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            opt.step()
+        after = [p.detach() for g in opt.param_groups for p in g["params"]]
+        assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True)), "nothing trained"
+    method.on_stage_end(ctx)
+    assert method.options_to_choose() == {}  # the defaults choose nothing on val
+    ev = EvalConfig(batch_size=4, many_above=10, few_below=5)
+    metrics = evaluate_split(method, loader, "test", ev, amp=False)
+    assert metrics["num_samples"] == 6 and 0 <= metrics["top1"] <= 100
+    assert ("routes" in metrics) == bool(method.route_names)
+    report = json.loads(json.dumps(method.report()))  # JSON-able, as metrics.json stores it
+
+    save_checkpoint(tmp_path / "m.pt", method=method.state_dict())
+    torch.manual_seed(1)  # another initialisation: only the loaded state may make the two agree
+    other, _ = _build(name, ds, loader)
+    other.load_state_dict(load_checkpoint(tmp_path / "m.pt")["method"])  # strict: every key, every shape
+    scores, _ = predict_split(method, loader, "test", 4, amp=False)
+    again, _ = predict_split(other, loader, "test", 4, amp=False)
+    torch.testing.assert_close(again, scores, rtol=0, atol=0)
+    assert evaluate_split(other, loader, "test", ev, amp=False) == metrics
+    assert other.report() == report
 
 
 def test_ce_golden_value():

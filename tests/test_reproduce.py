@@ -90,7 +90,7 @@ def test_table_errors_name_the_row_and_key(tmp_path):
 
 
 def test_the_shipped_table_loads_and_names_existing_recipes():
-    from longtail.config import load_config
+    from longtail.engine.build import load_config
 
     table = rp.load_table(REPO / "benchmarks" / "reproduce.yaml")
     assert [r.name for r in table.rows[:2]] == ["ce", "tde"]  # rows 1 and 2 of the issue come first

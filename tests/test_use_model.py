@@ -15,8 +15,8 @@ import longtail
 from conftest import make_image_folder
 from longtail import plugins
 from longtail.cli import main
-from longtail.config import build_config
 from longtail.engine import train
+from longtail.engine.build import build_config
 from longtail.engine.checkpoint import load_checkpoint
 from longtail.engine.export import ExportError, check_export, export_model
 from longtail.engine.inference import load_model, load_trained
@@ -319,6 +319,51 @@ def test_a_run_from_before_the_inference_record_still_loads(image_folder, tmp_pa
         load_model(run)
 
 
+def test_a_tde_run_with_alpha_val_predicts_and_exports_the_alpha_it_chose(tmp_path, caplog):
+    """Issue 20 with issue 16: alpha chosen on val lives in the method's buffer chosen_alpha (final.pt), and
+    load_model, predict and export use it; an alpha set to val afterwards is chosen on the run's val split."""
+    from test_tde import _val_folder, _val_raw
+
+    folder = _val_folder(tmp_path)
+    raw = _val_raw(folder)  # alpha: val, the default
+    raw["eval"]["plots"] = False
+    run = train(build_config(raw), out=tmp_path / "run", progress=False)
+    (choice,) = json.loads((run / "metrics.json").read_text())["chosen_on_val"]
+    final = run / "checkpoints" / "final.pt"
+    ckpt = load_checkpoint(final)
+    assert float(ckpt["method"]["chosen_alpha"]) == choice["value"]
+    assert load_model(run).method.alpha() == choice["value"]
+    # Another stored choice than the fallback (1.0): a model that ignored the buffer would predict at 1.0.
+    ckpt["method"]["chosen_alpha"].fill_(2.5)
+    atomic_torch_save(ckpt, final)
+    model = load_model(run)
+    assert model.method.alpha() == 2.5 and model.choices == []  # nothing chosen again: the data is not read
+    images = torch.stack([read_image(str(p)) for p in sorted((folder / "test").rglob("*.png"))])
+    at = {a: load_model(run, [f"method.alpha={a}"]).logits(images) for a in (2.5, 1.0)}
+    assert not torch.allclose(at[2.5], at[1.0])
+    torch.testing.assert_close(model.logits(images), at[2.5])
+    out = model.export(tmp_path / "tde.pt")
+    torch.testing.assert_close(torch.jit.load(str(out))(images), at[2.5], rtol=1e-4, atol=1e-4)
+    rec = json.loads((tmp_path / "tde.pt.json").read_text())
+    assert rec["method"]["alpha"] == "val" and rec["prediction_options"] == {"alpha": 2.5}
+    top = model.predict(images, topk=1)
+    assert [t[0][0] for t in top] == [model.class_names[i] for i in at[2.5].argmax(1).tolist()]
+
+    # A run trained at a fixed alpha, predicted with method.alpha=val: chosen now on its val split (read once).
+    fixed = train(build_config({**raw, "stages": [{**raw["stages"][0], "method": {"name": "tde", "alpha": 1.0}}]}),
+                  out=tmp_path / "fixed", progress=False)
+    with caplog.at_level(logging.WARNING, logger="longtail"):
+        chosen = load_model(fixed, ["method.alpha=val"])
+    assert "chosen now on the run's val split" in caplog.text
+    (c,) = chosen.choices
+    assert c["option"] == "alpha" and c["split"] == "val" and chosen.method.alpha() == c["value"]
+    torch.testing.assert_close(chosen.logits(images), load_model(fixed, [f"method.alpha={c['value']}"]).logits(images))
+    shutil.rmtree(folder)  # the run folders alone
+    with pytest.raises(DataError, match="give a number instead: --set method.alpha=V"):
+        load_model(fixed, ["method.alpha=val"])
+    assert load_model(run).method.alpha() == 2.5  # a stored choice needs no data
+
+
 # ----------------------------------------------------------------------------- plugins
 
 
@@ -374,7 +419,9 @@ def test_plugin_module_from_the_command_line_is_recorded_and_required(image_fold
     assert main(["predict", str(run), str(img), "--quiet"]) == 0  # the recorded plugin is imported again
     assert main(["eval", str(run), "--no-write"]) == 0
     assert main(["export", str(run), "--out", str(tmp_path / "m.pt")]) == 0
-    assert main(["list", "--plugin", "lt_test_plugin"]) == 0 and "plug_mlp" in capsys.readouterr().out
+    assert main(["list", "--plugin", "lt_test_plugin"]) == 0
+    listed = capsys.readouterr().out  # the static catalogue, then what the plugin registered
+    assert "  plug_mlp " in listed and "(plugin lt_test_plugin)" in listed and "  resnet32 " in listed
     # On a machine without the plugin: a one-line error naming it.
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(src)])
     monkeypatch.delitem(sys.modules, "lt_test_plugin")
@@ -402,7 +449,7 @@ def test_entry_point_plugins_and_components_of_a_script(tmp_path, monkeypatch, o
     monkeypatch.syspath_prepend(str(site))
     plugins.reset_entry_points()
     try:
-        cfg = build_config({"model": {"backbone": "ep_mlp"}})  # validation imports the installed entry points
+        cfg = build_config({"model": {"backbone": "ep_mlp"}})  # resolving imports the installed entry points
         assert plugins.record_plugins(cfg) == [] and cfg.plugins == ["lt_ep_plugin"]
     finally:
         plugins.reset_entry_points()
@@ -450,7 +497,7 @@ def test_ifl_loads_without_its_training_set(method_runs):
     # Built with a training set, an IFL keeps its size: a checkpoint of another training set is refused.
     ds = SimpleNamespace(train=SimpleNamespace(targets=torch.zeros(5, dtype=torch.int64)))
     ctx = MethodContext(num_classes=3, train_counts=torch.tensor([24, 8, 3]), epochs=1, steps_per_epoch=1,
-                        device=torch.device("cpu"), extras={"dataset": ds})
+                        device=torch.device("cpu"), dataset=ds)
     other = create_method(dict(TINY_OPTIONS["ifl"]), model.method.model, ctx)
     with pytest.raises(RuntimeError, match="size mismatch"):
         other.load_state_dict(state)

@@ -38,8 +38,8 @@ def _at_least(value: int, minimum: int, flag: str) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from longtail.config import load_config
     from longtail.engine import Interrupted, train
+    from longtail.engine.build import load_config
 
     if args.resume:
         if args.config or args.overrides:
@@ -67,8 +67,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
     run = load_run(run_dir)
     print()
     print(results_table(run["metrics"], title=f"{run_dir.name}: {run['metrics'].get('selected', '')}"))
+    _print_val_checks(run["metrics"])
     print(f"\nrun folder: {run_dir}  (config.yaml, metrics.json, train.log, checkpoints/, plots/)")
     return 0
+
+
+def _print_val_checks(metrics: dict) -> None:
+    """The prediction-time options chosen on val, and the warnings of ``check_off_values``."""
+    for c in metrics.get("chosen_on_val", []):
+        print(f"\n{c['option']}={c['value']:g} chosen on val for stage {c['stage']} ({c['metric']} {c['score']:.2f}; "
+              f"curve in metrics.json and plots/)")
+    for c in metrics.get("off_value_check", []):
+        if c.get("warning"):
+            print(f"\nwarning: {c['warning']}", file=sys.stderr)
+    for note in metrics.get("notes", []):
+        print(f"\nnote: {note}", file=sys.stderr)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -94,17 +107,34 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     metrics = evaluate_run(run.method, run.loader, run.cfg, splits=splits)
     title = f"{Path(args.run_dir).name}" + (f" with {' '.join(args.set)}" if args.set else "")
     print(results_table(metrics, title=title))
+    from longtail.engine.evaluate import check_off_values
+    from longtail.evaluation.report import read_metrics
+
+    path = Path(args.run_dir) / "metrics.json"
+    old = read_metrics(path) if path.is_file() else {}
+    # Options chosen on val when the run trained, or just now (--set method.X=val on a run that has no choice).
+    choices = run.choices or old.get("chosen_on_val", [])
+    checks = check_off_values(run.method, run.loader, run.cfg.eval, run.cfg.amp, choices=choices)
+    if checks:
+        metrics["off_value_check"] = checks
+    notes = []
+    if run.method.off_values and "val" not in run.dataset.splits:
+        from longtail.engine.fit import val_split_hint
+
+        options = ", ".join(f"method.{o}" for o in run.method.off_values)
+        notes.append(f"this run has no val split, so whether {options} helps is not checked (never on test); to "
+                     f"train one with a val split, {val_split_hint(run.dataset)}")
+    _print_val_checks({"chosen_on_val": run.choices, "off_value_check": checks, "notes": notes})
     if not args.set and args.write:
         # Merge into metrics.json: re-evaluating one split keeps the others.
-        from longtail.evaluation.report import read_metrics
-
-        path = Path(args.run_dir) / "metrics.json"
-        old = read_metrics(path) if path.is_file() else {}
         merged = {**old, **{k: v for k, v in metrics.items() if k != "splits"},
                   "splits": {**old.get("splits", {}), **metrics["splits"]}}
         write_metrics(Path(args.run_dir), merged, run.cfg)
         print(f"\nupdated {path}")
     return 0
+
+
+FEATURE_QUALITY = "flow_filter"  # the registered feature evaluation --feature-quality runs
 
 
 def _feature_quality(args: argparse.Namespace) -> int:
@@ -116,8 +146,8 @@ def _feature_quality(args: argparse.Namespace) -> int:
     from longtail.engine.evaluate import thresholds_of
     from longtail.engine.features import export_features, load_features
     from longtail.engine.fit import write_metrics
-    from longtail.engine.inference import load_trained
-    from longtail.methods.dlsa import DLSAConfig, evaluate_features
+    from longtail.engine.inference import load_trained  # (it imports every plugin: the registries are full)
+    from longtail.registry import FEATURE_EVALUATIONS, METHODS
 
     if args.sweep:
         raise UsageError("--feature-quality and --sweep are separate evaluations: pick one")
@@ -126,25 +156,28 @@ def _feature_quality(args: argparse.Namespace) -> int:
     if "," in split or split not in run.dataset.splits or split == "train":
         raise UsageError(f"--feature-quality takes one evaluation split, got {split!r} "
                          f"(this run has {', '.join(run.dataset.splits)})")
-    # The flow filter's options: the run's own when it is a dlsa run, else the defaults; --set method.X=V
-    # changes them (e.g. method.clusters=50 for a 10-class dataset).
+    evaluation = FEATURE_EVALUATIONS.get(FEATURE_QUALITY)
+    # The evaluation's options: the run's own when its last method has the same options (it trained such a
+    # filter), else the defaults; --set method.X=V changes them (e.g. method.clusters=50 for a 10-class dataset).
     last = run.cfg.stages[-1].method
-    opts = {k: v for k, v in last.items() if k != "name"} if last["name"] == "dlsa" else {}
+    same = METHODS.get(last["name"]).Config is evaluation.Config
+    opts = {k: v for k, v in last.items() if k != "name"} if same else {}
     for o in args.set:
         key, _, value = o.partition("=")
         if not key.startswith("method."):
-            raise UsageError(f"with --feature-quality, --set takes method.OPTION=VALUE of dlsa, got {o!r}")
+            raise UsageError(f"with --feature-quality, --set takes method.OPTION=VALUE of the flow filter, got {o!r}")
         opts[key.split(".", 1)[1]] = parse_override(o)[1]
     try:
-        fq_cfg = from_dict(DLSAConfig, opts, "method")
+        fq_cfg = from_dict(evaluation.Config, opts, "method")
     except ConfigError as e:
         raise UsageError(str(e)) from None
     export_features(args.run_dir, ["train", split], device=args.device)
     dev = run.loader.device
     (tr_f, tr_y), (te_f, te_y) = load_features(args.run_dir, "train"), load_features(args.run_dir, split)
-    rep = evaluate_features(torch.from_numpy(np.array(tr_f)).to(dev), torch.from_numpy(tr_y).to(dev),
-                            torch.from_numpy(np.array(te_f)).to(dev), torch.from_numpy(te_y).to(dev),
-                            run.dataset.num_classes, thresholds_of(run.cfg.eval), fq_cfg)
+    rep = evaluation.evaluate(torch.from_numpy(np.array(tr_f)).to(dev), torch.from_numpy(tr_y).to(dev),
+                              torch.from_numpy(np.array(te_f)).to(dev), torch.from_numpy(te_y).to(dev),
+                              run.dataset.num_classes, thresholds_of(run.cfg.eval, run.dataset.train_counts()),
+                              fq_cfg)
     rep["split"] = split
     print(f"{Path(args.run_dir).name}: feature quality on {split}\n\n{feature_quality_table(rep)}")
     if args.write:
@@ -280,20 +313,31 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from longtail.config import load_config
     from longtail.engine.bench import run_bench
+    from longtail.engine.build import load_config
     from longtail.utils import atomic_write_json
 
     if args.epochs < 1:
         raise UsageError("--epochs must be at least 1 (2 or more: the first is a warm-up and not counted)")
     cfg = load_config(args.config, list(args.overrides))
-    res, record = run_bench(cfg, epochs=args.epochs, reference=not args.no_reference)
+    if args.rounds < 1:
+        raise UsageError("--rounds must be at least 1")
+    res, record = run_bench(cfg, epochs=args.epochs, reference=not args.no_reference,
+                            ceiling_too=not args.no_ceiling, rounds=args.rounds)
     print(f"\n{record['recipe']} on {record['device']}, batch {record['batch_size']}, "
-          f"{record['epochs_timed']} timed epoch(s)")
-    print(f"  longtail fit loop : {res.images_per_s:10.1f} images/s   peak {res.peak_memory_mb:.0f} MB")
+          f"{record['epochs_timed']} timed epoch(s), {args.rounds} round(s)")
+    print(f"  longtail fit loop     : {res.images_per_s:10.1f} images/s   peak {res.peak_memory_mb:.0f} MB")
     if res.reference_images_per_s is not None:
-        print(f"  reference loop    : {res.reference_images_per_s:10.1f} images/s")
-        print(f"  ratio             : {res.ratio:10.2f}x")
+        style = res.anchors["reference_style"]
+        print(f"  plain loop            : {res.reference_images_per_s:10.1f} images/s   ours {res.ratio:.2f}x")
+        print(f"  reference-style loop  : {style['images_per_s']:10.1f} images/s   ours {style['ours_over_it']:.2f}x"
+              f"  (with its per-epoch test pass: {style['with_eval_images_per_s']:.1f}, ours "
+              f"{style['ours_over_it_with_eval']:.2f}x)")
+    if "ceiling" in res.anchors:
+        c = res.anchors["ceiling"]
+        print(f"  ceiling (no data path): {c['images_per_s']:10.1f} images/s   ours {c['ours_pct_of_ceiling']:.0f}% "
+              f"of it; fp32 matmul peak {c['matmul_peak_gflops_fp32']:.0f} GFLOP/s, ours "
+              f"{c['throughput']['ours']['pct_of_matmul_peak']:.1f}% of it")
     if args.json != "-":
         device = re.sub(r"[^A-Za-z0-9]+", "_", record["device"].split(" (")[0]).strip("_")
         path = Path(args.json or f"benchmarks/results/bench_{record['recipe']}_{device}.json")
@@ -327,15 +371,25 @@ def _cmd_data_glt(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    import longtail  # noqa: F401  (fills every registry)
     from longtail import registry
     from longtail.config import shipped_configs
+    from longtail.plugins import provider
 
-    for title, reg in (("datasets", registry.DATASETS), ("backbones", registry.BACKBONES),
-                       ("heads", registry.HEADS), ("methods", registry.METHODS), ("samplers", registry.SAMPLERS)):
+    # What the registries hold once longtail's own plugins are imported, read from their source: no torch to
+    # import. Then what --plugin modules and entry points (imported by main) registered: the live entries that
+    # longtail's source does not name.
+    registries = registry.catalogue()
+    for title, var, reg in (("datasets", "DATASETS", registry.DATASETS), ("backbones", "BACKBONES", registry.BACKBONES),
+                            ("heads", "HEADS", registry.HEADS), ("methods", "METHODS", registry.METHODS),
+                            ("samplers", "SAMPLERS", registry.SAMPLERS)):
         print(f"{title}:")
-        for name, doc in reg.describe().items():
+        static = registries.get(var, {})
+        for name, doc in static.items():
             print(f"  {name:<18} {doc}")
+        for name, doc in reg.describe().items():
+            if name not in static:
+                module = None if name.endswith("<name>") else provider(reg.get(name))
+                print(f"  {name:<18} {doc}{f' (plugin {module})' if module else ''}")
     print("configs (longtail train NAME):")
     for name in shipped_configs():
         print(f"  {name}")
@@ -370,13 +424,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("eval", help="re-evaluate a finished run", description="Re-evaluate a finished run "
-                       "with its final weights; --set changes prediction-time method options.")
+                       "with its final weights; --set changes prediction-time method options (method.OPTION=val "
+                       "chooses one on the run's val split). When the run has a val split, a prediction-time "
+                       "correction (TDE's alpha) is also scored there against its off value (alpha 0, De-confound), "
+                       "with a warning when it costs accuracy.")
     e.add_argument("run_dir")
     e.add_argument("--split", help="comma-separated splits (default: val if present, then the test splits)")
     e.add_argument("--protocol", help="GLT protocol(s) instead of splits: CLT, GLT (Train-GLT runs), ALT "
                    "(Train-CBL runs), comma-separated")
     e.add_argument("--set", action="append", default=[], metavar="key=value",
-                   help="prediction-time override, e.g. method.alpha=2.0 (printed, metrics.json untouched)")
+                   help="prediction-time override, e.g. method.alpha=2.0, or method.alpha=val to choose it on the "
+                        "run's val split (printed, metrics.json untouched)")
     e.add_argument("--sweep", metavar="method.OPTION=START:STOP:STEP",
                    help="metrics against a prediction-time option, e.g. method.alpha=0:3:0.25 (on --split, "
                         "default val if present); writes a table and a plot to RUN_DIR/sweeps/")
@@ -448,15 +506,21 @@ def build_parser() -> argparse.ArgumentParser:
     fe.add_argument("--quiet", action="store_true", help="no progress bar")
     fe.set_defaults(func=_cmd_features)
 
-    bn = sub.add_parser("bench", help="time training epochs of a recipe against a plain PyTorch loop",
-                        description="Time EPOCHS training epochs of the recipe's first stage in longtail's fit loop "
-                        "and in a plain reference loop (torchvision transforms per image, a DataLoader, the same "
-                        "model and optimiser), print images/s and their ratio, and write a JSON record. The "
-                        "first epoch is a warm-up and not counted.")
+    bn = sub.add_parser("bench", help="time training epochs of a recipe against two plain loops and the ceiling",
+                        description="Time EPOCHS training epochs of the recipe's first stage in longtail's fit loop, "
+                        "in a plain PyTorch loop (transforms v2 per image, a DataLoader, the same model and "
+                        "optimiser), in a re-creation of the TDE authors' data path (PIL per image, a DataLoader, "
+                        "the test split scored every epoch), and the bare training step on synthetic tensors (the "
+                        "ceiling) with the fp32 matmul peak; print images/s, ratios and shares of peak, and write "
+                        "a JSON record. The first epoch is a warm-up and not counted.")
     bn.add_argument("config", nargs="?", default="cifar10_lt/tde", help="recipe (default: cifar10_lt/tde)")
     bn.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.root=cifar10-jpeg.zip")
     bn.add_argument("--epochs", type=int, default=2, help="epochs to run in each loop (default 2)")
-    bn.add_argument("--no-reference", action="store_true", help="time only longtail's loop")
+    bn.add_argument("--no-reference", action="store_true", help="skip the plain and reference-style loops")
+    bn.add_argument("--no-ceiling", action="store_true", help="skip the ceiling (bare step on synthetic tensors) "
+                    "and the matmul peak")
+    bn.add_argument("--rounds", type=int, default=1, help="interleave the loops this many times and report "
+                    "medians (default 1)")
     bn.add_argument("--json", default=None,
                     help="where to write the record (default benchmarks/results/bench_RECIPE_DEVICE.json; - for none)")
     bn.set_defaults(func=_cmd_bench)

@@ -1,7 +1,9 @@
 """Strict, typed run configuration: dataclasses are the schema, YAML presets fill them.
 
 Unknown keys are errors with a "did you mean"; ``key.sub=value`` overrides are coerced to the
-field's type. A method's own options are checked against that method's ``Config`` dataclass.
+field's type. A leaf module: it imports no plugin and looks nothing up in a registry. The names a config gives
+(dataset, backbone, head, sampler, method) and a method's own options, checked against that method's ``Config``
+dataclass, are resolved one layer up, by ``longtail.engine.build``.
 """
 
 from __future__ import annotations
@@ -118,8 +120,9 @@ class EvalConfig:
     """What is measured at the end of a run."""
 
     batch_size: int = 512
-    many_above: int = 100  # many-shot: > this many training images
-    few_below: int = 20  # few-shot: < this many training images
+    shots: str = "fixed"  # fixed: the thresholds below | auto: terciles of the training class counts
+    many_above: int = 100  # many-shot: > this many training images (shots=fixed)
+    few_below: int = 20  # few-shot: < this many training images (shots=fixed)
     inclusive: bool = False  # OLTR thresholds (>= many_above, <= few_below)
     select: str = "last"  # last | best_val: which epoch's weights are reported (never chosen on test)
     plots: bool = True
@@ -397,7 +400,8 @@ def _deep_merge(dst: dict, src: dict) -> None:
 
 
 def build_config(raw: dict, overrides: list[str] | None = None) -> RunConfig:
-    """Apply ``key=value`` overrides to a raw dict, validate it strictly, return a RunConfig."""
+    """Apply ``key=value`` overrides to a raw dict, validate it strictly (schema, ranges, stage references), return
+    a RunConfig. Plugin names and method options are checked by ``longtail.engine.build.build_config``."""
     raw = yaml.safe_load(yaml.safe_dump(raw))  # deep copy of plain data
     for text in overrides or []:
         path, value = parse_override(text)
@@ -408,7 +412,8 @@ def build_config(raw: dict, overrides: list[str] | None = None) -> RunConfig:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Load a recipe file or shipped recipe name (None: the quickstart) with overrides."""
+    """Load a recipe file or shipped recipe name (None: the quickstart) with overrides; checked as ``build_config``
+    (``longtail.load_config`` also resolves its plugins)."""
     path = resolve_config_path(str(path) if path is not None else "quickstart")
     return build_config(load_raw(path), overrides)
 
@@ -419,29 +424,17 @@ def _looks_like_path(text: str) -> bool:
 
 
 def validate(cfg: RunConfig) -> None:
-    """Semantic checks beyond types: registered names, ranges, stage references, method options."""
-    import longtail.data  # noqa: F401
-    import longtail.methods  # noqa: F401
-    import longtail.models  # noqa: F401
-    from longtail import registry  # registries are filled by importing the subpackages
-    from longtail.plugins import load_entry_points, load_plugins
+    """Semantic checks beyond types: ranges, choices, stage references. Reads ``cfg`` and never changes it.
 
-    load_entry_points()  # installed `longtail.plugins` entry points, once per process
-    load_plugins(cfg.plugins, needed_by="this config (plugins)")  # before any registered name is looked up
+    The schema knows no plugin: registered names (dataset, backbone, head, sampler, method) and a method's own
+    options are checked, and the options completed with their defaults, by ``longtail.engine.build.resolve``,
+    which ``longtail.load_config``, ``train``, ``load_trained`` and the CLI apply.
+    """
 
     def check(ok: bool, msg: str) -> None:
         if not ok:
             raise ConfigError(msg)
 
-    def known(reg: registry.Registry, name: str, where: str) -> None:
-        try:
-            reg.get(name)
-        except registry.RegistryError as e:
-            raise ConfigError(f"{where}: {e}") from None
-
-    known(registry.DATASETS, cfg.data.name, "data.name")
-    known(registry.BACKBONES, cfg.model.backbone, "model.backbone")
-    known(registry.HEADS, cfg.model.head, "model.head")
     check(cfg.data.profile in ("exp", "step"), f"data.profile must be exp or step, got '{cfg.data.profile}'")
     check(cfg.data.imbalance_ratio >= 1, "data.imbalance_ratio must be >= 1 (n_max / n_min)")
     check(0 <= cfg.data.val_fraction < 1, "data.val_fraction must be in [0, 1)")
@@ -453,6 +446,7 @@ def validate(cfg: RunConfig) -> None:
           "data.augment must be auto, cifar, imagenet, glt, glt_coco or none")
     check(cfg.data.train_variant in ("lt", "cbl"), "data.train_variant must be lt or cbl")
     check(cfg.eval.select in ("last", "best_val"), "eval.select must be last or best_val")
+    check(cfg.eval.shots in ("fixed", "auto"), f"eval.shots must be fixed or auto, got '{cfg.eval.shots}'")
     check(cfg.eval.few_below <= cfg.eval.many_above, "eval.few_below must not exceed eval.many_above")
     check(cfg.checkpoint_every >= 1, "checkpoint_every must be >= 1")
     check(cfg.checkpoint_every_steps >= 0, "checkpoint_every_steps must be >= 0 (0: only at epoch ends)")
@@ -505,15 +499,7 @@ def validate(cfg: RunConfig) -> None:
         check(st.init_from is None or st.init_from in names or _looks_like_path(st.init_from),
               f"{where}: init_from '{st.init_from}' is neither an earlier stage ({', '.join(names) or 'none'}) "
               f"nor a path to a run folder or checkpoint (.pt)")
-        known(registry.SAMPLERS, st.sampler, f"{where}.sampler")
         check("name" in st.method, f"{where}: method needs a name")
-        known(registry.METHODS, st.method["name"], f"{where}.method")
-        method_cls = registry.METHODS.get(st.method["name"])
-        need = getattr(method_cls, "requires_head", None)
-        check(need is None or need == cfg.model.head,
-              f"{where}: method '{st.method['name']}' needs model.head={need} (got '{cfg.model.head}')")
-        opts = {k: v for k, v in st.method.items() if k != "name"}
-        st.method = {"name": st.method["name"], **to_dict(from_dict(method_cls.Config, opts, f"{where}.method"))}
         names.append(st.name)
 
 

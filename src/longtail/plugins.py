@@ -12,7 +12,8 @@ It reaches longtail in one of three ways, all of which end in the same import:
   --plugin my_plugin              on any command line (``longtail train --plugin my_plugin ...``)
   plugins: [my_plugin]            in a recipe (``RunConfig.plugins``)
   a ``longtail.plugins`` entry point of an installed package (``[project.entry-points."longtail.plugins"]``
-  ``my_plugin = "my_package.longtail_plugin"``), imported whenever a config is validated.
+  ``my_plugin = "my_package.longtail_plugin"``), imported whenever a config is resolved
+  (``longtail.engine.build.resolve``, before any registered name is looked up).
 A value may also be ``module:function``: the module is imported and ``function()`` called once.
 
 A run records the plugins it was trained with in its config.yaml (``plugins``): ``--plugin`` modules, and the

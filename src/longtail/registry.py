@@ -1,9 +1,17 @@
-"""One small strict registry: names map to code in one place, filled at import time."""
+"""One small strict registry: names map to code in one place, filled at import time.
+
+A leaf module (no torch): the plugins register themselves with ``@METHODS.register("name")`` when their module is
+imported (``longtail.data``, ``longtail.models``, ``longtail.methods``; ``longtail.engine.build`` imports all three).
+``catalogue`` reads the same decorators from the source without importing anything, for ``longtail list``.
+"""
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import difflib
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Generic, TypeVar
 
 from longtail.errors import UserError
@@ -30,6 +38,20 @@ class Registry(Generic[T]):
         self.kind = kind
         self._items: dict[str, T] = {}
         self._help: dict[str, str] = {}
+        self._prefixes: dict[str, tuple[Callable[[str], T], str]] = {}  # "timm/" -> (name -> factory, help)
+
+    def register_prefix(self, prefix: str, resolve: Callable[[str], T], help: str = "") -> None:
+        """Names ``PREFIX<rest>`` resolve to ``resolve(rest)`` (a whole family from another library, e.g.
+        ``timm/<model>``); ``rest`` is passed as typed. ``resolve`` raises for a ``rest`` it does not know."""
+        if prefix in self._prefixes:
+            raise RegistryError(f"{self.kind} prefix '{prefix}' is already registered")
+        self._prefixes[prefix] = (resolve, help)
+
+    def _prefixed(self, name: str) -> tuple[Callable[[str], T], str] | None:
+        for prefix, (resolve, _) in self._prefixes.items():
+            if name.strip().startswith(prefix):
+                return resolve, name.strip()[len(prefix):]
+        return None
 
     def register(self, name: str, help: str = "") -> Callable[[T], T]:
         key = _canonical(name)
@@ -44,18 +66,32 @@ class Registry(Generic[T]):
 
         return deco
 
+    @contextlib.contextmanager
+    def temporarily(self, name: str, obj: T, help: str = "") -> Iterator[T]:
+        """Register ``obj`` as ``name`` for the ``with`` block only (a test's own plugin), then remove it again, so
+        the registry holds after the block exactly what it held before."""
+        self.register(name, help)(obj)
+        try:
+            yield obj
+        finally:
+            del self._items[_canonical(name)], self._help[_canonical(name)]
+
     def get(self, name: str) -> T:
+        if (hit := self._prefixed(name)) is not None:
+            resolve, rest = hit
+            return resolve(rest)
         key = _canonical(name)
         if key not in self._items:
             close = difflib.get_close_matches(key, list(self._items), n=3, cutoff=0.5)
             hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            fams = "".join(f", {p}<name>" for p in self._prefixes)
             raise RegistryError(
-                f"unknown {self.kind} '{name}'{hint} (known: {', '.join(sorted(self._items))})"
+                f"unknown {self.kind} '{name}'{hint} (known: {', '.join(sorted(self._items))}{fams})"
             )
         return self._items[key]
 
     def __contains__(self, name: str) -> bool:
-        return _canonical(name) in self._items
+        return _canonical(name) in self._items or self._prefixed(name) is not None
 
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(self._items))
@@ -65,7 +101,9 @@ class Registry(Generic[T]):
 
     def describe(self) -> dict[str, str]:
         """name -> one-line description, for `longtail list`."""
-        return {k: self._help[k] for k in sorted(self._items)}
+        out = {k: self._help[k] for k in sorted(self._items)}
+        out.update({f"{p}<name>": h for p, (_, h) in self._prefixes.items()})
+        return out
 
 
 DATASETS: Registry = Registry("dataset")
@@ -73,3 +111,40 @@ BACKBONES: Registry = Registry("backbone")
 HEADS: Registry = Registry("head")
 METHODS: Registry = Registry("method")
 SAMPLERS: Registry = Registry("sampler")
+# Measures of a trained run's features (``longtail eval RUN --feature-quality``): classes with a ``Config`` dataclass
+# of options and ``evaluate(train_feats, train_labels, test_feats, test_labels, num_classes, thresholds, cfg)``.
+FEATURE_EVALUATIONS: Registry = Registry("feature evaluation")
+
+
+def catalogue(root: Path | None = None) -> dict[str, dict[str, str]]:
+    """``{registry: {name: one-line help}}`` of every ``@REGISTRY.register("name"[, help])`` decorator and every
+    ``REGISTRY.register_prefix("prefix/", resolve[, help])`` call in the package's source (``root``: the
+    ``longtail`` folder), read with ``ast``: the registries' ``describe()`` as they are once the plugins are
+    imported (names sorted, then the ``prefix/<name>`` families), without importing them (and torch), so
+    ``longtail list`` starts at once. Keys are the registries' variable names (``METHODS``);
+    tests/test_layering.py checks that it equals the live registries."""
+
+    def text(args: list[ast.expr], keywords: list[ast.keyword]) -> str:
+        given = [*args, *(k.value for k in keywords if k.arg == "help")]
+        return given[0].value if given and isinstance(given[0], ast.Constant) else ""
+
+    root = Path(__file__).resolve().parent if root is None else root
+    items: dict[str, dict[str, str]] = {}
+    families: dict[str, dict[str, str]] = {}
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            if isinstance(node, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                for deco in node.decorator_list:
+                    if (isinstance(deco, ast.Call) and isinstance(deco.func, ast.Attribute)
+                            and deco.func.attr == "register" and isinstance(deco.func.value, ast.Name)
+                            and deco.args and isinstance(deco.args[0], ast.Constant)):
+                        doc = text(deco.args[1:2], deco.keywords)
+                        doc = doc or (ast.get_docstring(node) or "").strip().split("\n")[0]  # as register() does
+                        items.setdefault(deco.func.value.id, {})[_canonical(deco.args[0].value)] = doc
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                  and node.func.attr == "register_prefix" and isinstance(node.func.value, ast.Name)
+                  and node.args and isinstance(node.args[0], ast.Constant)):
+                families.setdefault(node.func.value.id, {})[f"{node.args[0].value}<name>"] = text(node.args[2:3],
+                                                                                                  node.keywords)
+    return {reg: {**dict(sorted(items.get(reg, {}).items())), **families.get(reg, {})}
+            for reg in sorted(items.keys() | families.keys())}

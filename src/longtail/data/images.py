@@ -6,7 +6,6 @@ import warnings
 from pathlib import Path
 
 import torch
-from torchvision.io import ImageReadMode, decode_image
 
 from longtail.data.base import DataError
 
@@ -20,6 +19,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 
 def decode_bytes(data: bytes, name: str) -> torch.Tensor:
     """(3, H, W) uint8 RGB from encoded image bytes; DataError naming ``name`` if it cannot be decoded."""
+    # Imported here, not at the top: torchvision loads torch._dynamo and sympy (about a second), which registering
+    # the datasets (`longtail list`, config checks) does not need. After the first image it is a dict lookup.
+    from torchvision.io import ImageReadMode, decode_image
+
     if not data:
         raise DataError(f"{name}: empty image file; delete it or replace it with a valid image")
     try:

@@ -15,7 +15,13 @@ from longtail.evaluation.metrics import ShotThresholds, classification_metrics
 from longtail.methods import Method
 
 
-def thresholds_of(cfg: EvalConfig) -> ShotThresholds:
+def thresholds_of(cfg: EvalConfig, train_counts: torch.Tensor | None = None) -> ShotThresholds:
+    """The shot thresholds of ``cfg``: fixed (``many_above`` / ``few_below``) or, with ``shots=auto``, the
+    terciles of ``train_counts`` (required then)."""
+    if cfg.shots == "auto":
+        if train_counts is None:
+            raise ValueError("eval.shots=auto needs the training class counts")
+        return ShotThresholds.from_counts(train_counts)
     return ShotThresholds(cfg.many_above, cfg.few_below, cfg.inclusive)
 
 
@@ -86,18 +92,18 @@ def evaluate_split(
 ) -> dict:
     """Metrics dict of one split (see ``classification_metrics``); identical on every rank under DDP.
 
-    For a method that routes samples (``Method.routes``), also ``routes``: per route its sample count, top1,
-    many / medium / few, MCC and NMI on the samples it answered, and the share of each class it answered
-    (DLSA's per-stage report; see ``route_breakdown``).
+    For a method that routes samples (non-empty ``Method.route_names``), also ``routes``: per route its sample
+    count, top1, many / medium / few, MCC and NMI on the samples it answered, and the share of each class it
+    answered (DLSA's per-stage report; see ``route_breakdown``).
     """
     s = loader.ds.splits[split]
-    if type(method).routes is Method.routes:
+    if not method.route_names:
         scores, targets = predict_split(method, loader, split, cfg.batch_size, amp, channels_last, dist)
         return classification_metrics(
             scores.argmax(1),
             targets,
             loader.ds.train_counts(),
-            thresholds_of(cfg),
+            thresholds_of(cfg, loader.ds.train_counts()),
             attributes=s.attributes,
             class_groups=loader.ds.class_groups,
         )
@@ -114,12 +120,13 @@ def evaluate_split(
         preds,
         targets,
         loader.ds.train_counts(),
-        thresholds_of(cfg),
+        thresholds_of(cfg, loader.ds.train_counts()),
         attributes=s.attributes,
         class_groups=loader.ds.class_groups,
     )
     out["routes"] = route_breakdown(
-        routes, preds, targets, method.route_names, loader.ds.train_counts(), thresholds_of(cfg)
+        routes, preds, targets, method.route_names, loader.ds.train_counts(),
+        thresholds_of(cfg, loader.ds.train_counts())
     )
     return out
 
@@ -214,10 +221,28 @@ def sweep_option(
     Returns rows ``{option: value, top1, many, medium, few, precision}`` (``keys``: which metrics); the option
     is restored after. Under DDP (``dist``) the features are gathered, so every rank computes the same rows.
     """
+    _check_option(method, option)
+    feats, targets = extract_features(method, loader, split, cfg.batch_size, amp, channels_last, dist)
+    return _sweep_features(method, feats, targets, loader, option, values, cfg, keys)
+
+
+def _check_option(method: Method, option: str) -> None:
     if not hasattr(method.cfg, option):
         known = ", ".join(f for f in vars(method.cfg))
         raise UsageError(f"method '{type(method).__name__}' has no option '{option}' (options: {known or 'none'})")
-    feats, targets = extract_features(method, loader, split, cfg.batch_size, amp, channels_last, dist)
+
+
+def _sweep_features(
+    method: Method,
+    feats: torch.Tensor,
+    targets: torch.Tensor,
+    loader: Loader,
+    option: str,
+    values: list[float],
+    cfg: EvalConfig,
+    keys: tuple[str, ...],
+) -> list[dict]:
+    """``sweep_option``'s rows from (N, D) features already extracted (on the CPU) and their (N,) targets."""
     counts = loader.ds.train_counts()
     old = getattr(method.cfg, option)
     was = method.training
@@ -232,7 +257,7 @@ def sweep_option(
                     for i in range(0, len(feats), cfg.batch_size)
                 ]
             )
-            m = classification_metrics(preds, targets, counts, thresholds_of(cfg))
+            m = classification_metrics(preds, targets, counts, thresholds_of(cfg, counts))
             rows.append({option: v, **{k: m[k] for k in keys}})
     finally:
         setattr(method.cfg, option, old)
@@ -277,3 +302,58 @@ def choose_on_val(
         "score": rows[best][CHOICE_METRIC],
         "curve": rows,
     }
+
+
+def check_off_values(
+    method: Method,
+    loader: Loader,
+    cfg: EvalConfig,
+    amp: bool = True,
+    channels_last: bool = False,
+    dist: DistInfo | None = None,
+    choices: list[dict] | None = None,
+) -> list[dict]:
+    """Does the method's prediction-time correction (``Method.off_values``) help on the val split?
+
+    For each such option: the val ``mean_class_acc`` (and top1) at the value the method predicts with (configured,
+    chosen on val, or TDE's auto) and at the off value, from one pass of features; ``hurts`` when the value scores
+    below the off value, or when ``OPTION: val`` chose the off value itself (no other grid value scored above it:
+    ``choices``, the ``chosen_on_val`` records, give its curve). ``warning`` is then one line with both numbers
+    and the method's ``diagnostics`` summary; ``diagnostics`` holds the full statistics. [] without a val split.
+    """
+    if not method.off_values or "val" not in loader.ds.splits:
+        return []
+    feats, targets = extract_features(method, loader, "val", cfg.batch_size, amp, channels_last, dist)
+    out = []
+    for option, (off, off_name) in method.off_values.items():
+        _check_option(method, option)
+        configured = getattr(method.cfg, option)
+        value = method.option(option)
+        rows = _sweep_features(method, feats, targets, loader, option, [value, off], cfg, (CHOICE_METRIC, "top1"))
+        score, off_score = rows[0][CHOICE_METRIC], rows[1][CHOICE_METRIC]
+        how = {"val": "chosen on val", "auto": "auto"}.get(configured, "configured") if isinstance(configured, str) \
+            else "configured"
+        rec = {"option": option, "value": value, "how": how, "off_value": off, "off_name": off_name, "split": "val",
+               "metric": CHOICE_METRIC, "score": score, "off_score": off_score, "top1": rows[0]["top1"],
+               "off_top1": rows[1]["top1"], "hurts": False}
+        if score is not None and off_score is not None and score < off_score:
+            rec["hurts"] = True
+            rec["warning"] = (f"method.{option}={value:g} ({how}) scores {score:.2f} {CHOICE_METRIC} on val, below "
+                              f"{off_score:.2f} at {option}={off:g} ({off_name}): the correction costs accuracy on "
+                              f"this data; predict with method.{option}={off:g} or method.{option}=val")
+        elif configured == "val" and value == off:
+            curve = next((c["curve"] for c in reversed(choices or []) if c.get("option") == option), [])
+            others = [r for r in curve if r[option] != off and r.get(CHOICE_METRIC) is not None]
+            best = max(others, key=lambda r: r[CHOICE_METRIC], default=None)
+            rec["hurts"] = True
+            other = f"; the best other, {option}={best[option]:g}, {best[CHOICE_METRIC]:.2f}" if best else ""
+            rec["warning"] = (f"method.{option}=val chose {option}={off:g}: no other value of {option}_grid scored "
+                              f"above {off_name} on val ({off_score:.2f} {CHOICE_METRIC}{other}), so this run predicts "
+                              f"as {off_name}: the correction does not help on this data")
+        diag = method.diagnostics(feats, targets, loader.ds.class_names)
+        if diag:
+            rec["diagnostics"] = diag
+            if rec["hurts"] and diag.get("summary"):
+                rec["warning"] += f". On val: {diag['summary']}"
+        out.append(rec)
+    return out

@@ -105,6 +105,8 @@ def record(model: TrainedModel, fmt: str, input: str, out: Path) -> dict:
         "mean": info.mean,
         "std": info.std,
         "method": dict(last),
+        # the values it predicts with, baked in: a configured number, the one chosen on val (OPTION: val), or auto's
+        "prediction_options": {o: model.method.option(o) for o in model.method.val_options},
         "dataset": info.dataset,
         "train_counts": info.train_counts,
         "run": str(model.run_dir.resolve()),

@@ -16,19 +16,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from longtail.config import (
-    ConfigError,
-    RunConfig,
-    StageConfig,
-    absolute_paths,
-    build_config,
-    load_raw,
-    save_yaml,
-    to_dict,
-)
+from longtail.config import ConfigError, RunConfig, StageConfig, absolute_paths, load_raw, save_yaml, to_dict
 from longtail.data import LTDataset, create_dataset
 from longtail.data.loaders import Loader
 from longtail.data.samplers import create_sampler, shard
+from longtail.engine.build import build_config, resolve
 from longtail.engine.checkpoint import load_checkpoint, model_state, save_checkpoint
 from longtail.engine.distributed import (
     DistInfo,
@@ -42,7 +34,7 @@ from longtail.engine.distributed import (
     init_distributed,
     shutdown,
 )
-from longtail.engine.evaluate import autocast, choose_on_val, evaluate_split, thresholds_of
+from longtail.engine.evaluate import autocast, check_off_values, choose_on_val, evaluate_split, thresholds_of
 from longtail.engine.record import inference_record
 from longtail.engine.schedule import lr_at
 from longtail.errors import WRITE_ERRNOS, CheckpointError, MissingFileError, TrainingError, UsageError, write_error
@@ -150,7 +142,8 @@ def build_stage_method(
         world_size=dist.world_size,
         rank=dist.rank,
         stage=st,
-        extras={"dataset": ds, "loader": loader},
+        dataset=ds,
+        loader=loader,
     )
     method = create_method(st.method, model, ctx).to(device)
     return method, ctx
@@ -176,7 +169,7 @@ def _set_lr(opt: torch.optim.Optimizer, st: StageConfig, t: float) -> float:
     lr = lr_at(st.optim.lr, st.schedule, st.epochs, t)
     for g in opt.param_groups:
         if not g.get("fixed_lr", False):  # e.g. IFL's centres: their own constant lr
-            g["lr"] = lr * g.get("lr_scale", 1.0)
+            g["lr"] = lr
     return lr
 
 
@@ -203,7 +196,7 @@ def _choose_options(
     for option, grid in method.options_to_choose().items():
         choice = choose_on_val(method, loader, option, grid, cfg.eval, cfg.amp, channels_last, dist)
         method.set_chosen(option, choice["value"])
-        broadcast_from_main(getattr(method, f"chosen_{option}"))  # DDP: one value, rank 0's
+        broadcast_from_main(method.chosen_buffer(option))  # DDP: one value, rank 0's
         log.info(
             "stage %s: %s=%g chosen on val (%s %.2f); curve: %s",
             st.name,
@@ -218,6 +211,35 @@ def _choose_options(
         )
         out.append({"stage": st.name, **choice})
     return out
+
+
+def val_split_hint(ds: LTDataset) -> str:
+    """How to give a run of this dataset a val split."""
+    if ds.name in ("cifar10_lt", "cifar100_lt"):
+        return "set data.val_per_class (e.g. 100: CIFAR images the long-tailed subset left out) or data.val_fraction"
+    return "set data.val_fraction (e.g. 0.1, held out of train per class)"
+
+
+def _options_without_val(cfg: RunConfig, ds: LTDataset) -> list[str]:
+    """A run without a val split: an ``OPTION: val`` with a ``<option>_fallback`` becomes that value in the run's
+    config (saved so, so `longtail eval` predicts the same); one without a fallback is refused. Returns the notes
+    said (logged, and printed at the end of `longtail train`)."""
+    notes = []
+    for st in cfg.stages:
+        for option, fallback in METHODS.get(st.method["name"]).fallbacks_without_val(st.method).items():
+            if fallback is None:
+                raise ConfigError(
+                    f"stage '{st.name}': method.{option}=val is chosen on a validation split and this "
+                    f"run has none (never on test): {val_split_hint(ds)}"
+                )
+            st.method[option] = fallback
+            notes.append(
+                f"stage {st.name}: method.{option}=val is chosen on a validation split and this run has none (never "
+                f"on test), so it predicts with method.{option}_fallback={fallback}; to choose {option} on val, "
+                f"{val_split_hint(ds)}"
+            )
+            log.warning(notes[-1])
+    return notes
 
 
 def _init_checkpoint(init_from: str) -> Path:
@@ -314,6 +336,9 @@ def train(
 ) -> Path:
     """Train a recipe, evaluate it, and write a complete run folder. Returns the run folder.
 
+    ``cfg`` is resolved first (``longtail.engine.build.resolve``: registered names checked, method options completed);
+    the run works on that copy and leaves the caller's object as it is.
+
     With ``resume=True``, ``out`` names an existing run folder; training continues from its last
     checkpoint with its saved config (and ends at the same weights as an uninterrupted run on in-memory data
     with batch augmentation; not yet exactly with DataLoader workers, per-image augmentation or mixup).
@@ -340,7 +365,7 @@ def train(
         saved.pop("meta", None)
         cfg = build_config(saved)
     else:
-        cfg = cfg or build_config({})
+        cfg = resolve(cfg) if cfg is not None else build_config({})  # a copy: the caller's config is left as it is
         _check_stages_train(cfg)
         _resolve_init_paths(cfg)  # before anything trains: a wrong path fails now, not after stage 1
         absolute_paths(cfg)  # config.yaml names the same files from any working directory
@@ -404,13 +429,9 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
     loader = Loader(ds, device, cfg.data.augment, cfg.data.num_workers, cfg.data.fast_path)
     if cfg.eval.select == "best_val" and "val" not in ds.splits:
         raise ConfigError("eval.select=best_val needs a validation split: set data.val_fraction (never select on test)")
-    for st in cfg.stages:  # before anything trains: an option chosen on val needs a val split
-        on_val = METHODS.get(st.method["name"]).options_on_val(st.method)
-        if on_val and "val" not in ds.splits:
-            raise ConfigError(
-                f"stage '{st.name}': method.{on_val[0]}=val is chosen on a validation split and this "
-                f"run has none (never on test): set data.val_per_class (CIFAR-LT) or data.val_fraction"
-            )
+    notes = []  # for the user at the end of `longtail train`: metrics.json "notes"
+    if "val" not in ds.splits:  # before anything trains: an option chosen on val needs a val split
+        notes += _options_without_val(cfg, ds)
     model = create_model(cfg.model, ds.num_classes).to(device)
     channels_last = cfg.model.channels_last
     if channels_last:
@@ -468,7 +489,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                 train_fn = torch.compile(train_fn)
             local_batch = st.batch_size // dist.world_size
             sampler = create_sampler(
-                method.sampler_name(st.sampler),
+                st.sampler,
                 ds.train.targets,
                 ds.num_classes,
                 seed=_epoch_seed(cfg.seed, si, 0),
@@ -648,6 +669,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
             choices = [c for c in choices if c["stage"] != last.name]
             choices += _choose_options(method, last, loader, cfg, channels_last, dist)
     metrics = evaluate_run(method, loader, cfg, channels_last, dist=dist)
+    checks = check_off_values(method, loader, cfg.eval, cfg.amp, channels_last, dist, choices)
     if main:
         # With what prediction needs besides the weights (class names, input size, normalisation, counts), so
         # load_model / predict / export never read the training data.
@@ -656,6 +678,17 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
         metrics["selected"] = selected
         if choices:
             metrics["chosen_on_val"] = choices
+        if checks:
+            metrics["off_value_check"] = checks
+        for c in checks:
+            if c.get("warning"):
+                log.warning(c["warning"])
+        if method.off_values and "val" not in ds.splits and not notes:
+            notes.append(f"this run has no val split, so whether {', '.join(f'method.{o}' for o in method.off_values)} "
+                         f"helps on this data is not checked (never on test); {val_split_hint(ds)}")
+            log.info(notes[-1])
+        if notes:
+            metrics["notes"] = notes
         metrics["train_seconds"] = round(time.time() - t0, 1)
         metrics["epoch_timing"] = timing
         if dist.enabled:
@@ -684,6 +717,18 @@ def evaluate_run(
         if split in results:
             results[split].setdefault("protocols", []).append(protocol)
     extra = {"method_report": rep} if (rep := method.report()) else {}
+    if ds.class_groups is None:
+        thresholds = thresholds_of(cfg.eval, ds.train_counts())
+        if small := thresholds.small_groups(ds.train_counts()):
+            # a "mean over the group" of one class (or none) reads like a group figure and is not one
+            extra["small_shot_groups"] = small
+            fix = ("too few classes for three groups" if cfg.eval.shots == "auto" else
+                   "set eval.shots=auto (terciles of the class counts) or eval.many_above / eval.few_below")
+            if dist is None or dist.rank == 0:
+                log.warning(
+                    "shot groups with fewer than two classes (%s) under %s: their many / medium / few figures "
+                    "are single classes or none; %s", ", ".join(f"{k}: {v}" for k, v in small.items()),
+                    thresholds.describe(), fix)
     return {
         "splits": results,
         "protocols": {p: s for p, s in ds.protocols.items() if s in results},
@@ -695,7 +740,7 @@ def evaluate_run(
         "thresholds": (
             describe_class_groups(ds.class_groups)
             if ds.class_groups is not None
-            else thresholds_of(cfg.eval).describe()
+            else thresholds_of(cfg.eval, ds.train_counts()).describe()
         ),
         "finished": datetime.now().isoformat(timespec="seconds"),
         **extra,

@@ -13,19 +13,20 @@ import dataclasses
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from longtail.config import RunConfig, build_config, load_raw
+from longtail.config import RunConfig, load_raw
 from longtail.data import LTDataset, create_dataset
 from longtail.data.images import IMAGE_EXTENSIONS, read_image
 from longtail.data.loaders import Loader
+from longtail.engine.build import build_config
 from longtail.engine.checkpoint import load_checkpoint
-from longtail.engine.evaluate import autocast, thresholds_of
+from longtail.engine.evaluate import autocast, choose_on_val, thresholds_of
 from longtail.engine.fit import build_stage_method, state_mismatch
 from longtail.engine.record import InferenceInfo
 from longtail.errors import CheckpointError, ConfigError, DataError, MissingFileError, UsageError, UserError
@@ -122,6 +123,9 @@ class TrainedModel:
     info: InferenceInfo
     method: Method
     device: torch.device
+    # ``chosen_on_val`` records of options chosen when the run was loaded (see ``TrainedRun.choices``); the values
+    # are in the method's ``chosen_<option>`` buffers, so predict and export use them.
+    choices: list[dict] = field(default_factory=list)
 
     @property
     def class_names(self) -> list[str]:
@@ -177,7 +181,9 @@ class TrainedModel:
 
 def load_model(run_dir: str | Path, overrides: list[str] | None = None, device: str | None = None) -> TrainedModel:
     """A finished run's model from its folder alone: ``config.yaml`` and ``checkpoints/final.pt``; the training
-    data is never read (for a run written before final.pt held its inference record, it is, once, with a note).
+    data is never read (for a run written before final.pt held its inference record, it is, once, with a note; and
+    so it is when ``overrides`` set an option to ``val`` that the checkpoint holds no choice for, to choose it on
+    the val split). An option the run chose on val is predicted and exported with the value it chose.
 
     ``overrides`` (``method.X=V``) change prediction-time settings, e.g. ``method.alpha=2``; they must not change
     the architecture (the weights are loaded strictly).
@@ -194,7 +200,43 @@ def load_model(run_dir: str | Path, overrides: list[str] | None = None, device: 
     else:
         info = InferenceInfo.from_dict(record, str(final))
     method = _build_method(cfg, info, dev, final, overrides)
-    return TrainedModel(run_dir, cfg, info, method, dev)
+    choices = []
+    if _unchosen(method):  # e.g. --set method.alpha=val on a run trained with a number: only its val split can say
+        if ds is None:
+            ds = _dataset_to_choose(run_dir, cfg, _unchosen(method))
+        choices = choose_unchosen(method, cfg, Loader(ds, dev, cfg.data.augment, cfg.data.num_workers,
+                                                      cfg.data.fast_path))
+    return TrainedModel(run_dir, cfg, info, method, dev, choices)
+
+
+def _unchosen(method: Method) -> list[str]:
+    """The options the method predicts with as chosen on val whose checkpoint holds no choice (NaN)."""
+    return [option for option in method.options_to_choose() if method.chosen_buffer(option).isnan()]
+
+
+def choose_unchosen(method: Method, cfg: RunConfig, loader: Loader) -> list[dict]:
+    """Choose every ``_unchosen`` option on the run's val split (never on test) and store it in the method's
+    ``chosen_<option>`` buffer, which predict and export read; returns the ``chosen_on_val`` records."""
+    choices = []
+    for option, grid in method.options_to_choose().items():
+        if method.chosen_buffer(option).isnan():
+            choice = choose_on_val(method, loader, option, grid, cfg.eval, cfg.amp)
+            method.set_chosen(option, choice["value"])
+            choices.append({"stage": cfg.stages[-1].name, **choice})
+    return choices
+
+
+def _dataset_to_choose(run_dir: Path, cfg: RunConfig, options: list[str]) -> LTDataset:
+    opts = ", ".join(f"method.{o}=val" for o in options)
+    log.warning("%s: %s and its checkpoint holds no value chosen on val, so it is chosen now on the run's val split "
+                "(%s, data.root=%s); give a number (--set method.%s=V) to predict without the data",
+                run_dir, opts, cfg.data.name, cfg.data.root, options[0])
+    try:
+        return create_dataset(cfg.data)
+    except UserError as e:
+        raise DataError(f"{run_dir}: {opts} is chosen on the run's val split (its checkpoint holds no chosen value), "
+                        f"whose data cannot be read here: {e}; give a number instead: --set method.{options[0]}=V"
+                        ) from None
 
 
 def _dataset_for_old_run(run_dir: Path, cfg: RunConfig) -> LTDataset:
@@ -218,6 +260,9 @@ class TrainedRun:
     loader: Loader
     method: Method
     model: TrainedModel | None = None
+    # Options set to "val" by the overrides of a run whose checkpoint holds no choice for them, chosen on its val
+    # split when it was loaded (records as metrics.json's ``chosen_on_val``; never on test).
+    choices: list[dict] = field(default_factory=list)
 
 
 def load_trained(run_dir: str | Path, overrides: list[str] | None = None, device: str | None = None) -> TrainedRun:
@@ -239,7 +284,9 @@ def load_trained(run_dir: str | Path, overrides: list[str] | None = None, device
                         f"data.root={cfg.data.root}) now has {ds.num_classes}; point data.root at the data it was "
                         f"trained on")
     method = _build_method(cfg, info, dev, final, overrides, ds, loader)
-    return TrainedRun(run_dir, cfg, ds, loader, method, TrainedModel(run_dir, cfg, info, method, dev))
+    choices = choose_unchosen(method, cfg, loader)
+    return TrainedRun(run_dir, cfg, ds, loader, method, TrainedModel(run_dir, cfg, info, method, dev, choices),
+                      choices)
 
 
 def protocol_split(ds, protocol: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,19 @@ class ShotThresholds:
         else:
             many, few = n > self.many_above, n < self.few_below
         return {"many": many, "medium": ~many & ~few, "few": few}
+
+    @classmethod
+    def from_counts(cls, train_counts: torch.Tensor) -> ShotThresholds:
+        """``eval.shots=auto``: thresholds at the terciles of the class counts, so that on any data roughly a
+        third of the classes is many-shot and a third few-shot (fixed 100 / 20 thresholds put every class of a
+        small dataset in one group). many > the 2/3 quantile, few < the 1/3 quantile (linear interpolation)."""
+        n = torch.as_tensor(train_counts).double()
+        lo, hi = torch.quantile(n, torch.tensor([1 / 3, 2 / 3], dtype=torch.float64)).tolist()
+        return cls(many_above=int(hi), few_below=int(math.ceil(lo)), inclusive=False)
+
+    def small_groups(self, train_counts: torch.Tensor) -> dict[str, int]:
+        """The groups with fewer than two classes (name -> class count): their 'mean' is one class or none."""
+        return {k: int(m.sum()) for k, m in self.groups(torch.as_tensor(train_counts)).items() if int(m.sum()) < 2}
 
     def describe(self) -> str:
         if self.inclusive:

@@ -301,11 +301,13 @@ def plot_per_attribute(
     return _save(fig, path)
 
 
-def plot_sweep(rows: Sequence[dict], x_key: str, path: str | Path, title: str = "") -> Path:
-    """Lines of many / medium / few / top1 accuracy (%) against ``x_key`` (e.g. an alpha or tau sweep).
+def plot_sweep(rows: Sequence[dict], x_key: str, path: str | Path, title: str = "",
+               chosen: float | None = None) -> Path:
+    """Lines of many / medium / few / top1 accuracy (%) against ``x_key`` (e.g. an alpha or tau sweep), and of
+    mean per-class accuracy when the rows have it (what ``OPTION: val`` chooses by).
 
     Rows are sorted by x; a None value leaves a gap. Non-numeric x values are placed in order as
-    categories.
+    categories. ``chosen``: an x value marked by a vertical line (the value chosen on val).
     """
     if not rows:
         raise ValueError("plot_sweep needs at least one row")
@@ -328,6 +330,13 @@ def plot_sweep(rows: Sequence[dict], x_key: str, path: str | Path, title: str = 
         ax.plot(xs, ys, color=colour, marker=marker, ms=5, lw=1.8 if k == "top1" else 1.4,
                 ls="--" if k == "top1" else "-", label=SHOT_LABELS[k])
         drawn += 1
+    if any("mean_class_acc" in r for r in rows):
+        ax.plot(xs, np.array([_val(r.get("mean_class_acc")) for r in rows]), color="C0", marker="v", ms=5, lw=1.8,
+                label="mean per-class")
+        drawn += 1
+    if chosen is not None and numeric:
+        ax.axvline(float(chosen), color="0.4", lw=1.0, ls=":", label=f"chosen {x_key}={chosen:g}")
+        drawn += 1
     if not numeric:
         ax.set_xticks(xs)
         ax.set_xticklabels([str(r[x_key]) for r in rows])
@@ -349,8 +358,9 @@ def save_run_plots(run_dir: str | Path, metrics: dict) -> list[Path]:
 
     Per split: ``per_class_<split>.png`` (when per-class accuracies and ``train_counts`` are known),
     ``confusion_<split>.png`` (when the split has a confusion matrix) and ``per_attribute_<split>.png``
-    (when it has per-attribute accuracies); plus one ``shots.png`` comparing all splits. Returns the
-    written paths.
+    (when it has per-attribute accuracies); plus one ``shots.png`` comparing all splits, and for every
+    prediction-time option chosen on val (``chosen_on_val``) its val curve, ``chosen_<option>_<stage>.png``.
+    Returns the written paths.
     """
     run_dir = Path(run_dir)
     out_dir = run_dir / "plots"
@@ -387,4 +397,10 @@ def save_run_plots(run_dir: str | Path, metrics: dict) -> list[Path]:
     if shot_results:
         written.append(plot_shot_bars(shot_results, out_dir / "shots.png",
                                       title=f"{run}: accuracy by shot group"))
+    for c in metrics.get("chosen_on_val") or []:
+        if isinstance(c, dict) and c.get("curve") and c.get("option"):
+            name = f"chosen_{_safe_name(c['option'])}_{_safe_name(str(c.get('stage', '')))}.png"
+            written.append(plot_sweep(c["curve"], c["option"], out_dir / name, chosen=c.get("value"),
+                                      title=f"{run}: {c['option']} on val (chosen {c['option']}={c.get('value'):g}, "
+                                            f"best {c.get('metric', 'mean_class_acc')})"))
     return written

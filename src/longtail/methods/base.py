@@ -3,19 +3,44 @@
 The fit loop never asks which method it runs; everything varies through these hooks. Method state
 (a head direction, class centres, flow parameters) lives in registered buffers/parameters of the
 Method, so ``state_dict()`` saves it together with the model weights it belongs to.
+
+The contract (what the engine calls; everything has a default, a method overrides what differs):
+
+- ``Config``: the method's own options, a strict dataclass (``stages[].method`` in a recipe).
+- class attributes ``requires_head`` (a head the method needs; checked by ``engine.build``), ``trains`` (whether
+  its stage's epochs optimise ``param_groups()``), ``val_options`` (prediction-time options chosen on val).
+- training: ``forward(images, targets) -> {'loss', 'logits'}`` (with ``loss``), ``param_groups()``,
+  ``train_sampler(sampler, batch_size)`` and ``on_train_batch(step, sample_ids)`` (a method that resamples or
+  tracks samples: IFL).
+- the stage: ``on_stage_start(ctx)``, ``on_epoch_start(epoch, ctx)``, ``on_stage_end(ctx)``; ``ctx`` is a
+  ``MethodContext``, whose typed ``dataset`` and ``loader`` give a method the run's data (no untyped extras).
+- prediction: ``predict(images)`` / ``predict_features(feats)``; a method that routes each sample to one of several
+  classifiers (DLSA's cascade) names its routes in ``route_names`` and returns them from ``routes(feats)``, and the
+  evaluation reports every route. ``inference_module()``: ``predict`` as one traceable module (what ``longtail
+  export`` writes; a routing method returns a dense equivalent). ``report()``: JSON-able facts for metrics.json.
+
+Changes to this contract stay small and are listed here: ``MethodContext.extras`` became the typed fields
+``dataset`` / ``loader`` and ``stage`` is a ``StageConfig``; the unused ``sampler_name`` hook is gone (a stage
+trains with its configured sampler); the engine tells a routing method by a non-empty ``route_names``;
+``inference_module`` was added for export (default: ``predict``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from longtail.config import StageConfig
 from longtail.errors import CheckpointError
 from longtail.models import Classifier
+
+if TYPE_CHECKING:  # annotations only: the loader module imports torchvision
+    from longtail.data.base import LTDataset
+    from longtail.data.loaders import Loader
 
 
 @dataclass
@@ -29,11 +54,14 @@ class MethodContext:
     device: torch.device
     world_size: int = 1
     rank: int = 0
-    stage: Any = None  # the StageConfig
+    stage: StageConfig | None = None  # this stage's config (None: a method built outside a run)
     lr: float = 0.0  # the learning rate at the start of the current epoch (set by the engine)
-    # e.g. the dataset and loader ("dataset", "loader"), for methods that fit on them; empty when a finished run is
-    # loaded for prediction (load_model), so read them in on_stage_start / on_stage_end, or with .get in __init__
-    extras: dict = field(default_factory=dict)
+    # The run's data (None: a method built outside a run, e.g. in a unit test, or a finished run loaded for
+    # prediction by load_model, which never reads the data: read them in on_stage_start / on_stage_end, or allow
+    # None in __init__). dataset: its splits and training targets (IFL's environments); loader: batches of any
+    # split on the run's device (methods that fit on features).
+    dataset: LTDataset | None = None
+    loader: Loader | None = None
 
 
 def check_val_option(name: str, value: Any, grid: list[float]) -> None:
@@ -51,8 +79,15 @@ class Method(nn.Module):
     # Prediction-time options (Config fields) a recipe may set to "val": when the stage ends the engine sweeps the
     # option over the Config field ``<option>_grid`` on the run's val split (one pass of features), keeps the value
     # with the best mean per-class accuracy and stores it here in the buffer ``chosen_<option>``, so the stage
-    # checkpoint and final.pt carry it. Such an option is read with ``self.option(name)``.
+    # checkpoint and final.pt carry it. Such an option is read with ``self.option(name)``. When the Config also has a
+    # field ``<option>_fallback``, a run without a val split predicts with that value instead (the engine writes it
+    # into the run's config and says how to get a val split); without one such a run is refused before training.
     val_options: tuple[str, ...] = ()
+    # Prediction-time options with a value that turns the method's prediction-time correction off, {option: (value,
+    # what predicting at that value is)}, e.g. TDE's {"alpha": (0.0, "De-confound")}. When the run has a val split,
+    # the end of training and `longtail eval` compare the val score at the option's value with the one at the off
+    # value and warn when the correction costs accuracy (``engine.evaluate.check_off_values``).
+    off_values: dict[str, tuple[float, str]] = {}
     # Whether the stage's epochs optimise ``param_groups()``. False for post-hoc methods, whose stage has
     # epochs 0 (they fit statistics, or train inside ``on_stage_start``); for the others train() refuses
     # epochs 0 without init_from, which would train nothing and report their starting weights.
@@ -78,6 +113,11 @@ class Method(nn.Module):
         """The options a method spec (``{'name': ..., option: value}``) sets to "val" (checked before training)."""
         return [name for name in cls.val_options if opts.get(name) == "val"]
 
+    @classmethod
+    def fallbacks_without_val(cls, opts: dict) -> dict[str, Any]:
+        """{option: its ``<option>_fallback``} for the options a method spec sets to "val" (None: no fallback)."""
+        return {name: opts.get(f"{name}_fallback") for name in cls.options_on_val(opts)}
+
     def options_to_choose(self) -> dict[str, list[float]]:
         """{option: grid} of the options this method chooses on val when its stage ends."""
         return {n: [float(v) for v in getattr(self.cfg, f"{n}_grid")] for n in self.options_on_val(vars(self.cfg))}
@@ -94,7 +134,11 @@ class Method(nn.Module):
         return float(chosen)
 
     def set_chosen(self, name: str, value: float) -> None:
-        getattr(self, f"chosen_{name}").fill_(value)
+        self.chosen_buffer(name).fill_(value)
+
+    def chosen_buffer(self, name: str) -> torch.Tensor:
+        """The () float64 buffer that holds the value chosen on val for option ``name`` (NaN until chosen)."""
+        return getattr(self, f"chosen_{name}")
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         # A run whose option was chosen on val re-evaluated at a fixed value (eval --set method.tau=0.5) has no
@@ -164,8 +208,15 @@ class Method(nn.Module):
 
     @property
     def route_names(self) -> list[str]:
-        """Names of the routes ``routes`` returns (index = route id)."""
+        """Names of the routes ``routes`` returns (index = route id); empty (the default): the method does not
+        route, and evaluation scores its predictions directly."""
         return []
+
+    def diagnostics(self, feats: torch.Tensor, targets: torch.Tensor, class_names: list[str] | None = None) -> dict:
+        """JSON-able statistics of (N, D) features of a split and their (N,) labels that explain the method's
+        prediction-time behaviour (TDE: how features and class weights lie along the head direction); default:
+        none. A ``summary`` entry (one line) is added to the warning when a prediction-time correction hurts."""
+        return {}
 
     def report(self) -> dict:
         """JSON-able facts the method chose or measured while training (a tuned value, a selected epoch,
@@ -176,10 +227,6 @@ class Method(nn.Module):
     def param_groups(self) -> list[dict]:
         """Parameters the optimiser updates; default: every trainable one."""
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]
-
-    def sampler_name(self, configured: str) -> str:
-        """The sampler this method trains with; default: the stage's configured one."""
-        return configured
 
     def train_sampler(self, sampler: Any, batch_size: int) -> Any:
         """The Sampler this stage trains with, given the configured one and the global batch size; default:

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from longtail.engine.distributed import broadcast_from_main
+from longtail.dist import broadcast_from_main
 from longtail.methods.base import Method, MethodContext, check_val_option
 from longtail.methods.losses import logit_adjusted_loss
 from longtail.models import Classifier
@@ -73,9 +73,6 @@ class ClassifierRetraining(_FrozenBackbone):
         # A fresh classifier, in __init__ so that a reloaded cRT model has the same architecture.
         head = LinearHead(model.feature_dim, ctx.num_classes, bias=True)
         model.reset_classifier(head.to(next(model.backbone.parameters()).device))
-
-    def sampler_name(self, configured: str) -> str:
-        return configured  # recipes set class_balanced; an explicit choice is respected
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if self.cfg.loss == "balanced_softmax":
@@ -169,7 +166,7 @@ class NearestClassMean(_FrozenBackbone):
         return F.normalize(feats - self.feature_mean, dim=1, eps=1e-12)
 
     def on_stage_start(self, ctx: MethodContext) -> None:
-        feats, labels = self.split_features(ctx.extras["loader"], "train")
+        feats, labels = self.split_features(ctx.loader, "train")
         self.feature_mean.copy_(feats.mean(0))
         z = self._cl2n(feats)
         sums = torch.zeros_like(self.centroids).index_add_(0, labels, z)

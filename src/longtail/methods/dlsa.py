@@ -37,12 +37,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from longtail.engine.distributed import broadcast_from_main, object_from_main
+from longtail.dist import broadcast_from_main, object_from_main
 from longtail.errors import ConfigError, DataError, TrainingError
 from longtail.methods.base import MethodContext
 from longtail.methods.decoupling import _FrozenBackbone
 from longtail.models import Classifier
-from longtail.registry import METHODS
+from longtail.models.heads import LinearHead
+from longtail.registry import FEATURE_EVALUATIONS, METHODS
 
 log = logging.getLogger("longtail")
 
@@ -944,16 +945,16 @@ class DLSA(_FrozenBackbone):
                 "a dlsa stage works on a trained stage-1 backbone: set its init_from (an earlier stage, "
                 "or a stage-1 run folder / checkpoint)"
             )
-        loader = ctx.extras["loader"]
+        loader = ctx.loader
         feats, labels = self.split_features(loader, "train")
         val = None
         if self.cfg.head_select == "auto" and "val" in loader.ds.splits:
             val = self.split_features(loader, "val")
         stage1 = None
         if self.cfg.head_init == "stage1":
-            stage1 = getattr(self.model.head, "fc", None)
-            if not isinstance(stage1, nn.Linear):
+            if not isinstance(self.model.head, LinearHead):
                 raise ConfigError("head_init=stage1 needs a stage-1 linear head (model.head=linear)")
+            stage1 = self.model.head.fc
         log.info(
             "DLSA: %d train features of dim %d%s",
             len(feats),
@@ -1115,3 +1116,11 @@ def evaluate_features(
 
 
 __all__ = ["DLSA", "DLSAConfig", "DLSACascade", "FlowGMM", "BatchNormFlow", "evaluate_features", "resolve_center_std"]
+
+
+@FEATURE_EVALUATIONS.register("flow_filter")
+class FlowFilterEvaluation:
+    """Head/tail separability of a run's features: one DLSA flow filter fitted on its training features."""
+
+    Config = DLSAConfig  # the options of the filter (a dlsa run's own, when the run being measured is one)
+    evaluate = staticmethod(evaluate_features)

@@ -136,7 +136,7 @@ class IFL(Method):
         base_cls = METHODS.get(cfg.base)
         # The base shares the model; kept out of the module tree so its weights are not saved twice.
         object.__setattr__(self, "_base", base_cls(model, base_cls.Config(), ctx).to(ctx.device))
-        ds = ctx.extras.get("dataset")  # the engine always passes it; a bare context (unit use) gets N = 0
+        ds = ctx.dataset  # the engine always passes it; a bare context (unit use) gets N = 0
         targets = ds.train.targets.clone() if ds is not None else torch.zeros(0, dtype=torch.int64)
         n = len(targets)
         self.register_buffer("train_targets", targets, persistent=False)  # (N,)
@@ -169,7 +169,7 @@ class IFL(Method):
 
     def train_sampler(self, sampler: Sampler, batch_size: int) -> Sampler:
         if len(self.train_targets) != len(sampler.targets):
-            raise ValueError("ifl: built without the training set (MethodContext.extras['dataset'])")
+            raise ValueError("ifl: built without the training set (MethodContext.dataset)")
         if batch_size % 2:
             raise ConfigError(f"ifl: batch_size {batch_size} must be even (half env1, half env2)")
         return EnvironmentSampler(sampler.targets, sampler.num_classes, sampler.seed, sampler.total_epochs,

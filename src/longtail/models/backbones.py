@@ -104,7 +104,89 @@ class TorchvisionBackbone(nn.Module):
         self.net = net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)  # (B, 2048); torchvision pools adaptively
+        return self.net(x)  # (B, D): 512 for ResNet-18/34, 2048 for the deeper ones; torchvision pools adaptively
+
+
+class TorchvisionViT(nn.Module):
+    """A torchvision Vision Transformer without its classifier: the class token's final embedding.
+
+    Its position embeddings fix the input size (224 for ``vit_b_16``): other sizes are refused with the
+    setting to change, rather than torch's shape assertion.
+    """
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        import torchvision
+
+        net = getattr(torchvision.models, name)(weights=None)
+        self.feature_dim = net.hidden_dim
+        self.image_size = net.image_size
+        net.heads = nn.Identity()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            raise ConfigError(f"this ViT takes {self.image_size}x{self.image_size} images, got "
+                              f"{x.shape[-2]}x{x.shape[-1]}: set data.image_size={self.image_size}")
+        return self.net(x)  # (B, hidden_dim)
+
+
+class TimmBackbone(nn.Module):
+    """Any timm model as a backbone: built with ``num_classes=0`` so that its forward returns the pooled
+    ``forward_features`` (timm's own pooling and pre-logits), ``(B, num_features)``. Never downloads weights:
+    ``model.pretrained=FILE`` loads a local file."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        import timm
+
+        self.net = timm.create_model(name, pretrained=False, num_classes=0)
+        self.feature_dim = int(self.net.num_features)
+        self.timm_name = name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # (B, num_features)
+
+
+def _timm_backbone(name: str):
+    """``timm/<name>`` -> a factory of that timm model (checked here, so a config naming it fails early)."""
+    try:
+        import timm
+    except ImportError:
+        raise ConfigError(f"model.backbone timm/{name} needs timm: pip install 'longtail[timm]'") from None
+    if not name or not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:5] if name else []
+        hint = f"; close: {', '.join(close)}" if close else ""
+        raise ConfigError(f"model.backbone timm/{name}: timm has no model '{name}'{hint} (timm.list_models() "
+                          f"lists them)")
+
+    def factory() -> nn.Module:
+        return TimmBackbone(name)
+
+    factory.__doc__ = f"timm {name}"
+    return factory
+
+
+BACKBONES.register_prefix("timm/", _timm_backbone, help="any timm model, e.g. timm/resnet18 or "
+                          "timm/vit_tiny_patch16_224 (pip install 'longtail[timm]'; weights from model.pretrained)")
+
+
+@BACKBONES.register("resnet18")
+def resnet18() -> nn.Module:
+    """torchvision ResNet-18, 512-d feature."""
+    return TorchvisionBackbone("resnet18")
+
+
+@BACKBONES.register("resnet34")
+def resnet34() -> nn.Module:
+    """torchvision ResNet-34, 512-d feature."""
+    return TorchvisionBackbone("resnet34")
+
+
+@BACKBONES.register("vit_b_16")
+def vit_b_16() -> nn.Module:
+    """torchvision ViT-B/16, 768-d class-token feature; 224x224 input (data.image_size=224)."""
+    return TorchvisionViT("vit_b_16")
 
 
 @BACKBONES.register("resnet50")
@@ -175,9 +257,9 @@ def load_pretrained(backbone: nn.Module, path: str) -> list[str]:
         for prefix in ("module.", "model.backbone.", "backbone.", "model."):
             if k.startswith(prefix):
                 k = k[len(prefix):]
-        if k.startswith("fc."):
+        if k.startswith(("fc.", "heads.")):  # classifiers (ResNets' fc, torchvision ViT's heads)
             continue
-        if k not in own and f"net.{k}" in own:  # torchvision keys into TorchvisionBackbone
+        if k not in own and f"net.{k}" in own:  # torchvision / timm keys into their wrappers' `net`
             k = f"net.{k}"
         if k in own:
             if own[k].shape != v.shape:

@@ -1,0 +1,68 @@
+"""Where the config meets the registries: every name a run config gives is resolved here, once.
+
+``longtail.config`` is the schema (types, ranges, stage references) and knows no plugin. ``resolve`` checks the
+registered names (dataset, backbone, head, sampler, each stage's method; plugins imported first), a method's
+``requires_head``, and each method's own options against its ``Config`` dataclass, and returns a copy whose
+``stages[].method`` holds every option with its default filled in: the resolved config a run saves in
+``config.yaml`` and embeds in every checkpoint. ``train``, ``load_trained``, ``load_model``,
+``longtail.load_config`` and the CLI go through it.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import longtail.data  # noqa: F401  (fill the registries: datasets, samplers)
+import longtail.methods  # noqa: F401  (methods)
+import longtail.models  # noqa: F401  (backbones, heads)
+from longtail import config
+from longtail.config import RunConfig, from_dict, to_dict
+from longtail.errors import ConfigError
+from longtail.plugins import load_entry_points, load_plugins
+from longtail.registry import BACKBONES, DATASETS, HEADS, METHODS, SAMPLERS, Registry, RegistryError
+
+
+def _known(reg: Registry, name: str, where: str) -> None:
+    try:
+        reg.get(name)
+    except RegistryError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def resolve(cfg: RunConfig) -> RunConfig:
+    """A copy of ``cfg`` (which is left as it is) with every registered name checked and each stage's method
+    options completed with the method's defaults; ConfigError (with a "did you mean") on an unknown name or
+    option, or a method whose ``requires_head`` is not ``model.head``. Idempotent.
+
+    Plugins are imported first, so their names are known: the installed ``longtail.plugins`` entry points (once
+    per process) and the modules ``cfg.plugins`` names (``--plugin``, a recipe's ``plugins:``)."""
+    config.validate(cfg)
+    load_entry_points()
+    load_plugins(cfg.plugins, needed_by="this config (plugins)")
+    out = copy.deepcopy(cfg)
+    _known(DATASETS, out.data.name, "data.name")
+    _known(BACKBONES, out.model.backbone, "model.backbone")
+    _known(HEADS, out.model.head, "model.head")
+    for i, st in enumerate(out.stages):
+        where = f"stages.{i} ('{st.name}')"
+        _known(SAMPLERS, st.sampler, f"{where}.sampler")
+        _known(METHODS, st.method["name"], f"{where}.method")
+        method_cls = METHODS.get(st.method["name"])
+        need = method_cls.requires_head
+        if need is not None and need != out.model.head:
+            raise ConfigError(f"{where}: method '{st.method['name']}' needs model.head={need} "
+                              f"(got '{out.model.head}')")
+        opts = {k: v for k, v in st.method.items() if k != "name"}
+        st.method = {"name": st.method["name"], **to_dict(from_dict(method_cls.Config, opts, f"{where}.method"))}
+    return out
+
+
+def build_config(raw: dict, overrides: list[str] | None = None) -> RunConfig:
+    """``longtail.config.build_config`` (schema, overrides, ranges), then ``resolve`` (names, method options)."""
+    return resolve(config.build_config(raw, overrides))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """A shipped recipe's name or a YAML file (None: the quickstart) with ``key=value`` overrides, resolved."""
+    return resolve(config.load_config(path, overrides))
