@@ -3,8 +3,9 @@
 Layers, lowest first; a module may import its own layer and the ones below, never one above:
 
   0  errors                                     the user-error classes
-  1  registry, config, utils, run_folder, dist  leaf modules: registries, the config schema, atomic writes and
-                                                environment info, the run-folder lock, the collectives
+  1  registry, config, utils, run_folder, dist, leaf modules: registries, the config schema, atomic writes and
+     plugins                                    environment info, the run-folder lock, the collectives, plugin
+                                                imports (modules, entry points) and their record in a run
   2  data, models, evaluation                   datasets and samplers; backbones and heads; metrics, reports, plots
   3  methods                                    the Method plugins
   4  engine                                     build (names -> plugins), the fit loop, evaluation of a method,
@@ -37,6 +38,7 @@ LAYERS: dict[str, int] = {
     "longtail.utils": 1,
     "longtail.run_folder": 1,
     "longtail.dist": 1,
+    "longtail.plugins": 1,  # imports errors, and registry (function-local)
     "longtail.data": 2,
     "longtail.models": 2,
     "longtail.evaluation": 2,

@@ -158,6 +158,9 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # Modules imported before the registries are read (your own datasets, backbones, heads, samplers, methods;
+    # see longtail.plugins): `--plugin MODULE` adds to it, and a run records here every plugin it used.
+    plugins: list[str] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- building from dicts
@@ -518,6 +521,22 @@ def validate(cfg: RunConfig) -> None:
               f"nor a path to a run folder or checkpoint (.pt)")
         check("name" in st.method, f"{where}: method needs a name")
         names.append(st.name)
+
+
+def absolute_paths(cfg: RunConfig) -> None:
+    """Make the file paths of ``cfg`` absolute (``~`` expanded), as a run saves them: its config.yaml then names the
+    same files from any working directory. A list file that does not exist relative to the working directory stays
+    as written: it is looked up under ``data.root``."""
+    d = cfg.data
+    for key in ("root", "annotation", "cache_dir"):
+        if getattr(d, key):
+            setattr(d, key, str(Path(getattr(d, key)).expanduser().absolute()))
+    for key in ("train_list", "val_list", "test_list"):
+        value = getattr(d, key)
+        if value and Path(value).expanduser().is_file():
+            setattr(d, key, str(Path(value).expanduser().absolute()))
+    if cfg.model.pretrained:
+        cfg.model.pretrained = str(Path(cfg.model.pretrained).expanduser().absolute())
 
 
 def save_yaml(obj: Any, path: str | Path) -> None:

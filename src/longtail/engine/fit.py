@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from longtail.config import ConfigError, RunConfig, StageConfig, load_raw, save_yaml, to_dict
+from longtail.config import ConfigError, RunConfig, StageConfig, absolute_paths, load_raw, save_yaml, to_dict
 from longtail.data import LTDataset, create_dataset
 from longtail.data.loaders import Loader
 from longtail.data.samplers import create_sampler, shard
@@ -36,11 +36,13 @@ from longtail.engine.distributed import (
     shutdown,
 )
 from longtail.engine.evaluate import autocast, check_off_values, choose_on_val, evaluate_split, thresholds_of
+from longtail.engine.record import inference_record
 from longtail.engine.schedule import lr_at
 from longtail.errors import WRITE_ERRNOS, CheckpointError, MissingFileError, TrainingError, UsageError, write_error
 from longtail.evaluation.metrics import describe_class_groups
 from longtail.methods import Method, MethodContext, create_method
 from longtail.models import Classifier, create_model
+from longtail.plugins import record_plugins
 from longtail.registry import METHODS
 from longtail.run_folder import (
     RunLock,
@@ -399,11 +401,13 @@ def train(
         cfg = resolve(cfg) if cfg is not None else build_config({})  # a copy: the caller's config is left as it is
         _check_stages_train(cfg)
         _resolve_init_paths(cfg)  # before anything trains: a wrong path fails now, not after stage 1
+        absolute_paths(cfg)  # config.yaml names the same files from any working directory
         run_dir = Path(out) if out is not None else None
+    plugin_notes = record_plugins(cfg)  # config.yaml names the plugins eval / predict / export must import
     dist, device = init_distributed(resolve_device(cfg.device))
     lock, handler = None, None
     try:
-        notes: list[str] = []
+        notes: list[str] = list(plugin_notes)
         if dist.is_main:
             run_dir = new_run_dir(cfg, run_dir)
             # Lock first, then look: two runs started on one folder at once cannot both find it free.
@@ -734,7 +738,10 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
     metrics = evaluate_run(method, loader, cfg, channels_last, dist=dist)
     checks = check_off_values(method, loader, cfg.eval, cfg.amp, channels_last, dist, choices)
     if main:
-        save_checkpoint(ckpt_dir / "final.pt", method=method.state_dict(), config=to_dict(cfg), selected=selected)
+        # With what prediction needs besides the weights (class names, input size, normalisation, counts), so
+        # load_model / predict / export never read the training data.
+        save_checkpoint(ckpt_dir / "final.pt", method=method.state_dict(), config=to_dict(cfg), selected=selected,
+                        inference=inference_record(ds))
         metrics["selected"] = selected
         if choices:
             metrics["chosen_on_val"] = choices
