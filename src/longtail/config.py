@@ -141,6 +141,14 @@ class EvalConfig:
 
 
 @dataclass
+class LogConfig:
+    """Per-epoch records beside metrics.csv (always written): TensorBoard and Weights & Biases, both off."""
+
+    tensorboard: bool = False  # event files in <run>/tensorboard (needs the `log` extra: pip install tensorboard)
+    wandb: str | None = None  # a W&B project name to log to (needs the `wandb` extra); None: off
+
+
+@dataclass
 class RunConfig:
     """A whole run: data, model, stages, evaluation."""
 
@@ -158,6 +166,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 # ----------------------------------------------------------------------------- building from dicts

@@ -36,6 +36,7 @@ from longtail.engine.distributed import (
     shutdown,
 )
 from longtail.engine.evaluate import autocast, check_off_values, choose_on_val, evaluate_split, thresholds_of
+from longtail.engine.run_log import RunLog, check_log_extras
 from longtail.engine.schedule import lr_at
 from longtail.errors import WRITE_ERRNOS, CheckpointError, MissingFileError, TrainingError, UsageError, write_error
 from longtail.evaluation.metrics import describe_class_groups
@@ -442,6 +443,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                 f"stage '{st.name}': batch_size {st.batch_size} is the global batch and must divide "
                 f"evenly over {dist.world_size} processes"
             )
+    check_log_extras(cfg)  # a missing tensorboard / wandb fails now, not after an epoch
     seed_everything(cfg.seed)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -507,6 +509,8 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
     choices: list[dict] = ckpt.get("choices", []) if ckpt else []  # options chosen on val, per stage
     timing: list[dict] = []  # the epochs this process trained: seconds and images (all ranks), for `bench`
     every_steps = cfg.checkpoint_every_steps  # 0: checkpoints at epoch ends only
+    # metrics.csv (+ TensorBoard / W&B): a resumed run continues it from its checkpoint's (stage, epoch)
+    run_log = RunLog(run_dir, cfg, (state.stage, state.epoch) if ckpt else None) if main else None
     method = None
     with _StopFlag() as stop:
         for si in range(state.stage, len(cfg.stages)):
@@ -658,13 +662,15 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                         "images": int(seen),
                     }
                 )
+                ips = seen / max(time.time() - t_epoch, 1e-9)
                 msg = (
                     f"stage {st.name} epoch {epoch + 1}/{st.epochs} loss {loss_sum / max(seen, 1):.4f} "
-                    f"lr {lr:.5g} {seen / max(time.time() - t_epoch, 1e-9):.0f} img/s"
+                    f"lr {lr:.5g} {ips:.0f} img/s"
                 )
                 bar.set_postfix_str(f"epoch {epoch + 1} loss {loss_sum / max(seen, 1):.3f} lr {lr:.3g}")
                 log.info(msg)
                 last_epoch = epoch + 1 == st.epochs
+                val = None
                 if st.eval_every and "val" in ds.splits and ((epoch + 1) % st.eval_every == 0 or last_epoch):
                     _choose_options(method, st, loader, cfg, channels_last, dist)  # OPTION=val: for these weights
                     val = evaluate_split(method, loader, "val", cfg.eval, cfg.amp, channels_last, dist)
@@ -675,6 +681,9 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                             save_checkpoint(
                                 ckpt_dir / "best.pt", method=method.state_dict(), best=best, config=to_dict(cfg)
                             )
+                if run_log is not None:
+                    run_log.epoch(si, epoch + 1, loss_sum / seen if seen else None, lr, ips, val,
+                                  ds.train_counts().tolist())
                 stop.stop = any_rank(stop.stop, dist, device)
                 if (epoch + 1) % cfg.checkpoint_every == 0 or last_epoch or stop.stop:  # the same on every rank
                     rng = _rng_entry(loader, device, dist)
@@ -754,6 +763,8 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
         if dist.enabled:
             metrics["world_size"] = dist.world_size
         write_metrics(run_dir, metrics, cfg)
+        if run_log is not None:
+            run_log.close()
         log.info("finished in %.0f s; selected: %s", time.time() - t0, selected)
     barrier(dist)  # every rank returns once the run folder is complete
     return run_dir
