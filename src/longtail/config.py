@@ -137,6 +137,9 @@ class EvalConfig:
     few_below: int = 20  # few-shot: < this many training images (shots=fixed)
     inclusive: bool = False  # OLTR thresholds (>= many_above, <= few_below)
     select: str = "last"  # last | best_val: which epoch's weights are reported (never chosen on test)
+    # best_val picks the epoch on this val metric: top1 | mean_class_acc | many | medium | few | precision; auto:
+    # mean_class_acc when the val split is long-tailed (largest / smallest non-empty class > 2), else top1.
+    select_metric: str = "auto"
     plots: bool = True
 
 
@@ -299,6 +302,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+SELECT_METRICS = ("auto", "top1", "mean_class_acc", "many", "medium", "few", "precision")
 _STAGE_KEYS = {f.name for f in dataclasses.fields(StageConfig)}
 _RUN_KEYS = {f.name for f in dataclasses.fields(RunConfig)}
 
@@ -464,6 +468,8 @@ def validate(cfg: RunConfig) -> None:
           "data.augment must be auto, cifar, imagenet, glt, glt_coco or none")
     check(cfg.data.train_variant in ("lt", "cbl"), "data.train_variant must be lt or cbl")
     check(cfg.eval.select in ("last", "best_val"), "eval.select must be last or best_val")
+    check(cfg.eval.select_metric in SELECT_METRICS,
+          f"eval.select_metric must be one of {', '.join(SELECT_METRICS)}, got '{cfg.eval.select_metric}'")
     check(cfg.eval.shots in ("fixed", "auto"), f"eval.shots must be fixed or auto, got '{cfg.eval.shots}'")
     check(cfg.eval.few_below <= cfg.eval.many_above, "eval.few_below must not exceed eval.many_above")
     check(cfg.checkpoint_every >= 1, "checkpoint_every must be >= 1")
@@ -493,8 +499,6 @@ def validate(cfg: RunConfig) -> None:
     check(cfg.eval.batch_size >= 1, f"eval.batch_size must be >= 1, got {cfg.eval.batch_size}")
     check(cfg.eval.many_above >= 0 and cfg.eval.few_below >= 0, "eval.many_above and eval.few_below must be >= 0")
     check(len(cfg.stages) >= 1, "a recipe needs at least one stage")
-    check(cfg.eval.select != "best_val" or cfg.stages[-1].eval_every > 0,
-          "eval.select=best_val needs val evaluations during the last stage: set its eval_every (e.g. 1)")
     names: list[str] = []
     for i, st in enumerate(cfg.stages):
         where = f"stages.{i} ('{st.name}')"

@@ -35,7 +35,14 @@ from longtail.engine.distributed import (
     init_distributed,
     shutdown,
 )
-from longtail.engine.evaluate import autocast, check_off_values, choose_on_val, evaluate_split, thresholds_of
+from longtail.engine.evaluate import (
+    autocast,
+    check_off_values,
+    choose_on_val,
+    evaluate_split,
+    select_metric_of,
+    thresholds_of,
+)
 from longtail.engine.run_log import RunLog, check_log_extras
 from longtail.engine.schedule import lr_at
 from longtail.errors import WRITE_ERRNOS, CheckpointError, MissingFileError, TrainingError, UsageError, write_error
@@ -460,6 +467,10 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
     loader = Loader(ds, device, cfg.data.augment, cfg.data.num_workers, cfg.data.fast_path)
     if cfg.eval.select == "best_val" and "val" not in ds.splits:
         raise ConfigError("eval.select=best_val needs a validation split: set data.val_fraction (never select on test)")
+    select_metric = None  # the val metric best_val picks on (eval.select_metric, auto resolved on this val split)
+    if cfg.eval.select == "best_val":
+        select_metric = select_metric_of(cfg.eval, ds.splits["val"].targets, ds.num_classes)
+        log.info("eval.select=best_val: the epoch with the best val %s is reported", select_metric)
     notes = []  # for the user at the end of `longtail train`: metrics.json "notes"
     if "val" not in ds.splits:  # before anything trains: an option chosen on val needs a val split
         notes += _options_without_val(cfg, ds)
@@ -674,9 +685,13 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                 if st.eval_every and "val" in ds.splits and ((epoch + 1) % st.eval_every == 0 or last_epoch):
                     _choose_options(method, st, loader, cfg, channels_last, dist)  # OPTION=val: for these weights
                     val = evaluate_split(method, loader, "val", cfg.eval, cfg.amp, channels_last, dist)
-                    log.info("stage %s epoch %d val top1 %.2f", st.name, epoch + 1, val["top1"])
-                    if cfg.eval.select == "best_val" and si == len(cfg.stages) - 1 and val["top1"] > best["top1"]:
-                        best = {"top1": val["top1"], "epoch": epoch + 1, "stage": st.name}
+                    log.info("stage %s epoch %d val top1 %.2f mean_class_acc %.2f", st.name, epoch + 1, val["top1"],
+                             val["mean_class_acc"])
+                    score = val.get(select_metric) if select_metric else None  # None: a group val has no class of
+                    # best.pt of an older run holds top1 only: that was its score
+                    if score is not None and si == len(cfg.stages) - 1 and score > best.get("score", best["top1"]):
+                        best = {"top1": val["top1"], "metric": select_metric, "score": score, "epoch": epoch + 1,
+                                "stage": st.name}
                         if main:
                             save_checkpoint(
                                 ckpt_dir / "best.pt", method=method.state_dict(), best=best, config=to_dict(cfg)
@@ -735,7 +750,9 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
     if cfg.eval.select == "best_val" and (ckpt_dir / "best.pt").exists():
         b = load_checkpoint(ckpt_dir / "best.pt")
         _load_method_state(method, b["method"], ckpt_dir / "best.pt")
-        selected = f"best val top1 {b['best']['top1']:.2f} at stage {b['best']['stage']} epoch {b['best']['epoch']}"
+        bb = b["best"]
+        selected = (f"best val {bb.get('metric', 'top1')} {bb.get('score', bb['top1']):.2f} at stage {bb['stage']} "
+                    f"epoch {bb['epoch']}")
         if method.options_to_choose():  # best.pt was saved before the stage end: choose for these weights
             last = cfg.stages[-1]
             choices = [c for c in choices if c["stage"] != last.name]
@@ -745,6 +762,8 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
     if main:
         save_checkpoint(ckpt_dir / "final.pt", method=method.state_dict(), config=to_dict(cfg), selected=selected)
         metrics["selected"] = selected
+        if select_metric:
+            metrics["select_metric"] = select_metric
         if choices:
             metrics["chosen_on_val"] = choices
         if checks:
