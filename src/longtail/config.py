@@ -83,12 +83,23 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    """SGD with momentum (the optimiser of every reference recipe)."""
+    """SGD with momentum (the optimiser of every reference recipe), or AdamW."""
 
+    name: str = "sgd"  # sgd | adamw (decoupled weight decay; momentum and nesterov are SGD's)
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
     nesterov: bool = False
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
+    eps: float = 1e-8  # adamw
+    clip_grad_norm: float = 0.0  # clip the gradients' total L2 norm to this before each step; 0: off
+
+
+@dataclass
+class EMAConfig:
+    """Exponential moving average of the weights, evaluated beside them (metrics.json ``splits_ema``)."""
+
+    decay: float = 0.0  # ema = decay * ema + (1 - decay) * weights after every step (e.g. 0.999); 0: off
 
 
 @dataclass
@@ -115,6 +126,7 @@ class StageConfig:
     batch_size: int = 128
     sampler: str = "instance"  # a registered sampler
     optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     # Where this stage's starting weights come from: the name of an earlier stage (its final weights), or a
     # path to another run's folder (its evaluated weights, checkpoints/final.pt) or to a checkpoint file.
@@ -509,6 +521,12 @@ def validate(cfg: RunConfig) -> None:
         check(st.epoch_length in ("sampler", "dataset"),
               f"{where}: epoch_length must be sampler or dataset, got '{st.epoch_length}'")
         check(st.optim.momentum >= 0, f"{where}: optim.momentum must be >= 0")
+        check(st.optim.name in ("sgd", "adamw"), f"{where}: optim.name must be sgd or adamw, got '{st.optim.name}'")
+        check(len(st.optim.betas) == 2 and all(0 <= b < 1 for b in st.optim.betas),
+              f"{where}: optim.betas must be two numbers in [0, 1), got {st.optim.betas}")
+        check(st.optim.eps > 0, f"{where}: optim.eps must be > 0")
+        check(st.optim.clip_grad_norm >= 0, f"{where}: optim.clip_grad_norm must be >= 0 (0: off)")
+        check(0 <= st.ema.decay < 1, f"{where}: ema.decay must be in [0, 1) (0: off), got {st.ema.decay}")
         check(st.optim.weight_decay >= 0, f"{where}: optim.weight_decay must be >= 0")
         check(st.eval_every >= 0, f"{where}: eval_every must be >= 0 (0: only at the end)")
         check(st.schedule.warmup_epochs >= 0, f"{where}: schedule.warmup_epochs must be >= 0 (0: no warm-up), "

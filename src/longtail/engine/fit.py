@@ -35,6 +35,7 @@ from longtail.engine.distributed import (
     init_distributed,
     shutdown,
 )
+from longtail.engine.ema import WeightEMA
 from longtail.engine.evaluate import (
     autocast,
     check_off_values,
@@ -169,6 +170,10 @@ def _make_optimizer(method: Method, st: StageConfig) -> torch.optim.Optimizer:
         raise ConfigError(
             f"stage '{st.name}': method '{st.method['name']}' has no trainable parameters, so "
             f"epochs={st.epochs} would train nothing; set the stage's epochs to 0"
+        )
+    if st.optim.name == "adamw":
+        return torch.optim.AdamW(
+            groups, lr=st.optim.lr, betas=tuple(st.optim.betas), eps=st.optim.eps, weight_decay=st.optim.weight_decay
         )
     return torch.optim.SGD(
         groups,
@@ -523,6 +528,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
     # metrics.csv (+ TensorBoard / W&B): a resumed run continues it from its checkpoint's (stage, epoch)
     run_log = RunLog(run_dir, cfg, (state.stage, state.epoch) if ckpt else None) if main else None
     method = None
+    ema = None  # the current stage's WeightEMA (ema.decay > 0); the last stage's is evaluated as splits_ema
     with _StopFlag() as stop:
         for si in range(state.stage, len(cfg.stages)):
             st = cfg.stages[si]
@@ -540,6 +546,11 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                 if opt is not None:
                     opt.load_state_dict(ckpt["optimizer"])
                 start_epoch, start_step, gen_state = state.epoch, state.step, ckpt.get("gen_state")
+            # EMA of the weights (ema.decay): from the stage's starting weights, or the resumed checkpoint's EMA
+            ema = WeightEMA(method, st.ema.decay) if st.ema.decay > 0 and opt is not None else None
+            if ema is not None and resuming and not between_stages and ckpt.get("ema") is not None:
+                ema.load_state_dict(ckpt["ema"])
+            clip_params = [p for g in opt.param_groups for p in g["params"]] if st.optim.clip_grad_norm else None
             if resuming:
                 ckpt = None
             train_fn = method
@@ -614,7 +625,11 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                         )
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
+                    if clip_params is not None:
+                        torch.nn.utils.clip_grad_norm_(clip_params, st.optim.clip_grad_norm)
                     opt.step()
+                    if ema is not None:
+                        ema.update()
                     loss_sum += loss.item() * len(y)
                     seen += len(y)
                     bar.update(1)
@@ -630,6 +645,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                                 state=vars(RunState(si, epoch, step + 1)),
                                 method=method.state_dict(),
                                 optimizer=opt.state_dict(),
+                                ema=ema.state_dict() if ema is not None else None,
                                 gen_state=gen.get_state(),
                                 rng=rng,
                                 best=best,
@@ -655,6 +671,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                                 state=vars(RunState(si, epoch, step + 1)),
                                 method=saved,
                                 optimizer=opt.state_dict(),
+                                ema=ema.state_dict() if ema is not None else None,
                                 gen_state=gen.get_state(),
                                 rng=rng,
                                 best=best,
@@ -708,6 +725,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                         state=vars(RunState(si, epoch + 1, 0)),
                         method=method.state_dict(),
                         optimizer=opt.state_dict(),
+                        ema=ema.state_dict() if ema is not None else None,
                         rng=rng,
                         best=best,
                         choices=choices,
@@ -734,6 +752,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                     state=vars(RunState(si + 1, 0, 0)),
                     method=method.state_dict(),
                     optimizer=opt.state_dict() if opt is not None else {},
+                    ema=ema.state_dict() if ema is not None else None,  # the last stage's: evaluated at the end
                     rng=rng,
                     best=best,
                     choices=choices,
@@ -746,6 +765,9 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
         method, _ = build_stage_method(cfg, len(cfg.stages) - 1, model, ds, loader, device, dist)
         stage_path = ckpt_dir / f"stage_{cfg.stages[-1].name}.pt"
         _load_method_state(method, load_checkpoint(stage_path)["method"], stage_path)
+        if cfg.stages[-1].ema.decay > 0 and ckpt is not None and ckpt.get("ema") is not None:
+            ema = WeightEMA(method, cfg.stages[-1].ema.decay)
+            ema.load_state_dict(ckpt["ema"])
     selected = "last epoch"
     if cfg.eval.select == "best_val" and (ckpt_dir / "best.pt").exists():
         b = load_checkpoint(ckpt_dir / "best.pt")
@@ -758,9 +780,12 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
             choices = [c for c in choices if c["stage"] != last.name]
             choices += _choose_options(method, last, loader, cfg, channels_last, dist)
     metrics = evaluate_run(method, loader, cfg, channels_last, dist=dist)
+    if ema is not None:  # the EMA weights at the end of training, scored as a variant of their own
+        metrics["splits_ema"] = evaluate_run(ema.averaged(method), loader, cfg, channels_last, dist=dist)["splits"]
     checks = check_off_values(method, loader, cfg.eval, cfg.amp, channels_last, dist, choices)
     if main:
-        save_checkpoint(ckpt_dir / "final.pt", method=method.state_dict(), config=to_dict(cfg), selected=selected)
+        save_checkpoint(ckpt_dir / "final.pt", method=method.state_dict(), config=to_dict(cfg), selected=selected,
+                        **({"ema": ema.state_dict()} if ema is not None else {}))
         metrics["selected"] = selected
         if select_metric:
             metrics["select_metric"] = select_metric
