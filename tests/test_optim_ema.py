@@ -85,3 +85,15 @@ def test_resume_with_ema_and_adamw_is_exact(image_folder, tmp_path, interrupt_me
 def test_bad_optimiser_options_are_one_line_errors(override, message):
     with pytest.raises(ConfigError, match=message):
         build_config({}, [override])
+
+
+def test_cli_prints_the_ema_table(image_folder, tmp_path, capsys):
+    import yaml
+
+    from longtail.cli import main
+
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_raw(image_folder, epochs=1)))
+    assert main(["train", str(cfg_path), "ema.decay=0.5", "--out", str(tmp_path / "cli"), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "EMA of the weights" in printed and "mean_class" in printed and "metrics.csv" in printed
