@@ -67,8 +67,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     run = load_run(run_dir)
     print()
     print(results_table(run["metrics"], title=f"{run_dir.name}: {run['metrics'].get('selected', '')}"))
+    if run["metrics"].get("splits_ema"):  # ema.decay: the averaged weights, scored on their own
+        print()
+        print(results_table({**run["metrics"], "splits": run["metrics"]["splits_ema"]}, title="EMA of the weights"))
     _print_val_checks(run["metrics"])
-    print(f"\nrun folder: {run_dir}  (config.yaml, metrics.json, train.log, checkpoints/, plots/)")
+    print(f"\nrun folder: {run_dir}  (config.yaml, metrics.json, metrics.csv, train.log, checkpoints/, plots/)")
     return 0
 
 

@@ -55,6 +55,8 @@ def resolve(cfg: RunConfig) -> RunConfig:
                               f"(got '{out.model.head}')")
         opts = {k: v for k, v in st.method.items() if k != "name"}
         st.method = {"name": st.method["name"], **to_dict(from_dict(method_cls.Config, opts, f"{where}.method"))}
+    if out.eval.select == "best_val" and out.stages[-1].eval_every == 0:
+        out.stages[-1].eval_every = 1  # best_val chooses among the last stage's val evaluations: one per epoch
     return out
 
 

@@ -25,6 +25,23 @@ def thresholds_of(cfg: EvalConfig, train_counts: torch.Tensor | None = None) -> 
     return ShotThresholds(cfg.many_above, cfg.few_below, cfg.inclusive)
 
 
+LONG_TAILED_VAL = 2.0  # a val split whose largest / smallest non-empty class exceeds this is long-tailed
+
+
+def select_metric_of(cfg: EvalConfig, val_targets: torch.Tensor, num_classes: int) -> str:
+    """The val metric ``eval.select=best_val`` picks the epoch on: ``eval.select_metric``, and for ``auto``
+    mean-class accuracy on a long-tailed val split (micro top-1 there follows the head classes) and top-1 on a
+    (nearly) balanced one, where the two agree up to rounding. Classes without val images are left out of the
+    ratio (CIFAR-LT's ``val_per_class`` leaves the head class none)."""
+    if cfg.select_metric != "auto":
+        return cfg.select_metric
+    counts = torch.bincount(torch.as_tensor(val_targets), minlength=num_classes)
+    counts = counts[counts > 0]
+    if len(counts) and counts.max().item() / counts.min().item() > LONG_TAILED_VAL:
+        return "mean_class_acc"
+    return "top1"
+
+
 def autocast(device: torch.device, enabled: bool):
     """bf16 autocast on GPU; a no-op on CPU, where training stays fp32 and bit-reproducible."""
     if enabled and device.type == "cuda":

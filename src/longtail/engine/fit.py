@@ -35,8 +35,17 @@ from longtail.engine.distributed import (
     init_distributed,
     shutdown,
 )
-from longtail.engine.evaluate import autocast, check_off_values, choose_on_val, evaluate_split, thresholds_of
+from longtail.engine.ema import WeightEMA
+from longtail.engine.evaluate import (
+    autocast,
+    check_off_values,
+    choose_on_val,
+    evaluate_split,
+    select_metric_of,
+    thresholds_of,
+)
 from longtail.engine.record import inference_record
+from longtail.engine.run_log import RunLog, check_log_extras
 from longtail.engine.schedule import lr_at
 from longtail.errors import WRITE_ERRNOS, CheckpointError, MissingFileError, TrainingError, UsageError, write_error
 from longtail.evaluation.metrics import describe_class_groups
@@ -163,6 +172,10 @@ def _make_optimizer(method: Method, st: StageConfig) -> torch.optim.Optimizer:
         raise ConfigError(
             f"stage '{st.name}': method '{st.method['name']}' has no trainable parameters, so "
             f"epochs={st.epochs} would train nothing; set the stage's epochs to 0"
+        )
+    if st.optim.name == "adamw":
+        return torch.optim.AdamW(
+            groups, lr=st.optim.lr, betas=tuple(st.optim.betas), eps=st.optim.eps, weight_decay=st.optim.weight_decay
         )
     return torch.optim.SGD(
         groups,
@@ -446,6 +459,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                 f"stage '{st.name}': batch_size {st.batch_size} is the global batch and must divide "
                 f"evenly over {dist.world_size} processes"
             )
+    check_log_extras(cfg)  # a missing tensorboard / wandb fails now, not after an epoch
     seed_everything(cfg.seed)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -462,6 +476,10 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
     loader = Loader(ds, device, cfg.data.augment, cfg.data.num_workers, cfg.data.fast_path)
     if cfg.eval.select == "best_val" and "val" not in ds.splits:
         raise ConfigError("eval.select=best_val needs a validation split: set data.val_fraction (never select on test)")
+    select_metric = None  # the val metric best_val picks on (eval.select_metric, auto resolved on this val split)
+    if cfg.eval.select == "best_val":
+        select_metric = select_metric_of(cfg.eval, ds.splits["val"].targets, ds.num_classes)
+        log.info("eval.select=best_val: the epoch with the best val %s is reported", select_metric)
     notes = []  # for the user at the end of `longtail train`: metrics.json "notes"
     if "val" not in ds.splits:  # before anything trains: an option chosen on val needs a val split
         notes += _options_without_val(cfg, ds)
@@ -511,7 +529,10 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
     choices: list[dict] = ckpt.get("choices", []) if ckpt else []  # options chosen on val, per stage
     timing: list[dict] = []  # the epochs this process trained: seconds and images (all ranks), for `bench`
     every_steps = cfg.checkpoint_every_steps  # 0: checkpoints at epoch ends only
+    # metrics.csv (+ TensorBoard / W&B): a resumed run continues it from its checkpoint's (stage, epoch)
+    run_log = RunLog(run_dir, cfg, (state.stage, state.epoch) if ckpt else None) if main else None
     method = None
+    ema = None  # the current stage's WeightEMA (ema.decay > 0); the last stage's is evaluated as splits_ema
     with _StopFlag() as stop:
         for si in range(state.stage, len(cfg.stages)):
             st = cfg.stages[si]
@@ -529,6 +550,11 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                 if opt is not None:
                     opt.load_state_dict(ckpt["optimizer"])
                 start_epoch, start_step, gen_state = state.epoch, state.step, ckpt.get("gen_state")
+            # EMA of the weights (ema.decay): from the stage's starting weights, or the resumed checkpoint's EMA
+            ema = WeightEMA(method, st.ema.decay) if st.ema.decay > 0 and opt is not None else None
+            if ema is not None and resuming and not between_stages and ckpt.get("ema") is not None:
+                ema.load_state_dict(ckpt["ema"])
+            clip_params = [p for g in opt.param_groups for p in g["params"]] if st.optim.clip_grad_norm else None
             if resuming:
                 ckpt = None
             train_fn = method
@@ -603,7 +629,11 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                         )
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
+                    if clip_params is not None:
+                        torch.nn.utils.clip_grad_norm_(clip_params, st.optim.clip_grad_norm)
                     opt.step()
+                    if ema is not None:
+                        ema.update()
                     loss_sum += loss.item() * len(y)
                     seen += len(y)
                     bar.update(1)
@@ -619,6 +649,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                                 state=vars(RunState(si, epoch, step + 1)),
                                 method=method.state_dict(),
                                 optimizer=opt.state_dict(),
+                                ema=ema.state_dict() if ema is not None else None,
                                 gen_state=gen.get_state(),
                                 rng=rng,
                                 best=best,
@@ -644,6 +675,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                                 state=vars(RunState(si, epoch, step + 1)),
                                 method=saved,
                                 optimizer=opt.state_dict(),
+                                ema=ema.state_dict() if ema is not None else None,
                                 gen_state=gen.get_state(),
                                 rng=rng,
                                 best=best,
@@ -662,23 +694,32 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                         "images": int(seen),
                     }
                 )
+                ips = seen / max(time.time() - t_epoch, 1e-9)
                 msg = (
                     f"stage {st.name} epoch {epoch + 1}/{st.epochs} loss {loss_sum / max(seen, 1):.4f} "
-                    f"lr {lr:.5g} {seen / max(time.time() - t_epoch, 1e-9):.0f} img/s"
+                    f"lr {lr:.5g} {ips:.0f} img/s"
                 )
                 bar.set_postfix_str(f"epoch {epoch + 1} loss {loss_sum / max(seen, 1):.3f} lr {lr:.3g}")
                 log.info(msg)
                 last_epoch = epoch + 1 == st.epochs
+                val = None
                 if st.eval_every and "val" in ds.splits and ((epoch + 1) % st.eval_every == 0 or last_epoch):
                     _choose_options(method, st, loader, cfg, channels_last, dist)  # OPTION=val: for these weights
                     val = evaluate_split(method, loader, "val", cfg.eval, cfg.amp, channels_last, dist)
-                    log.info("stage %s epoch %d val top1 %.2f", st.name, epoch + 1, val["top1"])
-                    if cfg.eval.select == "best_val" and si == len(cfg.stages) - 1 and val["top1"] > best["top1"]:
-                        best = {"top1": val["top1"], "epoch": epoch + 1, "stage": st.name}
+                    log.info("stage %s epoch %d val top1 %.2f mean_class_acc %.2f", st.name, epoch + 1, val["top1"],
+                             val["mean_class_acc"])
+                    score = val.get(select_metric) if select_metric else None  # None: a group val has no class of
+                    # best.pt of an older run holds top1 only: that was its score
+                    if score is not None and si == len(cfg.stages) - 1 and score > best.get("score", best["top1"]):
+                        best = {"top1": val["top1"], "metric": select_metric, "score": score, "epoch": epoch + 1,
+                                "stage": st.name}
                         if main:
                             save_checkpoint(
                                 ckpt_dir / "best.pt", method=method.state_dict(), best=best, config=to_dict(cfg)
                             )
+                if run_log is not None:
+                    run_log.epoch(si, epoch + 1, loss_sum / seen if seen else None, lr, ips, val,
+                                  ds.train_counts().tolist())
                 stop.stop = any_rank(stop.stop, dist, device)
                 if (epoch + 1) % cfg.checkpoint_every == 0 or last_epoch or stop.stop:  # the same on every rank
                     rng = _rng_entry(loader, device, dist)
@@ -688,6 +729,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                         state=vars(RunState(si, epoch + 1, 0)),
                         method=method.state_dict(),
                         optimizer=opt.state_dict(),
+                        ema=ema.state_dict() if ema is not None else None,
                         rng=rng,
                         best=best,
                         choices=choices,
@@ -714,6 +756,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                     state=vars(RunState(si + 1, 0, 0)),
                     method=method.state_dict(),
                     optimizer=opt.state_dict() if opt is not None else {},
+                    ema=ema.state_dict() if ema is not None else None,  # the last stage's: evaluated at the end
                     rng=rng,
                     best=best,
                     choices=choices,
@@ -726,23 +769,32 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
         method, _ = build_stage_method(cfg, len(cfg.stages) - 1, model, ds, loader, device, dist)
         stage_path = ckpt_dir / f"stage_{cfg.stages[-1].name}.pt"
         _load_method_state(method, load_checkpoint(stage_path)["method"], stage_path)
+        if cfg.stages[-1].ema.decay > 0 and ckpt is not None and ckpt.get("ema") is not None:
+            ema = WeightEMA(method, cfg.stages[-1].ema.decay)
+            ema.load_state_dict(ckpt["ema"])
     selected = "last epoch"
     if cfg.eval.select == "best_val" and (ckpt_dir / "best.pt").exists():
         b = load_checkpoint(ckpt_dir / "best.pt")
         _load_method_state(method, b["method"], ckpt_dir / "best.pt")
-        selected = f"best val top1 {b['best']['top1']:.2f} at stage {b['best']['stage']} epoch {b['best']['epoch']}"
+        bb = b["best"]
+        selected = (f"best val {bb.get('metric', 'top1')} {bb.get('score', bb['top1']):.2f} at stage {bb['stage']} "
+                    f"epoch {bb['epoch']}")
         if method.options_to_choose():  # best.pt was saved before the stage end: choose for these weights
             last = cfg.stages[-1]
             choices = [c for c in choices if c["stage"] != last.name]
             choices += _choose_options(method, last, loader, cfg, channels_last, dist)
     metrics = evaluate_run(method, loader, cfg, channels_last, dist=dist)
+    if ema is not None:  # the EMA weights at the end of training, scored as a variant of their own
+        metrics["splits_ema"] = evaluate_run(ema.averaged(method), loader, cfg, channels_last, dist=dist)["splits"]
     checks = check_off_values(method, loader, cfg.eval, cfg.amp, channels_last, dist, choices)
     if main:
         # With what prediction needs besides the weights (class names, input size, normalisation, counts), so
         # load_model / predict / export never read the training data.
         save_checkpoint(ckpt_dir / "final.pt", method=method.state_dict(), config=to_dict(cfg), selected=selected,
-                        inference=inference_record(ds))
+                        inference=inference_record(ds), **({"ema": ema.state_dict()} if ema is not None else {}))
         metrics["selected"] = selected
+        if select_metric:
+            metrics["select_metric"] = select_metric
         if choices:
             metrics["chosen_on_val"] = choices
         if checks:
@@ -761,6 +813,8 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
         if dist.enabled:
             metrics["world_size"] = dist.world_size
         write_metrics(run_dir, metrics, cfg)
+        if run_log is not None:
+            run_log.close()
         log.info("finished in %.0f s; selected: %s", time.time() - t0, selected)
     barrier(dist)  # every rank returns once the run folder is complete
     return run_dir
