@@ -177,6 +177,10 @@ class RunConfig:
     # Also save the resume point every N training steps inside an epoch (0: off), so a kill loses at most N
     # steps of a long epoch; the checkpoint is the one SIGINT writes at that step, and training is unchanged.
     checkpoint_every_steps: int = 0
+    # Training steps between host reads of the loss (the non-finite check, the progress bar's loss) and, under
+    # DDP, of the stop flag: the steps in between queue on the device without waiting for it. Also read at
+    # every epoch end and before every save; a NaN is reported as "between steps a and b".
+    sync_every: int = 50
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
@@ -489,6 +493,7 @@ def validate(cfg: RunConfig) -> None:
     check(cfg.eval.few_below <= cfg.eval.many_above, "eval.few_below must not exceed eval.many_above")
     check(cfg.checkpoint_every >= 1, "checkpoint_every must be >= 1")
     check(cfg.checkpoint_every_steps >= 0, "checkpoint_every_steps must be >= 0 (0: only at epoch ends)")
+    check(cfg.sync_every >= 1, "sync_every must be >= 1 (1: read the loss after every step)")
     if cfg.device != "auto":
         from longtail.utils import parse_device
 

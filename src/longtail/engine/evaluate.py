@@ -62,6 +62,8 @@ def _run_split(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``fn(images)`` over a whole split in order -> ((N, ...) float outputs, (N,) targets) on the CPU.
 
+    The outputs stay on the device until the split is done (one read back, no host wait per batch).
+
     Under DDP each rank runs its shard of the split and the shards are gathered back into split order with
     the padding dropped, so every sample counts exactly once.
     """
@@ -128,9 +130,11 @@ def evaluate_split(
     was = method.training
     method.eval()
     try:
-        chunks = [feats[i : i + cfg.batch_size].to(loader.device) for i in range(0, len(feats), cfg.batch_size)]
-        preds = torch.cat([method.predict_features(f).argmax(1).cpu() for f in chunks])
-        routes = torch.cat([method.routes(f).cpu() for f in chunks])
+        # Moved once and gathered on the device, read back once: no host wait per batch.
+        on_device = feats.to(loader.device)
+        chunks = [on_device[i : i + cfg.batch_size] for i in range(0, len(feats), cfg.batch_size)]
+        preds = torch.cat([method.predict_features(f).argmax(1) for f in chunks]).cpu()
+        routes = torch.cat([method.routes(f) for f in chunks]).cpu()
     finally:
         method.train(was)
     out = classification_metrics(
@@ -265,15 +269,16 @@ def _sweep_features(
     was = method.training
     method.eval()
     rows = []
+    on_device = feats.to(loader.device)  # moved once for all values; predictions read back once per value
     try:
         for v in values:
             setattr(method.cfg, option, v)
             preds = torch.cat(
                 [
-                    method.predict_features(feats[i : i + cfg.batch_size].to(loader.device)).argmax(1).cpu()
+                    method.predict_features(on_device[i : i + cfg.batch_size]).argmax(1)
                     for i in range(0, len(feats), cfg.batch_size)
                 ]
-            )
+            ).cpu()
             m = classification_metrics(preds, targets, counts, thresholds_of(cfg, counts))
             rows.append({option: v, **{k: m[k] for k in keys}})
     finally:

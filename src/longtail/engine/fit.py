@@ -6,6 +6,7 @@ Every method enters through the Method hooks; this file never asks which method 
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import sys
 import time
@@ -78,7 +79,8 @@ class Interrupted(RuntimeError):
 
 
 class _StopFlag:
-    """SIGINT/SIGTERM set a flag checked after every step; a second SIGINT stops at once."""
+    """SIGINT/SIGTERM set a flag checked after every step (under DDP: agreed by all ranks every ``sync_every``
+    steps); a second SIGINT stops at once."""
 
     def __init__(self) -> None:
         self.stop = False
@@ -88,7 +90,8 @@ class _StopFlag:
         if self.stop and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.stop = True
-        log.warning("received %s: saving a checkpoint after this step", signal.Signals(signum).name)
+        log.warning("received %s: saving a checkpoint after this step (under DDP: at the next check point)",
+                    signal.Signals(signum).name)
 
     def __enter__(self) -> _StopFlag:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -371,6 +374,34 @@ def _restore_rng(entry: dict | None, loader: Loader, device: torch.device, dist:
     loader.load_state_dict(ranks[dist.rank]["loader"])
 
 
+def _loss_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of the epoch's loss sum on the device: float64, as the Python float it replaces (the same sum to
+    the bit); float32 on MPS, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _read_check_point(loss_sum: torch.Tensor, seen: int, stop: bool, dist: DistInfo) -> tuple[float, int, bool]:
+    """A check point's host read: (the epoch's loss sum so far, its images, whether to stop), summed over the ranks
+    under DDP, so that every rank stops, or finds a non-finite loss, at the same step. Between check points the
+    training step never waits for the device."""
+    total = loss_sum.item()
+    if not dist.enabled:
+        return total, seen, stop
+    total, seen_all, stops = all_reduce_sum([total, float(seen), float(stop)], dist, loss_sum.device)
+    return total, int(seen_all), stops > 0
+
+
+def _non_finite(st: StageConfig, epoch: int, first: int, last: int, loss_sum: float, sync_every: int) -> TrainingError:
+    """The error for a loss found non-finite at a check point: it became so in one of steps ``first..last``
+    (1-based, in ``epoch``, 0-based); nothing after the last finite check point is saved."""
+    where = f"at step {last}" if first == last else f"between steps {first} and {last}"
+    return TrainingError(
+        f"stage '{st.name}': non-finite loss {where} of epoch {epoch + 1} (the epoch's loss sum is {loss_sum}; "
+        f"the loss is read every sync_every={sync_every} steps); lower the learning rate "
+        f"(optim.lr={st.optim.lr}) or check the data"
+    )
+
+
 def train(
     cfg: RunConfig | None = None,
     out: str | Path | None = None,
@@ -531,6 +562,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
     every_steps = cfg.checkpoint_every_steps  # 0: checkpoints at epoch ends only
     # metrics.csv (+ TensorBoard / W&B): a resumed run continues it from its checkpoint's (stage, epoch)
     run_log = RunLog(run_dir, cfg, (state.stage, state.epoch) if ckpt else None) if main else None
+    sync_every = cfg.sync_every  # steps between check points: host reads of the loss (and DDP's stop flag)
     method = None
     ema = None  # the current stage's WeightEMA (ema.decay > 0); the last stage's is evaluated as splits_ema
     with _StopFlag() as stop:
@@ -611,7 +643,12 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                 method.train()
                 # Cut before sharding: the same (seed, epoch) stream, so a resumed epoch sees the same batches.
                 indices = shard(sampler.indices(epoch)[:cut], ctx.rank, ctx.world_size)
-                loss_sum, seen, t_epoch = 0.0, 0, time.time()
+                # The epoch's loss sum stays on the device: reading the loss every step would make the host wait for
+                # the device every step. It is read at check points (every sync_every steps, before every save, at
+                # the epoch end); a non-finite loss makes the sum non-finite for good, so a check point finds it.
+                loss_sum = torch.zeros((), dtype=_loss_dtype(device), device=device)
+                seen, t_epoch = 0, time.time()
+                checked = first_step  # steps of this epoch whose losses a check point found finite
                 # Every rank uses the same augmentation stream `gen`, so its state (saved by rank 0) resumes all.
                 for step, (x, y) in enumerate(
                     loader.train_batches(indices, local_batch, st.drop_last, gen, first_step), start=first_step
@@ -622,11 +659,6 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                     with autocast(device, cfg.amp):
                         out = train_fn(loader.normalize(x, channels_last), y)
                     loss = out["loss"]
-                    if not torch.isfinite(loss):
-                        raise TrainingError(
-                            f"stage '{st.name}' epoch {epoch + 1} step {step + 1}: loss is {loss.item()}; "
-                            f"lower the learning rate (optim.lr={st.optim.lr}) or check the data"
-                        )
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     if clip_params is not None:
@@ -634,10 +666,24 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                     opt.step()
                     if ema is not None:
                         ema.update()
-                    loss_sum += loss.item() * len(y)
+                    loss_sum += loss.detach().to(loss_sum.dtype) * len(y)  # as float(loss) * len(y) in float64
                     seen += len(y)
                     bar.update(1)
-                    if any_rank(stop.stop, dist, device):  # all ranks stop at the same step
+                    save_now = every_steps and (step + 1) % every_steps == 0 and step + 1 < steps
+                    # Check points are the same steps on every rank. A single process reads its stop flag (a host
+                    # bool, free) every step; under DDP the ranks agree on it in the check point's all-reduce.
+                    if (step + 1) % sync_every == 0 or save_now or (stop.stop and not dist.enabled):
+                        total, total_seen, stopping = _read_check_point(loss_sum, seen, stop.stop, dist)
+                        if not math.isfinite(total):
+                            bar.close()
+                            raise _non_finite(st, epoch, checked + 1, step + 1, total, sync_every)
+                        checked = step + 1
+                        bar.set_postfix_str(
+                            f"epoch {epoch + 1} loss {total / max(total_seen, 1):.3f} lr {lr:.3g}", refresh=False
+                        )
+                    else:
+                        stopping = False
+                    if stopping:  # all ranks stop at the same step, after a check point found the loss finite
                         stop.stop = True
                         # BN running statistics are linear EMAs, so averaging them now and again at the epoch
                         # end equals averaging once at the end: the resumed ranks start from rank 0's saved copy.
@@ -662,7 +708,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                             f"interrupted at stage '{st.name}' epoch {epoch + 1} step {step + 1}; "
                             f"continue with: longtail train --resume --out {run_dir}"
                         )
-                    if every_steps and (step + 1) % every_steps == 0 and step + 1 < steps:
+                    if save_now:
                         # The resume point SIGINT would save at this step (the epoch's last step is left to
                         # the epoch-end checkpoint). Under DDP the BN statistics are averaged on copies: the
                         # checkpoint holds the mean, while training goes on with each rank's own, as it would
@@ -683,7 +729,10 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                                 config=to_dict(cfg),
                             )
                 average_buffers(method, dist)
-                loss_sum, seen = all_reduce_sum([loss_sum, seen], dist, device)
+                loss_sum, seen = all_reduce_sum([loss_sum.item(), seen], dist, device)  # the epoch's check point
+                if not math.isfinite(loss_sum):
+                    bar.close()
+                    raise _non_finite(st, epoch, checked + 1, steps, loss_sum, sync_every)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 timing.append(
