@@ -501,3 +501,17 @@ def test_ifl_loads_without_its_training_set(method_runs):
     other = create_method(dict(TINY_OPTIONS["ifl"]), model.method.model, ctx)
     with pytest.raises(RuntimeError, match="size mismatch"):
         other.load_state_dict(state)
+
+
+def test_predict_keeps_the_runs_image_pixel_limit(image_folder, tmp_path):
+    raw = tiny_raw(image_folder, epochs=1)
+    raw["data"]["max_image_pixels"] = 300  # the 16x16 training images pass, a 32x32 one does not
+    run = train(build_config(raw), out=tmp_path / "run", progress=False)
+    model = load_model(run)
+    big = tmp_path / "big.png"
+    from torchvision.io import write_png
+
+    write_png(torch.zeros(3, 32, 32, dtype=torch.uint8), str(big))
+    with pytest.raises(DataError, match=r"32x32 pixels, above data.max_image_pixels=300"):
+        model.predict([str(big)])
+    assert len(model.predict(sorted((image_folder / "test").rglob("*.png"))[:2])) == 2

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from longtail.config import RunConfig, load_raw
 from longtail.data import LTDataset, create_dataset
-from longtail.data.images import IMAGE_EXTENSIONS, read_image
+from longtail.data.images import DEFAULT_LIMITS, IMAGE_EXTENSIONS, ImageLimits, read_image
 from longtail.data.loaders import Loader
 from longtail.engine.build import build_config
 from longtail.engine.checkpoint import load_checkpoint
@@ -440,8 +440,8 @@ class _Images(Dataset):
     """Sample i -> ((3, S, S) float in [0, 255], i, error message or ""): decoding errors travel to the main
     process as text, which raises them there as one line (a DataLoader worker would wrap them in a traceback)."""
 
-    def __init__(self, samples: list[Sample], info: InferenceInfo) -> None:
-        self.samples, self.info = samples, info
+    def __init__(self, samples: list[Sample], info: InferenceInfo, limits: ImageLimits = DEFAULT_LIMITS) -> None:
+        self.samples, self.info, self.limits = samples, info, limits  # limits: the run's data.max_image_pixels ...
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -451,7 +451,7 @@ class _Images(Dataset):
         try:
             img = s.image
             if img is None:
-                img = read_image(s.source)
+                img = read_image(s.source, self.limits)
             elif not isinstance(img, torch.Tensor):  # PIL
                 from torchvision.transforms.v2.functional import pil_to_tensor
 
@@ -471,7 +471,7 @@ def _score_batches(model: TrainedModel, samples: list[Sample], batch_size: int, 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UsageError(f"batch size must be at least 1, got {batch_size}")
     in_memory = any(s.image is not None for s in samples)
-    dl = DataLoader(_Images(samples, model.info), batch_size=batch_size, shuffle=False,
+    dl = DataLoader(_Images(samples, model.info, ImageLimits.of(model.cfg.data)), batch_size=batch_size, shuffle=False,
                     num_workers=0 if in_memory else num_workers)
     with tqdm(total=len(samples), unit="img", desc="predict", disable=not progress, dynamic_ncols=True,
               mininterval=0.5) as bar:
