@@ -99,8 +99,8 @@ def test_semantic_checks():
         build_config({"stages": [{"name": "a", "init_from": "nope"}]})
     with pytest.raises(ConfigError, match="profile"):
         build_config({"data": {"profile": "linear"}})
-    with pytest.raises(ConfigError, match="eval_every"):
-        build_config({"eval": {"select": "best_val"}})
+    with pytest.raises(ConfigError, match="eval.select_metric must be one of auto, top1, mean_class_acc"):
+        build_config({"eval": {"select_metric": "top5"}})
     with pytest.raises(ConfigError, match="duplicate stage name"):
         build_config({"stages": [{"name": "a"}, {"name": "a"}]})
     # A one-epoch warm-up under the reference offset would be no warm-up (the cause of collapsed short runs).

@@ -124,16 +124,18 @@ def test_two_gloo_processes_match_one(tmp_path):
 def test_sigint_on_one_rank_stops_both_and_resume_matches(tmp_path):
     root = _folder(tmp_path)
     cfg_path = tmp_path / "ddp.yaml"
-    cfg_path.write_text(yaml.safe_dump(_raw(root)))
+    # The ranks agree on stopping at check points (every sync_every steps, here 4 of the 8 steps per epoch).
+    cfg_path.write_text(yaml.safe_dump({**_raw(root), "sync_every": 4}))
     for rc, o in _launch(cfg_path, tmp_path / "plain"):
         assert rc == 0, o
-    # Rank 1 alone is interrupted mid-epoch 2 (8 steps per epoch); both ranks must stop at the same step.
+    # Rank 1 alone is interrupted mid-epoch 2, in its step 3; both ranks must stop at the same step: the next check
+    # point, step 4.
     runs = _launch(cfg_path, tmp_path / "cut", env_extra={"LT_TEST_SIGINT": "1:11"})
     stops = []
     for rc, o in runs:
         assert rc == 130, o
         stops.append(re.search(r"interrupted at stage 'main' epoch (\d+) step (\d+)", o).groups())
-    assert stops[0] == stops[1] and stops[0][0] == "2"  # the same step on both ranks, inside epoch 2
+    assert stops[0] == stops[1] == ("2", "4")  # the same step on both ranks: epoch 2's first check point
     for rc, o in _launch(cfg_path, tmp_path / "cut", "--resume"):
         assert rc == 0, o
     a, b = (

@@ -4,7 +4,8 @@ Layers, lowest first; a module may import its own layer and the ones below, neve
 
   0  errors                                     the user-error classes
   1  registry, config, utils, run_folder, dist, leaf modules: registries, the config schema, atomic writes and
-     progress                                   environment info, the run-folder lock, the collectives, the
+     plugins, progress                          environment info, the run-folder lock, the collectives, plugin
+                                                imports (modules, entry points) and their record in a run, the
                                                 progress-bar switch
   2  data, models, evaluation                   datasets and samplers; backbones and heads; metrics, reports, plots
   3  methods                                    the Method plugins
@@ -38,6 +39,7 @@ LAYERS: dict[str, int] = {
     "longtail.utils": 1,
     "longtail.run_folder": 1,
     "longtail.dist": 1,
+    "longtail.plugins": 1,  # imports errors, and registry (function-local)
     "longtail.progress": 1,
     "longtail.data": 2,
     "longtail.models": 2,

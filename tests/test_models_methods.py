@@ -148,7 +148,7 @@ def test_every_method_runs_its_stage_hooks_evaluates_and_round_trips(name, tiny_
     from longtail.config import EvalConfig
     from longtail.data.samplers import create_sampler
     from longtail.engine.checkpoint import load_checkpoint, save_checkpoint
-    from longtail.engine.evaluate import evaluate_split, predict_split
+    from longtail.engine.evaluate import choose_on_val, evaluate_split, predict_split
     from longtail.engine.fit import _make_optimizer
 
     if name in OPTIONAL:
@@ -176,8 +176,12 @@ def test_every_method_runs_its_stage_hooks_evaluates_and_round_trips(name, tiny_
         after = [p.detach() for g in opt.param_groups for p in g["params"]]
         assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True)), "nothing trained"
     method.on_stage_end(ctx)
-    assert method.options_to_choose() == {}  # the defaults choose nothing on val
     ev = EvalConfig(batch_size=4, many_above=10, few_below=5)
+    for option, grid in method.options_to_choose().items():  # as the fit loop then does (TDE's default alpha: val)
+        choice = choose_on_val(method, loader, option, grid, ev, amp=False)
+        assert choice["split"] == "val" and choice["value"] in grid
+        method.set_chosen(option, choice["value"])
+        assert method.option(option) == choice["value"]  # and the round trip below carries the choice
     metrics = evaluate_split(method, loader, "test", ev, amp=False)
     assert metrics["num_samples"] == 6 and 0 <= metrics["top1"] <= 100
     assert ("routes" in metrics) == bool(method.route_names)

@@ -202,7 +202,7 @@ def test_results_table(tmp_path):
     table = results_table(metrics, title="run_a, epoch 200")
     assert table.splitlines()[0] == "run_a, epoch 200"
     rows = _rows(table)
-    assert rows[0] == ["test", "70.0", "90.0", "–", "10.0", "55.5", "40"]
+    assert rows[0] == ["test", "70.0", "70.0", "90.0", "–", "10.0", "55.5", "40"]
     assert rows[1][0] == "val"
     assert THRESHOLDS in table
     assert not results_table(metrics).startswith("\n")

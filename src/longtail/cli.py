@@ -9,7 +9,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from longtail.errors import UsageError, UserError
+from longtail.errors import MissingFileError, UsageError, UserError
 
 EPILOG = """examples:
   longtail train                                   # quickstart: shapes-glt, tiny CNN, ~1 minute on a laptop
@@ -21,6 +21,9 @@ EPILOG = """examples:
   longtail report runs/*
   longtail report runs/ce runs/tde --plot --out cmp.md   # table + figure (cmp.png) of many/medium/few, per class
   longtail predict runs/try1 cat.jpg dog.png
+  longtail predict runs/try1 photos/ --out preds.csv   # a folder (recursive), batched; <class>/ folders: accuracy
+  longtail export runs/try1 --format onnx --out model.onnx   # one module + model.onnx.json (class names)
+  longtail --plugin my_models train my.yaml        # your own registered backbones / heads / datasets / methods
   longtail features runs/try1 --split train,test   # backbone features to runs/try1/features/*.npy
   longtail eval runs/try1 --feature-quality        # head/tail separability of its features (DLSA's measure)
   longtail list
@@ -55,6 +58,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             overrides.insert(0, config)  # `longtail train epochs=3`: no config, only overrides
             config = None
         cfg = load_config(config, overrides)
+        cfg.plugins = list(dict.fromkeys([*cfg.plugins, *args.plugins]))  # recorded: eval / predict import them
         if args.print_config:
             import yaml
 
@@ -75,8 +79,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     run = load_run(run_dir)
     print()
     print(results_table(run["metrics"], title=f"{run_dir.name}: {run['metrics'].get('selected', '')}"))
+    if run["metrics"].get("splits_ema"):  # ema.decay: the averaged weights, scored on their own
+        print()
+        print(results_table({**run["metrics"], "splits": run["metrics"]["splits_ema"]}, title="EMA of the weights"))
     _print_val_checks(run["metrics"])
-    print(f"\nrun folder: {run_dir}  (config.yaml, metrics.json, train.log, checkpoints/, plots/)")
+    print(f"\nrun folder: {run_dir}  (config.yaml, metrics.json, metrics.csv, train.log, checkpoints/, plots/)")
     return 0
 
 
@@ -310,13 +317,42 @@ def _common_split(runs: list[dict]) -> str:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from longtail.engine.inference import load_trained, predict_images
-    from longtail.utils import display_name
+    from longtail.engine.inference import collect_inputs, load_model, predict_to
 
     _at_least(args.topk, 1, "--topk")
-    run = load_trained(args.run_dir, device=args.device)
-    for path, top in zip(args.images, predict_images(run, args.images, args.topk), strict=True):
-        print(display_name(f"{path}: " + ", ".join(f"{name} {p:.1%}" for name, p in top)))
+    _at_least(args.batch_size, 1, "--batch-size")
+    _at_least(args.num_workers, 0, "--num-workers")
+    if args.out is not None and Path(args.out).suffix.lower() not in (".csv", ".json"):
+        raise UsageError(f"--out {args.out}: write predictions to a .csv or .json file")
+    missing = next((p for p in args.inputs if not Path(p).exists()), None)
+    if missing is not None:  # before the model loads: a typo fails at once
+        raise MissingFileError(f"{missing}: no such image, folder or list file")
+    model = load_model(args.run_dir, args.set, device=args.device)
+    samples = collect_inputs(args.inputs, model.class_names)
+    res = predict_to(model, samples, args.out, args.topk, args.batch_size, args.num_workers,
+                     progress=not args.quiet, echo=print)
+    if args.out is not None:
+        print(f"{res['count']} predictions written to {args.out}")
+    m = res["metrics"]
+    if m is not None:
+        def cell(v):
+            return "-" if v is None else f"{v:.2f}"
+
+        print(f"accuracy on the {res['labelled']} labelled images (labels from <class>/ folders or the list file): "
+              f"top1 {cell(m['top1'])}, many {cell(m['many'])}, medium {cell(m['medium'])}, few {cell(m['few'])} "
+              f"({m['thresholds']})")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from longtail.engine.export import export_model
+    from longtail.engine.inference import load_model
+
+    model = load_model(args.run_dir, args.set, device="cpu")
+    out = export_model(model, format=args.format, out=args.out, input=args.input)
+    print(f"wrote {out} ({args.format}; input: (batch, 3, {model.info.image_size}, {model.info.image_size}) "
+          f"{args.input} images, resized to {model.info.resize} and centre-cropped) and {out}.json (class names, "
+          f"preprocessing)")
     return 0
 
 
@@ -382,22 +418,35 @@ def _cmd_list(args: argparse.Namespace) -> int:
     import shutil
     import textwrap
 
+    from longtail import registry
     from longtail.config import shipped_configs
-    from longtail.registry import catalogue
+    from longtail.plugins import provider
 
     if args.method:
         return _list_method(args.method)
-    # What the registries hold once the plugins are imported, read from their source: no torch to import.
-    registries = catalogue()
+    # What the registries hold once longtail's own plugins are imported, read from their source: no torch to
+    # import. Then what --plugin modules and entry points (imported by main) registered: the live entries that
+    # longtail's source does not name.
+    registries = registry.catalogue()
     width = max(80, min(120, shutil.get_terminal_size((100, 24)).columns))
-    for title, reg in (("datasets", "DATASETS"), ("backbones", "BACKBONES"), ("heads", "HEADS"),
-                       ("methods", "METHODS"), ("samplers", "SAMPLERS")):
+
+    def entry(name: str, doc: str) -> None:
+        # Whole descriptions, wrapped under their column (a long name pushes its text to the next line).
+        head = f"  {name:<18} " if len(name) < 19 else f"  {name}\n" + " " * 21
+        print(textwrap.fill(doc, width, initial_indent=" " * 21, subsequent_indent=" " * 21).replace(
+            " " * 21, head, 1) if doc else head.rstrip())
+
+    for title, var, reg in (("datasets", "DATASETS", registry.DATASETS), ("backbones", "BACKBONES", registry.BACKBONES),
+                            ("heads", "HEADS", registry.HEADS), ("methods", "METHODS", registry.METHODS),
+                            ("samplers", "SAMPLERS", registry.SAMPLERS)):
         print(f"{title}:")
-        for name, doc in registries.get(reg, {}).items():
-            # Whole descriptions, wrapped under their column (a long name pushes its text to the next line).
-            head = f"  {name:<18} " if len(name) < 19 else f"  {name}\n" + " " * 21
-            print(textwrap.fill(doc, width, initial_indent=" " * 21, subsequent_indent=" " * 21).replace(
-                " " * 21, head, 1) if doc else head.rstrip())
+        static = registries.get(var, {})
+        for name, doc in static.items():
+            entry(name, doc)
+        for name, doc in reg.describe().items():
+            if name not in static:
+                module = None if name.endswith("<name>") else provider(reg.get(name))
+                entry(name, f"{doc}{f' (plugin {module})' if module else ''}")
     print("configs (longtail train NAME):")
     for name in shipped_configs():
         print(f"  {name}")
@@ -435,6 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p.add_argument("--version", action="version", version=f"longtail {__version__}")
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error (also: LONGTAIL_DEBUG=1)")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="import MODULE first: your own datasets, backbones, heads, samplers or methods registered "
+                        "there work with every command (a run records it; repeatable)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a recipe (default: the quickstart)",
@@ -450,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "without the interruption)")
     t.add_argument("--overwrite", action="store_true",
                    help="start even when --out holds a run or other files: its config.yaml, metrics.json, train.log, "
-                        "checkpoints/, plots/, sweeps/ and features/ are removed first (other files are kept)")
+                        "checkpoints/, plots/, sweeps/, features/ and export/ are removed first (other files are kept)")
     t.add_argument("--quiet", action="store_true", help="no progress bars (the data's decoding and checks included)")
     t.add_argument("--print-config", action="store_true",
                    help="print the resolved config (YAML: the recipe with its overrides and every default) and exit")
@@ -492,14 +544,44 @@ def build_parser() -> argparse.ArgumentParser:
                         "curves head -> tail, of --split (default test) to --out's name with .png, else report.png")
     r.set_defaults(func=_cmd_report)
 
-    pr = sub.add_parser("predict", help="top-k classes of image files",
-                        description="Classify image files with a finished run's final weights (prediction-time "
-                                    "settings of its method, e.g. TDE's alpha, as recorded).")
+    pr = sub.add_parser("predict", help="top-k classes of images, folders and list files",
+                        description="Classify images with a finished run's final weights, from the run folder alone "
+                                    "(the training data is not needed), with the prediction-time settings of its "
+                                    "method (e.g. TDE's alpha) as recorded. Images stream through in batches.",
+                        epilog="PATH: an image file, a folder (searched recursively; images under a first-level "
+                               "sub-folder named after a class are labelled with it), or a list file (.txt, .lst: "
+                               "an image path per line, relative to the list file, optionally followed by a class "
+                               "name or index). With labels, the many / medium / few accuracy is printed too.")
     pr.add_argument("run_dir", help="a finished run folder")
-    pr.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...)")
-    pr.add_argument("--topk", type=int, default=5, help="classes to print per image (default 5)")
+    pr.add_argument("inputs", nargs="+", metavar="PATH", help="image files, folders and list files")
+    pr.add_argument("--out", help="write the predictions to this .csv or .json file (path, label, top-k classes "
+                    "and probabilities) instead of printing them")
+    pr.add_argument("--topk", type=int, default=5, help="classes per image (default 5)")
+    pr.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    pr.add_argument("--num-workers", type=int, default=2, help="image decoding processes (default 2; 0: in this one)")
+    pr.add_argument("--set", action="append", default=[], metavar="key=value",
+                    help="prediction-time override, e.g. method.alpha=2.0")
     pr.add_argument("--device", help="cpu, cuda, ... (default: the run's)")
+    pr.add_argument("--quiet", action="store_true", help="no progress bar")
     pr.set_defaults(func=_cmd_predict)
+
+    ex = sub.add_parser("export", help="one TorchScript / ONNX module of a finished run",
+                        description="Export a finished run to one module that maps a batch of images to the "
+                                    "method's final scores, with the normalisation and its prediction-time "
+                                    "settings (TDE, logit adjustment, tau-norm, NCM, DLSA's cascade) baked in; "
+                                    "FILE.json beside it holds the class names and the preprocessing. Loading it "
+                                    "needs only PyTorch (TorchScript) or onnxruntime (ONNX). The module is checked "
+                                    "against predict before it is written.")
+    ex.add_argument("run_dir", help="a finished run folder")
+    ex.add_argument("--format", choices=["torchscript", "onnx"], default="torchscript",
+                    help="torchscript (default; torch.jit.load) or onnx (needs: pip install 'longtail[export]')")
+    ex.add_argument("--out", help="file to write (default RUN_DIR/export/model.pt or model.onnx)")
+    ex.add_argument("--input", choices=["uint8", "float", "normalized"], default="uint8",
+                    help="what the module takes: uint8 RGB images 0-255 (default; torchvision.io.read_image), "
+                         "float images in [0, 1] (ToTensor), or images already normalised with the run's mean/std")
+    ex.add_argument("--set", action="append", default=[], metavar="key=value",
+                    help="prediction-time override baked into the module, e.g. method.alpha=2.0")
+    ex.set_defaults(func=_cmd_export)
 
     fe = sub.add_parser("features", help="extract a run's backbone features to RUN_DIR/features/",
                         description="Write the final weights' backbone features (eval mode, no augmentation) of "
@@ -565,8 +647,10 @@ def build_parser() -> argparse.ArgumentParser:
     ls.set_defaults(func=_cmd_list)
     # `--debug` also after the command (`longtail train ... --debug`); SUPPRESS keeps the main parser's value
     # when a sub-command does not see it.
-    for parser in (t, e, r, pr, fe, bn, dg, ls):
+    for parser in (t, e, r, pr, ex, fe, bn, dg, ls):
         parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        parser.add_argument("--plugin", action="append", dest="plugin_after", default=[], metavar="MODULE",
+                            help="import MODULE first (your own registered components; see longtail --help)")
     return p
 
 
@@ -614,9 +698,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args.command_line = "longtail " + shlex.join(argv)  # recorded in a new run's log
     debug = args.debug or os.environ.get("LONGTAIL_DEBUG", "") not in ("", "0")
+    args.plugins = [*args.plugin, *getattr(args, "plugin_after", [])]
     try:
+        from longtail.plugins import load_entry_points, load_plugins
         from longtail.progress import progress_bars
 
+        load_entry_points()
+        load_plugins(args.plugins, needed_by="--plugin")
         with progress_bars(not getattr(args, "quiet", False)):  # --quiet: no bar at all, the data's included
             return args.func(args)
     except UserError as e:

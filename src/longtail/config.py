@@ -83,12 +83,23 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    """SGD with momentum (the optimiser of every reference recipe)."""
+    """SGD with momentum (the optimiser of every reference recipe), or AdamW."""
 
+    name: str = "sgd"  # sgd | adamw (decoupled weight decay; momentum and nesterov are SGD's)
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
     nesterov: bool = False
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
+    eps: float = 1e-8  # adamw
+    clip_grad_norm: float = 0.0  # clip the gradients' total L2 norm to this before each step; 0: off
+
+
+@dataclass
+class EMAConfig:
+    """Exponential moving average of the weights, evaluated beside them (metrics.json ``splits_ema``)."""
+
+    decay: float = 0.0  # ema = decay * ema + (1 - decay) * weights after every step (e.g. 0.999); 0: off
 
 
 @dataclass
@@ -115,6 +126,7 @@ class StageConfig:
     batch_size: int = 128
     sampler: str = "instance"  # a registered sampler
     optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     # Where this stage's starting weights come from: the name of an earlier stage (its final weights), or a
     # path to another run's folder (its evaluated weights, checkpoints/final.pt) or to a checkpoint file.
@@ -137,7 +149,18 @@ class EvalConfig:
     few_below: int = 20  # few-shot: < this many training images (shots=fixed)
     inclusive: bool = False  # OLTR thresholds (>= many_above, <= few_below)
     select: str = "last"  # last | best_val: which epoch's weights are reported (never chosen on test)
+    # best_val picks the epoch on this val metric: top1 | mean_class_acc | many | medium | few | precision; auto:
+    # mean_class_acc when the val split is long-tailed (largest / smallest non-empty class > 2), else top1.
+    select_metric: str = "auto"
     plots: bool = True
+
+
+@dataclass
+class LogConfig:
+    """Per-epoch records beside metrics.csv (always written): TensorBoard and Weights & Biases, both off."""
+
+    tensorboard: bool = False  # event files in <run>/tensorboard (needs the `log` extra: pip install tensorboard)
+    wandb: str | None = None  # a W&B project name to log to (needs the `wandb` extra); None: off
 
 
 @dataclass
@@ -154,10 +177,18 @@ class RunConfig:
     # Also save the resume point every N training steps inside an epoch (0: off), so a kill loses at most N
     # steps of a long epoch; the checkpoint is the one SIGINT writes at that step, and training is unchanged.
     checkpoint_every_steps: int = 0
+    # Training steps between host reads of the loss (the non-finite check, the progress bar's loss) and, under
+    # DDP, of the stop flag: the steps in between queue on the device without waiting for it. Also read at
+    # every epoch end and before every save; a NaN is reported as "between steps a and b".
+    sync_every: int = 50
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # Modules imported before the registries are read (your own datasets, backbones, heads, samplers, methods;
+    # see longtail.plugins): `--plugin MODULE` adds to it, and a run records here every plugin it used.
+    plugins: list[str] = field(default_factory=list)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 # ----------------------------------------------------------------------------- building from dicts
@@ -290,6 +321,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+SELECT_METRICS = ("auto", "top1", "mean_class_acc", "many", "medium", "few", "precision")
 _STAGE_KEYS = {f.name for f in dataclasses.fields(StageConfig)}
 _RUN_KEYS = {f.name for f in dataclasses.fields(RunConfig)}
 
@@ -455,10 +487,13 @@ def validate(cfg: RunConfig) -> None:
           "data.augment must be auto, cifar, imagenet, glt, glt_coco or none")
     check(cfg.data.train_variant in ("lt", "cbl"), "data.train_variant must be lt or cbl")
     check(cfg.eval.select in ("last", "best_val"), "eval.select must be last or best_val")
+    check(cfg.eval.select_metric in SELECT_METRICS,
+          f"eval.select_metric must be one of {', '.join(SELECT_METRICS)}, got '{cfg.eval.select_metric}'")
     check(cfg.eval.shots in ("fixed", "auto"), f"eval.shots must be fixed or auto, got '{cfg.eval.shots}'")
     check(cfg.eval.few_below <= cfg.eval.many_above, "eval.few_below must not exceed eval.many_above")
     check(cfg.checkpoint_every >= 1, "checkpoint_every must be >= 1")
     check(cfg.checkpoint_every_steps >= 0, "checkpoint_every_steps must be >= 0 (0: only at epoch ends)")
+    check(cfg.sync_every >= 1, "sync_every must be >= 1 (1: read the loss after every step)")
     if cfg.device != "auto":
         from longtail.utils import parse_device
 
@@ -484,8 +519,6 @@ def validate(cfg: RunConfig) -> None:
     check(cfg.eval.batch_size >= 1, f"eval.batch_size must be >= 1, got {cfg.eval.batch_size}")
     check(cfg.eval.many_above >= 0 and cfg.eval.few_below >= 0, "eval.many_above and eval.few_below must be >= 0")
     check(len(cfg.stages) >= 1, "a recipe needs at least one stage")
-    check(cfg.eval.select != "best_val" or cfg.stages[-1].eval_every > 0,
-          "eval.select=best_val needs val evaluations during the last stage: set its eval_every (e.g. 1)")
     names: list[str] = []
     for i, st in enumerate(cfg.stages):
         where = f"stages.{i} ('{st.name}')"
@@ -496,6 +529,12 @@ def validate(cfg: RunConfig) -> None:
         check(st.epoch_length in ("sampler", "dataset"),
               f"{where}: epoch_length must be sampler or dataset, got '{st.epoch_length}'")
         check(st.optim.momentum >= 0, f"{where}: optim.momentum must be >= 0")
+        check(st.optim.name in ("sgd", "adamw"), f"{where}: optim.name must be sgd or adamw, got '{st.optim.name}'")
+        check(len(st.optim.betas) == 2 and all(0 <= b < 1 for b in st.optim.betas),
+              f"{where}: optim.betas must be two numbers in [0, 1), got {st.optim.betas}")
+        check(st.optim.eps > 0, f"{where}: optim.eps must be > 0")
+        check(st.optim.clip_grad_norm >= 0, f"{where}: optim.clip_grad_norm must be >= 0 (0: off)")
+        check(0 <= st.ema.decay < 1, f"{where}: ema.decay must be in [0, 1) (0: off), got {st.ema.decay}")
         check(st.optim.weight_decay >= 0, f"{where}: optim.weight_decay must be >= 0")
         check(st.eval_every >= 0, f"{where}: eval_every must be >= 0 (0: only at the end)")
         check(st.schedule.warmup_epochs >= 0, f"{where}: schedule.warmup_epochs must be >= 0 (0: no warm-up), "
@@ -518,6 +557,22 @@ def validate(cfg: RunConfig) -> None:
               f"nor a path to a run folder or checkpoint (.pt)")
         check("name" in st.method, f"{where}: method needs a name")
         names.append(st.name)
+
+
+def absolute_paths(cfg: RunConfig) -> None:
+    """Make the file paths of ``cfg`` absolute (``~`` expanded), as a run saves them: its config.yaml then names the
+    same files from any working directory. A list file that does not exist relative to the working directory stays
+    as written: it is looked up under ``data.root``."""
+    d = cfg.data
+    for key in ("root", "annotation", "cache_dir"):
+        if getattr(d, key):
+            setattr(d, key, str(Path(getattr(d, key)).expanduser().absolute()))
+    for key in ("train_list", "val_list", "test_list"):
+        value = getattr(d, key)
+        if value and Path(value).expanduser().is_file():
+            setattr(d, key, str(Path(value).expanduser().absolute()))
+    if cfg.model.pretrained:
+        cfg.model.pretrained = str(Path(cfg.model.pretrained).expanduser().absolute())
 
 
 def save_yaml(obj: Any, path: str | Path) -> None:

@@ -60,6 +60,10 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     _atomic(path, lambda f: f.write(text.encode()))
 
 
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    _atomic(path, lambda f: f.write(data))
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 

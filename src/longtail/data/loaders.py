@@ -40,8 +40,9 @@ def random_crop_flip(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.T
     The random offsets and flips come from ``gen`` (CPU) so the result is the same on any device.
     """
     b, _, h, w = x.shape
-    offs = torch.randint(0, 2 * pad + 1, (2, b), generator=gen).to(x.device)  # (2, B) y and x offsets
-    flip = (torch.rand(b, generator=gen) < 0.5).to(x.device)  # (B,)
+    # non_blocking: a copy from pageable host memory is staged at once, and the host does not wait for the device.
+    offs = torch.randint(0, 2 * pad + 1, (2, b), generator=gen).to(x.device, non_blocking=True)  # (2, B) y, x offsets
+    flip = (torch.rand(b, generator=gen) < 0.5).to(x.device, non_blocking=True)  # (B,)
     padded = F.pad(x, (pad, pad, pad, pad))  # (B, C, H+2p, W+2p), zero fill as torchvision's RandomCrop
     rows = offs[0][:, None] + torch.arange(h, device=x.device)  # (B, H)
     cols = offs[1][:, None] + torch.arange(w, device=x.device)  # (B, W)
@@ -219,7 +220,7 @@ class Loader:
         if s.in_memory and self.fast_path:
             images, targets = self._images(split), s.targets.to(self.device)
             for step in range(steps):
-                idx = indices[step * batch_size:(step + 1) * batch_size].to(self.device)
+                idx = indices[step * batch_size:(step + 1) * batch_size].to(self.device, non_blocking=True)
                 x = images[idx]
                 if self.augment == "cifar":
                     x = random_crop_flip(x, 4, gen) if step >= start_step else x

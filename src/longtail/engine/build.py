@@ -1,10 +1,11 @@
 """Where the config meets the registries: every name a run config gives is resolved here, once.
 
 ``longtail.config`` is the schema (types, ranges, stage references) and knows no plugin. ``resolve`` checks the
-registered names (dataset, backbone, head, sampler, each stage's method), a method's ``requires_head``, and each
-method's own options against its ``Config`` dataclass, and returns a copy whose ``stages[].method`` holds every
-option with its default filled in: the resolved config a run saves in ``config.yaml`` and embeds in every
-checkpoint. ``train``, ``load_trained``, ``longtail.load_config`` and the CLI go through it.
+registered names (dataset, backbone, head, sampler, each stage's method; plugins imported first), a method's
+``requires_head``, and each method's own options against its ``Config`` dataclass, and returns a copy whose
+``stages[].method`` holds every option with its default filled in: the resolved config a run saves in
+``config.yaml`` and embeds in every checkpoint. ``train``, ``load_trained``, ``load_model``,
+``longtail.load_config`` and the CLI go through it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import longtail.models  # noqa: F401  (backbones, heads)
 from longtail import config
 from longtail.config import RunConfig, from_dict, to_dict
 from longtail.errors import ConfigError
+from longtail.plugins import load_entry_points, load_plugins
 from longtail.registry import BACKBONES, DATASETS, HEADS, METHODS, SAMPLERS, Registry, RegistryError
 
 
@@ -31,8 +33,13 @@ def _known(reg: Registry, name: str, where: str) -> None:
 def resolve(cfg: RunConfig) -> RunConfig:
     """A copy of ``cfg`` (which is left as it is) with every registered name checked and each stage's method
     options completed with the method's defaults; ConfigError (with a "did you mean") on an unknown name or
-    option, or a method whose ``requires_head`` is not ``model.head``. Idempotent."""
+    option, or a method whose ``requires_head`` is not ``model.head``. Idempotent.
+
+    Plugins are imported first, so their names are known: the installed ``longtail.plugins`` entry points (once
+    per process) and the modules ``cfg.plugins`` names (``--plugin``, a recipe's ``plugins:``)."""
     config.validate(cfg)
+    load_entry_points()
+    load_plugins(cfg.plugins, needed_by="this config (plugins)")
     out = copy.deepcopy(cfg)
     _known(DATASETS, out.data.name, "data.name")
     _known(BACKBONES, out.model.backbone, "model.backbone")
@@ -48,6 +55,8 @@ def resolve(cfg: RunConfig) -> RunConfig:
                               f"(got '{out.model.head}')")
         opts = {k: v for k, v in st.method.items() if k != "name"}
         st.method = {"name": st.method["name"], **to_dict(from_dict(method_cls.Config, opts, f"{where}.method"))}
+    if out.eval.select == "best_val" and out.stages[-1].eval_every == 0:
+        out.stages[-1].eval_every = 1  # best_val chooses among the last stage's val evaluations: one per epoch
     return out
 
 

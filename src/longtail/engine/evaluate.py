@@ -25,6 +25,23 @@ def thresholds_of(cfg: EvalConfig, train_counts: torch.Tensor | None = None) -> 
     return ShotThresholds(cfg.many_above, cfg.few_below, cfg.inclusive)
 
 
+LONG_TAILED_VAL = 2.0  # a val split whose largest / smallest non-empty class exceeds this is long-tailed
+
+
+def select_metric_of(cfg: EvalConfig, val_targets: torch.Tensor, num_classes: int) -> str:
+    """The val metric ``eval.select=best_val`` picks the epoch on: ``eval.select_metric``, and for ``auto``
+    mean-class accuracy on a long-tailed val split (micro top-1 there follows the head classes) and top-1 on a
+    (nearly) balanced one, where the two agree up to rounding. Classes without val images are left out of the
+    ratio (CIFAR-LT's ``val_per_class`` leaves the head class none)."""
+    if cfg.select_metric != "auto":
+        return cfg.select_metric
+    counts = torch.bincount(torch.as_tensor(val_targets), minlength=num_classes)
+    counts = counts[counts > 0]
+    if len(counts) and counts.max().item() / counts.min().item() > LONG_TAILED_VAL:
+        return "mean_class_acc"
+    return "top1"
+
+
 def autocast(device: torch.device, enabled: bool):
     """bf16 autocast on GPU; a no-op on CPU, where training stays fp32 and bit-reproducible."""
     if enabled and device.type == "cuda":
@@ -44,6 +61,8 @@ def _run_split(
     dist: DistInfo | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``fn(images)`` over a whole split in order -> ((N, ...) float outputs, (N,) targets) on the CPU.
+
+    The outputs stay on the device until the split is done (one read back, no host wait per batch).
 
     Under DDP each rank runs its shard of the split and the shards are gathered back into split order with
     the padding dropped, so every sample counts exactly once.
@@ -111,9 +130,11 @@ def evaluate_split(
     was = method.training
     method.eval()
     try:
-        chunks = [feats[i : i + cfg.batch_size].to(loader.device) for i in range(0, len(feats), cfg.batch_size)]
-        preds = torch.cat([method.predict_features(f).argmax(1).cpu() for f in chunks])
-        routes = torch.cat([method.routes(f).cpu() for f in chunks])
+        # Moved once and gathered on the device, read back once: no host wait per batch.
+        on_device = feats.to(loader.device)
+        chunks = [on_device[i : i + cfg.batch_size] for i in range(0, len(feats), cfg.batch_size)]
+        preds = torch.cat([method.predict_features(f).argmax(1) for f in chunks]).cpu()
+        routes = torch.cat([method.routes(f) for f in chunks]).cpu()
     finally:
         method.train(was)
     out = classification_metrics(
@@ -248,15 +269,16 @@ def _sweep_features(
     was = method.training
     method.eval()
     rows = []
+    on_device = feats.to(loader.device)  # moved once for all values; predictions read back once per value
     try:
         for v in values:
             setattr(method.cfg, option, v)
             preds = torch.cat(
                 [
-                    method.predict_features(feats[i : i + cfg.batch_size].to(loader.device)).argmax(1).cpu()
+                    method.predict_features(on_device[i : i + cfg.batch_size]).argmax(1)
                     for i in range(0, len(feats), cfg.batch_size)
                 ]
-            )
+            ).cpu()
             m = classification_metrics(preds, targets, counts, thresholds_of(cfg, counts))
             rows.append({option: v, **{k: m[k] for k in keys}})
     finally:

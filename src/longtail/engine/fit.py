@@ -6,6 +6,7 @@ Every method enters through the Method hooks; this file never asks which method 
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import sys
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from longtail.config import ConfigError, RunConfig, StageConfig, load_raw, save_yaml, to_dict
+from longtail.config import ConfigError, RunConfig, StageConfig, absolute_paths, load_raw, save_yaml, to_dict
 from longtail.data import LTDataset, create_dataset
 from longtail.data.loaders import Loader
 from longtail.data.samplers import create_sampler, shard
@@ -35,7 +36,17 @@ from longtail.engine.distributed import (
     init_distributed,
     shutdown,
 )
-from longtail.engine.evaluate import autocast, check_off_values, choose_on_val, evaluate_split, thresholds_of
+from longtail.engine.ema import WeightEMA
+from longtail.engine.evaluate import (
+    autocast,
+    check_off_values,
+    choose_on_val,
+    evaluate_split,
+    select_metric_of,
+    thresholds_of,
+)
+from longtail.engine.record import inference_record
+from longtail.engine.run_log import RunLog, check_log_extras
 from longtail.engine.schedule import lr_at
 from longtail.errors import (
     WRITE_ERRNOS,
@@ -49,6 +60,7 @@ from longtail.errors import (
 from longtail.evaluation.metrics import describe_class_groups
 from longtail.methods import Method, MethodContext, create_method
 from longtail.models import Classifier, create_model
+from longtail.plugins import record_plugins
 from longtail.progress import progress_bars
 from longtail.registry import METHODS
 from longtail.run_folder import (
@@ -77,7 +89,8 @@ class Interrupted(RuntimeError):
 
 
 class _StopFlag:
-    """SIGINT/SIGTERM set a flag checked after every step; a second SIGINT stops at once."""
+    """SIGINT/SIGTERM set a flag checked after every step (under DDP: agreed by all ranks every ``sync_every``
+    steps); a second SIGINT stops at once."""
 
     def __init__(self) -> None:
         self.stop = False
@@ -87,7 +100,8 @@ class _StopFlag:
         if self.stop and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.stop = True
-        log.warning("received %s: saving a checkpoint after this step", signal.Signals(signum).name)
+        log.warning("received %s: saving a checkpoint after this step (under DDP: at the next check point)",
+                    signal.Signals(signum).name)
 
     def __enter__(self) -> _StopFlag:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -174,6 +188,10 @@ def _make_optimizer(method: Method, st: StageConfig) -> torch.optim.Optimizer:
         raise ConfigError(
             f"stage '{st.name}': method '{st.method['name']}' has no trainable parameters, so "
             f"epochs={st.epochs} would train nothing; set the stage's epochs to 0"
+        )
+    if st.optim.name == "adamw":
+        return torch.optim.AdamW(
+            groups, lr=st.optim.lr, betas=tuple(st.optim.betas), eps=st.optim.eps, weight_decay=st.optim.weight_decay
         )
     return torch.optim.SGD(
         groups,
@@ -369,6 +387,34 @@ def _restore_rng(entry: dict | None, loader: Loader, device: torch.device, dist:
     loader.load_state_dict(ranks[dist.rank]["loader"])
 
 
+def _loss_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of the epoch's loss sum on the device: float64, as the Python float it replaces (the same sum to
+    the bit); float32 on MPS, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _read_check_point(loss_sum: torch.Tensor, seen: int, stop: bool, dist: DistInfo) -> tuple[float, int, bool]:
+    """A check point's host read: (the epoch's loss sum so far, its images, whether to stop), summed over the ranks
+    under DDP, so that every rank stops, or finds a non-finite loss, at the same step. Between check points the
+    training step never waits for the device."""
+    total = loss_sum.item()
+    if not dist.enabled:
+        return total, seen, stop
+    total, seen_all, stops = all_reduce_sum([total, float(seen), float(stop)], dist, loss_sum.device)
+    return total, int(seen_all), stops > 0
+
+
+def _non_finite(st: StageConfig, epoch: int, first: int, last: int, loss_sum: float, sync_every: int) -> TrainingError:
+    """The error for a loss found non-finite at a check point: it became so in one of steps ``first..last``
+    (1-based, in ``epoch``, 0-based); nothing after the last finite check point is saved."""
+    where = f"at step {last}" if first == last else f"between steps {first} and {last}"
+    return TrainingError(
+        f"stage '{st.name}': non-finite loss {where} of epoch {epoch + 1} (the epoch's loss sum is {loss_sum}; "
+        f"the loss is read every sync_every={sync_every} steps); lower the learning rate "
+        f"(optim.lr={st.optim.lr}) or check the data"
+    )
+
+
 def train(
     cfg: RunConfig | None = None,
     out: str | Path | None = None,
@@ -412,11 +458,13 @@ def train(
         cfg = resolve(cfg) if cfg is not None else build_config({})  # a copy: the caller's config is left as it is
         _check_stages_train(cfg)
         _resolve_init_paths(cfg)  # before anything trains: a wrong path fails now, not after stage 1
+        absolute_paths(cfg)  # config.yaml names the same files from any working directory
         run_dir = Path(out) if out is not None else None
+    plugin_notes = record_plugins(cfg)  # config.yaml names the plugins eval / predict / export must import
     dist, device = init_distributed(resolve_device(cfg.device))
     lock, handler = None, None
     try:
-        notes: list[str] = []
+        notes: list[str] = list(plugin_notes)
         if dist.is_main:
             run_dir = new_run_dir(cfg, run_dir)
             # Lock first, then look: two runs started on one folder at once cannot both find it free.
@@ -464,6 +512,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                 f"stage '{st.name}': batch_size {st.batch_size} is the global batch and must divide "
                 f"evenly over {dist.world_size} processes"
             )
+    check_log_extras(cfg)  # a missing tensorboard / wandb fails now, not after an epoch
     seed_everything(cfg.seed)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -480,6 +529,10 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
     loader = Loader(ds, device, cfg.data.augment, cfg.data.num_workers, cfg.data.fast_path)
     if cfg.eval.select == "best_val" and "val" not in ds.splits:
         raise ConfigError("eval.select=best_val needs a validation split: set data.val_fraction (never select on test)")
+    select_metric = None  # the val metric best_val picks on (eval.select_metric, auto resolved on this val split)
+    if cfg.eval.select == "best_val":
+        select_metric = select_metric_of(cfg.eval, ds.splits["val"].targets, ds.num_classes)
+        log.info("eval.select=best_val: the epoch with the best val %s is reported", select_metric)
     notes = []  # for the user at the end of `longtail train`: metrics.json "notes"
     if "val" not in ds.splits:  # before anything trains: an option chosen on val needs a val split
         notes += _options_without_val(cfg, ds)
@@ -529,7 +582,11 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
     choices: list[dict] = ckpt.get("choices", []) if ckpt else []  # options chosen on val, per stage
     timing: list[dict] = []  # the epochs this process trained: seconds and images (all ranks), for `bench`
     every_steps = cfg.checkpoint_every_steps  # 0: checkpoints at epoch ends only
+    # metrics.csv (+ TensorBoard / W&B): a resumed run continues it from its checkpoint's (stage, epoch)
+    run_log = RunLog(run_dir, cfg, (state.stage, state.epoch) if ckpt else None) if main else None
+    sync_every = cfg.sync_every  # steps between check points: host reads of the loss (and DDP's stop flag)
     method = None
+    ema = None  # the current stage's WeightEMA (ema.decay > 0); the last stage's is evaluated as splits_ema
     with _StopFlag() as stop:
         for si in range(state.stage, len(cfg.stages)):
             st = cfg.stages[si]
@@ -547,6 +604,11 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                 if opt is not None:
                     opt.load_state_dict(ckpt["optimizer"])
                 start_epoch, start_step, gen_state = state.epoch, state.step, ckpt.get("gen_state")
+            # EMA of the weights (ema.decay): from the stage's starting weights, or the resumed checkpoint's EMA
+            ema = WeightEMA(method, st.ema.decay) if st.ema.decay > 0 and opt is not None else None
+            if ema is not None and resuming and not between_stages and ckpt.get("ema") is not None:
+                ema.load_state_dict(ckpt["ema"])
+            clip_params = [p for g in opt.param_groups for p in g["params"]] if st.optim.clip_grad_norm else None
             if resuming:
                 ckpt = None
             train_fn = method
@@ -603,7 +665,12 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                 method.train()
                 # Cut before sharding: the same (seed, epoch) stream, so a resumed epoch sees the same batches.
                 indices = shard(sampler.indices(epoch)[:cut], ctx.rank, ctx.world_size)
-                loss_sum, seen, t_epoch = 0.0, 0, time.time()
+                # The epoch's loss sum stays on the device: reading the loss every step would make the host wait for
+                # the device every step. It is read at check points (every sync_every steps, before every save, at
+                # the epoch end); a non-finite loss makes the sum non-finite for good, so a check point finds it.
+                loss_sum = torch.zeros((), dtype=_loss_dtype(device), device=device)
+                seen, t_epoch = 0, time.time()
+                checked = first_step  # steps of this epoch whose losses a check point found finite
                 # Every rank uses the same augmentation stream `gen`, so its state (saved by rank 0) resumes all.
                 for step, (x, y) in enumerate(
                     loader.train_batches(indices, local_batch, st.drop_last, gen, first_step), start=first_step
@@ -614,18 +681,31 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                     with autocast(device, cfg.amp):
                         out = train_fn(loader.normalize(x, channels_last), y)
                     loss = out["loss"]
-                    if not torch.isfinite(loss):
-                        raise TrainingError(
-                            f"stage '{st.name}' epoch {epoch + 1} step {step + 1}: loss is {loss.item()}; "
-                            f"lower the learning rate (optim.lr={st.optim.lr}) or check the data"
-                        )
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
+                    if clip_params is not None:
+                        torch.nn.utils.clip_grad_norm_(clip_params, st.optim.clip_grad_norm)
                     opt.step()
-                    loss_sum += loss.item() * len(y)
+                    if ema is not None:
+                        ema.update()
+                    loss_sum += loss.detach().to(loss_sum.dtype) * len(y)  # as float(loss) * len(y) in float64
                     seen += len(y)
                     bar.update(1)
-                    if any_rank(stop.stop, dist, device):  # all ranks stop at the same step
+                    save_now = every_steps and (step + 1) % every_steps == 0 and step + 1 < steps
+                    # Check points are the same steps on every rank. A single process reads its stop flag (a host
+                    # bool, free) every step; under DDP the ranks agree on it in the check point's all-reduce.
+                    if (step + 1) % sync_every == 0 or save_now or (stop.stop and not dist.enabled):
+                        total, total_seen, stopping = _read_check_point(loss_sum, seen, stop.stop, dist)
+                        if not math.isfinite(total):
+                            bar.close()
+                            raise _non_finite(st, epoch, checked + 1, step + 1, total, sync_every)
+                        checked = step + 1
+                        bar.set_postfix_str(
+                            f"epoch {epoch + 1} loss {total / max(total_seen, 1):.3f} lr {lr:.3g}", refresh=False
+                        )
+                    else:
+                        stopping = False
+                    if stopping:  # all ranks stop at the same step, after a check point found the loss finite
                         stop.stop = True
                         # BN running statistics are linear EMAs, so averaging them now and again at the epoch
                         # end equals averaging once at the end: the resumed ranks start from rank 0's saved copy.
@@ -637,6 +717,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                                 state=vars(RunState(si, epoch, step + 1)),
                                 method=method.state_dict(),
                                 optimizer=opt.state_dict(),
+                                ema=ema.state_dict() if ema is not None else None,
                                 gen_state=gen.get_state(),
                                 rng=rng,
                                 best=best,
@@ -649,7 +730,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                             f"interrupted at stage '{st.name}' epoch {epoch + 1} step {step + 1}; "
                             f"continue with: longtail train --resume --out {run_dir}"
                         )
-                    if every_steps and (step + 1) % every_steps == 0 and step + 1 < steps:
+                    if save_now:
                         # The resume point SIGINT would save at this step (the epoch's last step is left to
                         # the epoch-end checkpoint). Under DDP the BN statistics are averaged on copies: the
                         # checkpoint holds the mean, while training goes on with each rank's own, as it would
@@ -662,6 +743,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                                 state=vars(RunState(si, epoch, step + 1)),
                                 method=saved,
                                 optimizer=opt.state_dict(),
+                                ema=ema.state_dict() if ema is not None else None,
                                 gen_state=gen.get_state(),
                                 rng=rng,
                                 best=best,
@@ -669,7 +751,10 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                                 config=to_dict(cfg),
                             )
                 average_buffers(method, dist)
-                loss_sum, seen = all_reduce_sum([loss_sum, seen], dist, device)
+                loss_sum, seen = all_reduce_sum([loss_sum.item(), seen], dist, device)  # the epoch's check point
+                if not math.isfinite(loss_sum):
+                    bar.close()
+                    raise _non_finite(st, epoch, checked + 1, steps, loss_sum, sync_every)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 timing.append(
@@ -680,23 +765,32 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                         "images": int(seen),
                     }
                 )
+                ips = seen / max(time.time() - t_epoch, 1e-9)
                 msg = (
                     f"stage {st.name} epoch {epoch + 1}/{st.epochs} loss {loss_sum / max(seen, 1):.4f} "
-                    f"lr {lr:.5g} {seen / max(time.time() - t_epoch, 1e-9):.0f} img/s"
+                    f"lr {lr:.5g} {ips:.0f} img/s"
                 )
                 bar.set_postfix_str(f"epoch {epoch + 1} loss {loss_sum / max(seen, 1):.3f} lr {lr:.3g}")
                 log.info(msg)
                 last_epoch = epoch + 1 == st.epochs
+                val = None
                 if st.eval_every and "val" in ds.splits and ((epoch + 1) % st.eval_every == 0 or last_epoch):
                     _choose_options(method, st, loader, cfg, channels_last, dist)  # OPTION=val: for these weights
                     val = evaluate_split(method, loader, "val", cfg.eval, cfg.amp, channels_last, dist)
-                    log.info("stage %s epoch %d val top1 %.2f", st.name, epoch + 1, val["top1"])
-                    if cfg.eval.select == "best_val" and si == len(cfg.stages) - 1 and val["top1"] > best["top1"]:
-                        best = {"top1": val["top1"], "epoch": epoch + 1, "stage": st.name}
+                    log.info("stage %s epoch %d val top1 %.2f mean_class_acc %.2f", st.name, epoch + 1, val["top1"],
+                             val["mean_class_acc"])
+                    score = val.get(select_metric) if select_metric else None  # None: a group val has no class of
+                    # best.pt of an older run holds top1 only: that was its score
+                    if score is not None and si == len(cfg.stages) - 1 and score > best.get("score", best["top1"]):
+                        best = {"top1": val["top1"], "metric": select_metric, "score": score, "epoch": epoch + 1,
+                                "stage": st.name}
                         if main:
                             save_checkpoint(
                                 ckpt_dir / "best.pt", method=method.state_dict(), best=best, config=to_dict(cfg)
                             )
+                if run_log is not None:
+                    run_log.epoch(si, epoch + 1, loss_sum / seen if seen else None, lr, ips, val,
+                                  ds.train_counts().tolist())
                 stop.stop = any_rank(stop.stop, dist, device)
                 if (epoch + 1) % cfg.checkpoint_every == 0 or last_epoch or stop.stop:  # the same on every rank
                     rng = _rng_entry(loader, device, dist)
@@ -706,6 +800,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                         state=vars(RunState(si, epoch + 1, 0)),
                         method=method.state_dict(),
                         optimizer=opt.state_dict(),
+                        ema=ema.state_dict() if ema is not None else None,
                         rng=rng,
                         best=best,
                         choices=choices,
@@ -732,6 +827,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                     state=vars(RunState(si + 1, 0, 0)),
                     method=method.state_dict(),
                     optimizer=opt.state_dict() if opt is not None else {},
+                    ema=ema.state_dict() if ema is not None else None,  # the last stage's: evaluated at the end
                     rng=rng,
                     best=best,
                     choices=choices,
@@ -744,20 +840,32 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
         method, _ = build_stage_method(cfg, len(cfg.stages) - 1, model, ds, loader, device, dist)
         stage_path = ckpt_dir / f"stage_{cfg.stages[-1].name}.pt"
         _load_method_state(method, load_checkpoint(stage_path)["method"], stage_path)
+        if cfg.stages[-1].ema.decay > 0 and ckpt is not None and ckpt.get("ema") is not None:
+            ema = WeightEMA(method, cfg.stages[-1].ema.decay)
+            ema.load_state_dict(ckpt["ema"])
     selected = "last epoch"
     if cfg.eval.select == "best_val" and (ckpt_dir / "best.pt").exists():
         b = load_checkpoint(ckpt_dir / "best.pt")
         _load_method_state(method, b["method"], ckpt_dir / "best.pt")
-        selected = f"best val top1 {b['best']['top1']:.2f} at stage {b['best']['stage']} epoch {b['best']['epoch']}"
+        bb = b["best"]
+        selected = (f"best val {bb.get('metric', 'top1')} {bb.get('score', bb['top1']):.2f} at stage {bb['stage']} "
+                    f"epoch {bb['epoch']}")
         if method.options_to_choose():  # best.pt was saved before the stage end: choose for these weights
             last = cfg.stages[-1]
             choices = [c for c in choices if c["stage"] != last.name]
             choices += _choose_options(method, last, loader, cfg, channels_last, dist)
     metrics = evaluate_run(method, loader, cfg, channels_last, dist=dist)
+    if ema is not None:  # the EMA weights at the end of training, scored as a variant of their own
+        metrics["splits_ema"] = evaluate_run(ema.averaged(method), loader, cfg, channels_last, dist=dist)["splits"]
     checks = check_off_values(method, loader, cfg.eval, cfg.amp, channels_last, dist, choices)
     if main:
-        save_checkpoint(ckpt_dir / "final.pt", method=method.state_dict(), config=to_dict(cfg), selected=selected)
+        # With what prediction needs besides the weights (class names, input size, normalisation, counts), so
+        # load_model / predict / export never read the training data.
+        save_checkpoint(ckpt_dir / "final.pt", method=method.state_dict(), config=to_dict(cfg), selected=selected,
+                        inference=inference_record(ds), **({"ema": ema.state_dict()} if ema is not None else {}))
         metrics["selected"] = selected
+        if select_metric:
+            metrics["select_metric"] = select_metric
         if choices:
             metrics["chosen_on_val"] = choices
         if checks:
@@ -776,6 +884,8 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
         if dist.enabled:
             metrics["world_size"] = dist.world_size
         write_metrics(run_dir, metrics, cfg)
+        if run_log is not None:
+            run_log.close()
         log.info("finished in %.0f s; selected: %s", time.time() - t0, selected)
     barrier(dist)  # every rank returns once the run folder is complete
     return run_dir

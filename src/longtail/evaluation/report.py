@@ -226,7 +226,8 @@ def runs_table(run_dirs: Sequence[str | Path], split: str | None = None,
 
 
 def results_table(metrics: dict, title: str | None = None) -> str:
-    """A compact markdown table of one run's splits (split, top1, many, medium, few, precision, n).
+    """A compact markdown table of one run's splits (split, top1, mean-class accuracy, many, medium, few,
+    precision, n).
 
     ``metrics`` is a ``metrics.json`` dict; the shot thresholds go on a line under the table. Padded,
     so it reads well printed in a terminal at the end of training.
@@ -238,14 +239,15 @@ def results_table(metrics: dict, title: str | None = None) -> str:
         if not isinstance(m, dict):
             continue
         n = m.get("num_samples")
-        rows.append([_split_label(s, m)] + [_fmt(m.get(k)) for k in ("top1", "many", "medium", "few", "precision")]
+        rows.append([_split_label(s, m)]
+                    + [_fmt(m.get(k)) for k in ("top1", "mean_class_acc", "many", "medium", "few", "precision")]
                     + [str(n) if isinstance(n, int) else DASH])
         t = _thresholds(metrics, m)
         if t is not None and t not in seen:
             seen.append(t)
-    header = ["split", "top1", "many", "medium", "few", "precision", "n"]
+    header = ["split", "top1", "mean_class", "many", "medium", "few", "precision", "n"]
     lines = [title, ""] if title else []
-    lines.append(_markdown(header, rows, right={1, 2, 3, 4, 5, 6}))
+    lines.append(_markdown(header, rows, right={1, 2, 3, 4, 5, 6, 7}))
     if seen:
         lines.append("")
         lines.append("Shot groups: " + "; ".join(seen) + ".")

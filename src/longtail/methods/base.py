@@ -16,11 +16,13 @@ The contract (what the engine calls; everything has a default, a method override
   ``MethodContext``, whose typed ``dataset`` and ``loader`` give a method the run's data (no untyped extras).
 - prediction: ``predict(images)`` / ``predict_features(feats)``; a method that routes each sample to one of several
   classifiers (DLSA's cascade) names its routes in ``route_names`` and returns them from ``routes(feats)``, and the
-  evaluation reports every route. ``report()``: JSON-able facts for metrics.json.
+  evaluation reports every route. ``inference_module()``: ``predict`` as one traceable module (what ``longtail
+  export`` writes; a routing method returns a dense equivalent). ``report()``: JSON-able facts for metrics.json.
 
 Changes to this contract stay small and are listed here: ``MethodContext.extras`` became the typed fields
 ``dataset`` / ``loader`` and ``stage`` is a ``StageConfig``; the unused ``sampler_name`` hook is gone (a stage
-trains with its configured sampler); the engine tells a routing method by a non-empty ``route_names``.
+trains with its configured sampler); the engine tells a routing method by a non-empty ``route_names``;
+``inference_module`` was added for export (default: ``predict``).
 """
 
 from __future__ import annotations
@@ -54,8 +56,10 @@ class MethodContext:
     rank: int = 0
     stage: StageConfig | None = None  # this stage's config (None: a method built outside a run)
     lr: float = 0.0  # the learning rate at the start of the current epoch (set by the engine)
-    # The run's data (None: a method built outside a run, e.g. in a unit test). dataset: its splits and training
-    # targets (IFL's environments); loader: batches of any split on the run's device (methods that fit on features).
+    # The run's data (None: a method built outside a run, e.g. in a unit test, or a finished run loaded for
+    # prediction by load_model, which never reads the data: read them in on_stage_start / on_stage_end, or allow
+    # None in __init__). dataset: its splits and training targets (IFL's environments); loader: batches of any
+    # split on the run's device (methods that fit on features).
     dataset: LTDataset | None = None
     loader: Loader | None = None
 
@@ -168,6 +172,16 @@ class Method(nn.Module):
         here, so a sweep over them reuses one pass of features."""
         return self.model.forward_head(feats)
 
+    def inference_module(self) -> nn.Module:
+        """A module mapping (B, 3, H, W) normalised images to the (B, C) scores of ``predict``, with the current
+        prediction-time settings fixed (an alpha, a tau, a direction, centroids): what ``longtail export`` traces
+        into one TorchScript / ONNX module. Tracing records tensor operations and bakes in every Python value, so
+        it must compute the same as ``predict`` for any batch without shapes that depend on the data. Default:
+        ``predict`` itself, which traces for every method whose prediction is tensor algebra on its model and
+        buffers; a method that routes samples (a cascade answering some samples by one head and the rest by
+        another) returns a dense equivalent."""
+        return _Predict(self)
+
     @torch.no_grad()
     def split_features(self, loader: Any, split: str, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, D) un-augmented eval-mode features of a split and its (N,) labels, on the loader's device.
@@ -230,3 +244,14 @@ class Method(nn.Module):
 
     def on_stage_end(self, ctx: MethodContext) -> None:
         """Anything to finalise (e.g. class means)."""
+
+
+class _Predict(nn.Module):
+    """``method.predict`` as a module of its own (the default ``Method.inference_module``)."""
+
+    def __init__(self, method: Method) -> None:
+        super().__init__()
+        self.method = method
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.method.predict(images)  # (B, C)

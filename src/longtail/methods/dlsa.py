@@ -983,6 +983,49 @@ class DLSA(_FrozenBackbone):
     def predict_features(self, feats: torch.Tensor) -> torch.Tensor:
         return self.cascade.cascade(feats)[1]
 
+    def inference_module(self) -> nn.Module:
+        return DenseCascade(self.model, self.cascade)
+
+
+class DenseCascade(nn.Module):
+    """DLSA's prediction for export: (B, 3, H, W) normalised images -> (B, C) scores equal to ``cascade``'s.
+
+    ``cascade`` scores each stage on the samples earlier stages left, so its shapes follow the data and a trace
+    would fix one batch's routing. Here every stage scores every sample and ``torch.where`` keeps, per sample, the
+    first stage whose likelihood reaches its threshold, else the regular head: the same answer, because the flows
+    score in eval mode (batch norm with running statistics), each sample on its own.
+    """
+
+    def __init__(self, model: Classifier, cascade: DLSACascade) -> None:
+        super().__init__()
+        # The cascade's parts, not the cascade: its extra state (the fit report) is no tensor, which exporters refuse.
+        self.model, self.flows, self.cacs, self.regular = model, cascade.flows, cascade.cacs, cascade.regular
+        self.register_buffer("thresholds", cascade.thresholds.clone(), persistent=False)  # (depth,)
+        self.register_buffer("cluster_priors", cascade.cluster_priors.clone(), persistent=False)  # (depth, K, C)
+        live = cascade.live_channels
+        self.all_live = bool(live.all())  # fixed at export: the flows' input channels
+        self.register_buffer("live_index", torch.nonzero(live).flatten(), persistent=False)  # (D_flow,)
+        self.normalize, self.latent = cascade.cfg.normalize_features, cascade.cfg.z_source == "flow_latent"
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.model.forward_features(images).float()  # (B, dim), as DLSACascade.prepare
+        x = F.normalize(x, dim=1) if self.normalize else x
+        xf = x if self.all_live else x.index_select(1, self.live_index)  # (B, D_flow)
+        z_last, stages = x, []
+        for d, flow in enumerate(self.flows):
+            lp, u = flow.component_log_probs(xf)  # (B, K), (B, D_flow)
+            score = lp.logsumexp(1) - math.log(flow.clusters)  # (B,)
+            if not self.all_live:  # the latent on every channel, zero where the flows do not look
+                u = x.new_zeros(x.shape).index_copy(1, self.live_index, u)
+            z = u if self.latent else x
+            prior = self.cluster_priors[d][lp.argmax(1)]  # (B, C) the hard cluster's class histogram
+            stages.append((score >= self.thresholds[d], self.cacs[d](x, z, prior)))
+            z_last = z
+        out = self.regular(x, z_last if self.latent else x)  # (B, C) for samples no stage took
+        for take, scores in reversed(stages):  # earlier stages win
+            out = torch.where(take[:, None], scores, out)
+        return out
+
 
 # ----------------------------------------------------------------------------- feature evaluation (section 8)
 

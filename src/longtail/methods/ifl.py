@@ -82,6 +82,21 @@ class EnvironmentSampler(Sampler):
         return torch.cat(draws, dim=1).flatten()  # (iters * 2 half,) [env1 half | env2 half] per batch
 
 
+_SAMPLE_BUFFERS = ("env_weights", "record_score", "record_pos")  # sized by the training set
+
+
+def _size_sample_buffers(module: IFL, state_dict: dict, prefix: str, *_) -> None:
+    """Load-state-dict pre-hook: an IFL built without its training set (a finished run loaded for prediction,
+    which never reads the data) has empty per-sample buffers; take their size from the checkpoint. One built with
+    a training set keeps its size, so a checkpoint of another training set is still refused."""
+    if len(module.train_targets):
+        return
+    for name in _SAMPLE_BUFFERS:
+        saved, own = state_dict.get(prefix + name), getattr(module, name)
+        if isinstance(saved, torch.Tensor) and saved.shape != own.shape:
+            setattr(module, name, torch.empty(saved.shape, dtype=own.dtype, device=own.device))
+
+
 @METHODS.register("ifl")
 class IFL(Method):
     """IFL around the loss of method ``base`` (Balanced Softmax by default, as the paper's ``center_dual``).
@@ -132,6 +147,7 @@ class IFL(Method):
         self.register_buffer("record_pos", torch.full((n,), -1, dtype=torch.int64))  # its stream position
         self.register_buffer("record_epoch", torch.tensor(-1))  # the epoch the record belongs to
         self._ctx = ctx
+        self.register_load_state_dict_pre_hook(_size_sample_buffers)
         self._weight = 0.0  # centre-loss weight a of the current epoch
         self._scoring = False  # whether this epoch records confidences (a host-side flag: no device sync per step)
         self._batch: tuple[int, torch.Tensor] | None = None  # (step, (B,) sample ids) of the current batch

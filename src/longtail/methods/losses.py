@@ -180,12 +180,17 @@ class LDAMDRW(Method):
 @METHODS.register("mixup")
 class Mixup(Method):
     """Mixup (Zhang et al., ICLR 2018) around any loss method: x~ = lam x + (1 - lam) x[j], lam ~ Beta(a, a),
-    L = lam l(f(x~), y) + (1 - lam) l(f(x~), y[j]), with l the loss of method ``base`` at its defaults."""
+    L = lam l(f(x~), y) + (1 - lam) l(f(x~), y[j]), with l the loss of method ``base`` at its defaults.
+
+    ``cutmix: true``: CutMix (Yun et al., ICCV 2019) instead: a box of x[j] pasted into x, its sides sqrt(1 - lam)
+    of the image's, centre uniform, clipped at the border (as torchvision transforms v2's CutMix), and lam then
+    the share of x kept. Both work on whole batches, so on every data path."""
 
     @dataclass
     class Config:
         alpha: float = 1.0
         base: str = "ce"  # a registered method whose loss is mixed (ce, focal, cb_loss, balanced_softmax, ...)
+        cutmix: bool = False  # paste a box of the other image (CutMix) instead of blending the whole image
 
         def __post_init__(self) -> None:
             if self.alpha <= 0:
@@ -208,6 +213,24 @@ class Mixup(Method):
             return super().forward(images, targets)
         lam = float(torch.distributions.Beta(self.cfg.alpha, self.cfg.alpha).sample())
         perm = torch.randperm(len(images), device=images.device)
-        logits = self.model(lam * images + (1 - lam) * images[perm])
+        if self.cfg.cutmix:
+            images, lam = _cut_and_paste(images, perm, lam)
+            logits = self.model(images)
+        else:
+            logits = self.model(lam * images + (1 - lam) * images[perm])
         loss = lam * self._base.loss(logits, targets) + (1 - lam) * self._base.loss(logits, targets[perm])
         return {"loss": loss, "logits": logits}
+
+
+def _cut_and_paste(images: torch.Tensor, perm: torch.Tensor, lam: float) -> tuple[torch.Tensor, float]:
+    """CutMix's box: images (B, C, H, W) with a box of images[perm] of area ~(1 - lam) pasted in; returns them and
+    the share of each image kept (the box clipped at the border is smaller). The centre is drawn from the global
+    generator, like lam."""
+    h, w = images.shape[-2:]
+    cy, cx = int(torch.randint(h, ())), int(torch.randint(w, ()))
+    rh, rw = int(h * (1 - lam) ** 0.5), int(w * (1 - lam) ** 0.5)
+    y0, y1 = max(cy - rh // 2, 0), min(cy + rh // 2, h)
+    x0, x1 = max(cx - rw // 2, 0), min(cx + rw // 2, w)
+    mixed = images.clone()
+    mixed[..., y0:y1, x0:x1] = images[perm][..., y0:y1, x0:x1]
+    return mixed, 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
