@@ -41,8 +41,7 @@ def test_train_with_overrides_after_options(image_folder, tmp_path, capsys):
 def test_intermixed_parsing_skips_top_level_option_values():
     from longtail.cli import build_parser, parse_command_line
 
-    parser = build_parser()
-    parser.add_argument("--plugin", action="append", default=[])  # a top-level option that takes a value
+    parser = build_parser()  # --plugin MODULE: a top-level option that takes a value
     args = parse_command_line(parser, ["--plugin", "mine", "train", "quickstart", "--out", "x", "seed=2"])
     assert (args.plugin, args.command, args.config, args.overrides, args.out) == (["mine"], "train", "quickstart",
                                                                                   ["seed=2"], "x")
@@ -264,11 +263,11 @@ def test_every_readme_command_parses():
     from longtail.cli import build_parser, parse_command_line
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    lines = [ln.split("  #")[0].strip() for block in re.findall(r"```bash\n(.*?)```", readme, re.S)
+    lines = [ln.strip() for block in re.findall(r"```bash\n(.*?)```", readme, re.S)
              for ln in block.splitlines()]
     commands = [ln for ln in lines if ln.startswith("longtail ") and not ln.endswith("\\") and "|" not in ln
                 and "--help" not in ln]
     assert len(commands) >= 15
     for line in commands:
-        assert parse_command_line(build_parser(), shlex.split(line)[1:]).command, line
+        assert parse_command_line(build_parser(), shlex.split(line, comments=True)[1:]).command, line
     assert "| | longtail | timm `train.py` | mmpretrain | Lightning |" in readme
