@@ -38,8 +38,8 @@ except ImportError:  # Windows: no flock; the lock falls back to an O_EXCL file 
     fcntl = None
 
 LOCK_NAME = ".lock"
-RUN_FILES = ("config.yaml", "metrics.json", "train.log")  # what a run writes at the top of its folder
-RUN_DIRS = ("checkpoints", "plots", "sweeps", "features", "export")  # and its sub-folders
+RUN_FILES = ("config.yaml", "metrics.json", "metrics.csv", "train.log")  # what a run writes at the top of its folder
+RUN_DIRS = ("checkpoints", "plots", "sweeps", "features", "export", "tensorboard")  # and its sub-folders
 # The temporary files of atomic writes (utils._atomic: .NAME.XXXX.tmp, plots: .NAME.XXXX.tmp.png, features:
 # .NAME.PID.tmp). A process killed mid-write leaves one; nothing ever reads them.
 _TMP = re.compile(r"^\..+\.tmp(\.[A-Za-z0-9]+)?$")
