@@ -63,6 +63,76 @@ def test_reader_cbl_file_is_alt_and_missing_files_are_named(tmp_path):
         read_glt_annotations(path, images)
 
 
+def _coco_released(tmp_path, variant="lt"):
+    """A tiny MSCOCO-GLT annotation in exactly the layout ``_COCOGeneration/mscoco_glt_crop.py`` writes: per split
+    one dict per field keyed by the object id (label, frequency, attribute, path, attribute_score, attribute_dist
+    keyed by class id), top-level cat2id, id2cat (int keys, so strings in JSON) and an empty key2path; a split the
+    generator skipped (test_lt of the Train-CBL file) holds empty fields and no attribute_dist. Crops are JPEGs
+    named <object id>.jpg under the authors' machine prefix."""
+    from torchvision.io import encode_jpeg
+
+    out = tmp_path / "coco_glt" / ("coco_glt" if variant == "lt" else "coco_cbl")
+    (out / "images").mkdir(parents=True)
+    prefix = f"/data4/coco_glt/{out.name}/images"
+    g = torch.Generator().manual_seed(0)
+    cat2id = {"person": 0, "dog": 1, "bear": 2}
+    sizes = {"train": [9, 5, 3], "val": [1, 1, 1], "test_lt": [2, 1, 1] if variant == "lt" else [0, 0, 0],
+             "test_bl": [2, 2, 2], "test_bbl": [2, 2, 2]}
+    ann = {"cat2id": cat2id, "id2cat": {str(i): c for c, i in cat2id.items()}, "key2path": {}}
+    next_id = 1000
+    for split, per_class in sizes.items():
+        fields = {"label": {}, "frequency": {}, "attribute": {}, "path": {}, "attribute_score": {}}
+        for c, n in enumerate(per_class):
+            for _ in range(n):
+                key = str(next_id)
+                next_id += 7
+                img = (torch.full((3, 20, 24), 60 * c + 20) + torch.randint(0, 30, (3, 20, 24), generator=g))
+                (out / "images" / f"{key}.jpg").write_bytes(encode_jpeg(img.to(torch.uint8)).numpy().tobytes())
+                fields["label"][key] = c
+                fields["frequency"][key] = [0, 1, 2][c]
+                fields["attribute"][key] = int(key) % 3
+                fields["path"][key] = f"{prefix}/{key}.jpg"
+                fields["attribute_score"][key] = 0.01 * (int(key) % 17)
+        if fields["label"]:
+            fields["attribute_dist"] = {str(c): [float(c + a) for a in range(204)] for c in range(3)}
+        ann[split] = fields
+    path = out / "annotation.json"
+    path.write_text(json.dumps(ann))
+    return path, out
+
+
+def test_reader_reads_the_authors_mscoco_glt_layout_and_trains(tmp_path):
+    path, root = _coco_released(tmp_path)
+    ann = read_glt_annotations(path, root)  # root: the folder holding images/<id>.jpg
+    assert set(ann["splits"]) == {"train", "val", "test_lt", "test_cbl", "test_gbl"}
+    tr = ann["splits"]["train"]
+    raw = json.loads(path.read_text())["train"]
+    assert tr.targets.tolist() == list(raw["label"].values())  # in the file's order
+    assert [p.rsplit("/", 1)[1] for p in tr.paths] == [f"{k}.jpg" for k in raw["label"]]  # ids -> their crops
+    assert all(p.startswith(str(root / "images")) for p in tr.paths)
+    assert tr.attributes.tolist() == list(raw["attribute"].values())
+    assert ann["class_names"] == ["person", "dog", "bear"] and ann["class_groups"].tolist() == [0, 1, 2]
+    assert ann["protocols"] == {"CLT": "test_cbl", "GLT": "test_gbl"}
+    bl_path, bl_root = _coco_released(tmp_path, "cbl")
+    assert read_glt_annotations(bl_path, bl_root)["protocols"] == {"ALT": "test_gbl"}  # empty test_lt: skipped
+    # A label without its path is named, not silently taken as a file name.
+    broken = json.loads(path.read_text())
+    del broken["val"]["path"][next(iter(broken["val"]["label"]))]
+    (tmp_path / "broken.json").write_text(json.dumps(broken))
+    with pytest.raises(DataError, match="have no 'path'"):
+        read_glt_annotations(tmp_path / "broken.json", root)
+    # ... and trainable through the mscoco_glt dataset: CLT and GLT scored.
+    raw_cfg = {"name": "c", "data": {"name": "mscoco_glt", "root": str(root), "annotation": str(path),
+                                     "image_size": 16, "augment": "glt_coco", "num_workers": 0},
+               "model": {"backbone": "tiny", "head_bias": False},
+               "stages": [{"name": "main", "method": {"name": "ifl", "base": "ce"}, "epochs": 2, "batch_size": 8,
+                           "optim": {"lr": 0.05}}], "eval": {"plots": False}}
+    run = train(build_config(raw_cfg), out=tmp_path / "run", progress=False)
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["protocols"] == {"CLT": "test_cbl", "GLT": "test_gbl"}
+    assert 0 <= m["splits"]["test_cbl"]["top1"] <= 100
+
+
 def test_imagenet_glt_dataset_needs_its_annotation(tmp_path):
     with pytest.raises(DataError, match="data.annotation"):
         create_dataset(DataConfig(name="imagenet_glt", root=str(tmp_path)))
