@@ -1,7 +1,9 @@
 """GLT benchmarks: the released annotation format, the construction procedure, protocols end to end."""
 
 import json
+from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,7 +13,14 @@ from longtail.config import DataConfig, build_config
 from longtail.data import create_dataset
 from longtail.data.base import DataError
 from longtail.data.glt import read_glt_annotations
-from longtail.data.glt_build import attribute_groups, split_by_ratio
+from longtail.data.glt_build import (
+    attribute_groups,
+    budget_shares,
+    glt_splits,
+    group_lists,
+    heldout_shares,
+    load_budgets,
+)
 from longtail.engine import train
 
 
@@ -141,9 +150,12 @@ def test_imagenet_glt_dataset_needs_its_annotation(tmp_path):
     assert ds.eval_splits == ["test_lt", "test_cbl", "test_gbl"] and ds.image_size == 112
 
 
-def test_split_by_ratio_and_attribute_groups():
-    assert split_by_ratio(60) == [42, 12, 6]
-    assert split_by_ratio(145, truncate=True) == [101, 29, 14]  # the BL file's 101/29/14
+def test_shares_and_attribute_groups():
+    assert heldout_shares(60) == [42, 12, 6] and heldout_shares(30) == [21, 6, 3]  # Test-CBL, Train-CBL val
+    assert heldout_shares(6) == [0, 0, 0]  # r_i * int(6 / 10): the reference's arithmetic, not a rounding of ours
+    assert budget_shares(145) == [101, 29, 14]  # the BL file's 101/29/14
+    assert budget_shares(1500) == [1050, 300, 150] and budget_shares(18) == [12, 3, 1]
+    assert group_lists(torch.tensor([1, 0, 2, 0, 3, 5, 4, 1]).numpy(), 6, 3) == [[1, 3, 0, 7], [2, 4], [6, 5]]
     g = torch.Generator().manual_seed(0)
     # Six well separated blobs of sizes 30, 25, 12, 10, 5, 3: groups {30, 25} -> 0, {12, 10} -> 1, {5, 3} -> 2.
     sizes = [30, 25, 12, 10, 5, 3]
@@ -153,11 +165,103 @@ def test_split_by_ratio_and_attribute_groups():
     assert groups.tolist() == expect
 
 
+def _reference_generation(cls_data: dict, budgets: list[int], inter: str, TEST_SIZE=20, VAL_SIZE=10) -> dict:
+    """The split arithmetic of the authors' ``generate_train_val_test`` (imagenet_glt_generation.py), transcribed
+    step by step on ``{class: {group: [items]}}``: the front pops exactly, the i.i.d. draws by their counts."""
+    cls_data = {k: {g: list(v) for g, v in val.items()} for k, val in cls_data.items()}
+    intra, num_att = [7, 2, 1], 3
+    bbl, bl = {}, {}
+    for key, val in cls_data.items():  # generate_balanced_test
+        att_size = TEST_SIZE
+        for c_val in val.values():
+            att_size = min(att_size, len(c_val) // 4)
+        for c_key, c_val in val.items():
+            for _ in range(att_size):
+                bbl[c_val.pop(0)] = (key, c_key)
+    multi_weight = int(TEST_SIZE * num_att / sum(intra))  # generate_intra_lt_test
+    for key, val in cls_data.items():
+        for i, (c_key, c_val) in enumerate(val.items()):
+            for _ in range(intra[i] * multi_weight):
+                bl[c_val.pop(0)] = (key, c_key)
+    sizes = [sum(len(c_val) for c_val in val.values()) for val in cls_data.values()]
+    img_num_per_cls = budgets if inter == "lt" else [min(145, n) for n in sizes]  # predefined / bl
+    att_dist = torch.FloatTensor(intra)
+    for val, num_imgs in zip(cls_data.values(), img_num_per_cls, strict=True):  # get_long_tailed_data
+        num_atts = ((att_dist / att_dist.sum()) * num_imgs).long().tolist()
+        for att_idx, c_val in enumerate(val.values()):
+            del c_val[min(num_atts[att_idx], len(c_val)):]
+    out = {"test_bbl": bbl, "test_bl": bl}
+    if inter == "lt":  # generate_iid_set twice: Test-GLT, then val
+        out["pool"] = {x: (k, g) for k, val in cls_data.items() for g, c_val in val.items() for x in c_val}
+        out["n_test_lt"], out["n_val"] = len(cls_data) * TEST_SIZE * num_att, len(cls_data) * VAL_SIZE * num_att
+        return out
+    multi_weight, val_set = int(VAL_SIZE * num_att / sum(intra)), {}
+    for key, val in cls_data.items():
+        for i, (c_key, c_val) in enumerate(val.items()):
+            for _ in range(intra[i] * multi_weight):
+                val_set[c_val.pop(0)] = (key, c_key)
+    out["val"] = val_set
+    out["train"] = {x: (k, g) for k, val in cls_data.items() for g, c_val in val.items() for x in c_val}
+    return out
+
+
+def test_glt_splits_match_the_reference_arithmetic_on_a_synthetic_pool():
+    # 20 classes (rank order), groups shrinking with the rank: Test-GBL's |group| // 4 binds for the small classes,
+    # the budgets exceed what the big classes' group 0 has, the last classes hold fewer than 145 images.
+    cls_data = {c: {0: [f"{c}/0/{i}" for i in range(400 - 15 * c)], 1: [f"{c}/1/{i}" for i in range(110 - 4 * c)],
+                    2: [f"{c}/2/{i}" for i in range(90 - 3 * c)]} for c in range(20)}
+    budgets = [int(600 * 0.05 ** (c / 19)) for c in range(20)]
+    pools = [[cls_data[c][g] for g in range(3)] for c in range(20)]
+    ours = glt_splits(pools, budgets, rng=np.random.default_rng(0))
+    assert ours["notes"] == []
+    as_dict = lambda items: {x: (c, g) for c, x, g in items}  # noqa: E731
+    ref_lt, ref_bl = (_reference_generation(cls_data, budgets, inter) for inter in ("lt", "bl"))
+    for split in ("test_bbl", "test_bl"):  # shared by both files, the same items as the reference's front pops
+        assert as_dict(ours[split]) == ref_lt[split] == ref_bl[split]
+    gbl = Counter((c, g) for c, _, g in ours["test_bbl"])
+    assert all(len({gbl[c, g] for g in range(3)}) == 1 for c in range(20))  # one Test-GBL size per class
+    assert gbl[0, 0] == 20 and gbl[19, 0] == (90 - 57) // 4  # 20 per group, or what the smallest group allows
+    # Train-GLT: the budgeted pool item for item; Test-GLT / val of exactly the reference's sizes, drawn from it.
+    lt = ours["lt"]
+    assert len(lt["test_lt"]) == ref_lt["n_test_lt"] == 1200 and len(lt["val"]) == ref_lt["n_val"] == 600
+    assert as_dict(lt["train"] + lt["val"] + lt["test_lt"]) == ref_lt["pool"]
+    assert len(lt["train"]) == len(ref_lt["pool"]) - 1800
+    # Train-CBL: train and val item for item (min(145, n) per class, val 21/6/3 from the front).
+    assert as_dict(ours["cbl"]["train"]) == ref_bl["train"] and as_dict(ours["cbl"]["val"]) == ref_bl["val"]
+    assert Counter(c for c, _, _ in ours["cbl"]["train"] + ours["cbl"]["val"])[0] == 144  # 101 + 29 + 14
+    # select=random: the same sizes, other images; too small a pool for Test-GLT + val: both scaled to half of it.
+    rnd = glt_splits(pools, budgets, select="random", rng=np.random.default_rng(0))
+    assert {k: len(rnd["lt"][k]) for k in lt} == {k: len(lt[k]) for k in lt}
+    assert len(rnd["test_bbl"]) == len(ours["test_bbl"]) and as_dict(rnd["test_bbl"]) != as_dict(ours["test_bbl"])
+    small = glt_splits(pools, [30] * 20)
+    assert len(small["lt"]["test_lt"]) + len(small["lt"]["val"]) <= len(small["lt"]["train"]) + 1
+    assert any("reduced" in n for n in small["notes"])
+    with pytest.raises(DataError, match="one per class"):
+        glt_splits(pools, budgets[:-1])
+    with pytest.raises(DataError, match="multiple of 30"):
+        glt_splits(pools, budgets, test_per_class=6)
+
+
+def test_budgets_file_formats(tmp_path):
+    profile = [1500, 1500, 646, 18]
+    torch.save(profile, tmp_path / "long-tail-distribution.pytorch")  # the reference's format: a saved list
+    (tmp_path / "b.json").write_text(json.dumps(profile))
+    (tmp_path / "b.txt").write_text("1500\n1500, 646\n18\n")
+    for name in ("long-tail-distribution.pytorch", "b.json", "b.txt"):
+        assert load_budgets(tmp_path / name) == profile
+    (tmp_path / "up.json").write_text("[10, 20]")
+    with pytest.raises(DataError, match="must not increase"):
+        load_budgets(tmp_path / "up.json")
+    with pytest.raises(DataError, match="no such file"):
+        load_budgets(tmp_path / "none.json")
+
+
 def test_build_glt_end_to_end_with_a_tiny_backbone(tmp_path, capsys):
-    counts = {"a": 60, "b": 40, "c": 30, "d": 24}
+    counts = {"a": 160, "b": 120, "c": 100, "d": 90}
     root = make_image_folder(tmp_path / "mine", {"train": counts}) / "train"
     args = ["data", "glt", str(root), "--out", str(tmp_path / "glt"), "--backbone", "tiny", "--image-size", "16",
-            "--test-per-class", "6", "--val-per-class", "3", "--num-workers", "0", "--seed", "1"]
+            "--test-per-class", "30", "--val-per-class", "30",
+            "--imbalance-ratio", "3", "--num-workers", "0", "--seed", "1"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "4 classes" in printed and "data.annotation=" in printed
@@ -173,6 +277,15 @@ def test_build_glt_end_to_end_with_a_tiny_backbone(tmp_path, capsys):
     # Deterministic for a seed (features cached; k-means and draws seeded).
     assert main(args) == 0
     assert json.loads(lt_file.read_text()) == lt
+    assert lt["meta"]["normalize"] is False and lt["meta"]["select"] == "front"  # the reference's defaults
+    # --budgets: the reference's profile format (a torch.save'd list, largest class first) sets Train-GLT.
+    torch.save([40, 30, 20, 10], tmp_path / "profile.pytorch")
+    assert main([*args, "--name", "b", "--budgets", str(tmp_path / "profile.pytorch")]) == 0
+    b = json.loads((tmp_path / "glt" / "b_intra_lt_inter_lt.json").read_text())
+    per_class = Counter(c for s in ("train", "val", "test_lt") for c in b[s]["label"].values())
+    assert [per_class[c] for c in range(2)] == [sum(budget_shares(n)) for n in (40, 30)]
+    assert all(per_class[c] <= n for c, n in enumerate([40, 30, 20, 10]))  # smaller where a group has too few
+    assert b["test_bbl"] == lt["test_bbl"] and b["meta"]["budgets"].endswith("profile.pytorch")
     # ... and trainable: protocols CLT / GLT in metrics.json and the table.
     raw = {"name": "g", "data": {"name": "glt", "root": str(root), "annotation": str(lt_file), "image_size": 16,
                                  "in_memory": "always", "augment": "cifar"},

@@ -276,15 +276,17 @@ def _cmd_data_glt(args: argparse.Namespace) -> int:
     for flag, minimum in (("image_size", 1), ("clusters", 1), ("test_per_class", 0), ("val_per_class", 0),
                           ("batch_size", 1), ("num_workers", 0)):
         _at_least(getattr(args, flag), minimum, "--" + flag.replace("_", "-"))
-    if args.cbl_per_class is not None:
-        _at_least(args.cbl_per_class, 1, "--cbl-per-class")
-    if args.imbalance_ratio is not None and not args.imbalance_ratio >= 1:
+    _at_least(args.cbl_per_class, 1, "--cbl-per-class")
+    if not args.imbalance_ratio >= 1:
         raise UsageError(f"--imbalance-ratio is n_max / n_min and must be >= 1, got {args.imbalance_ratio}")
     res = build_glt_benchmark(args.root, args.out, name=args.name, weights=args.weights, backbone=args.backbone,
                               image_size=args.image_size, clusters=args.clusters, test_per_class=args.test_per_class,
-                              val_per_class=args.val_per_class, imbalance_ratio=args.imbalance_ratio,
-                              cbl_per_class=args.cbl_per_class, seed=args.seed, batch_size=args.batch_size,
-                              device=args.device, num_workers=args.num_workers)
+                              val_per_class=args.val_per_class, budgets=args.budgets,
+                              imbalance_ratio=args.imbalance_ratio, cbl_per_class=args.cbl_per_class,
+                              select=args.select, normalize=args.normalize, seed=args.seed,
+                              batch_size=args.batch_size, device=args.device, num_workers=args.num_workers)
+    for note in res["notes"]:
+        print(f"note: {note}")
     print(f"{res['classes']} classes; images per split:")
     for variant, sizes in res["sizes"].items():
         print(f"  {res['files'][variant]}: " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
@@ -408,12 +410,21 @@ def build_parser() -> argparse.ArgumentParser:
     dg.add_argument("--name", default="glt", help="file name prefix (default glt)")
     dg.add_argument("--image-size", type=int, default=256, help="center crop side for features (default 256)")
     dg.add_argument("--clusters", type=int, default=6, help="k-means clusters per class, merged into 3 groups")
-    dg.add_argument("--test-per-class", type=int, default=60, help="Test-CBL / Test-GBL images per class (60)")
-    dg.add_argument("--val-per-class", type=int, default=30, help="val images per class (30)")
-    dg.add_argument("--imbalance-ratio", type=float, default=None,
-                    help="Train-GLT class budgets as an exp profile of this ratio (default: the natural counts)")
-    dg.add_argument("--cbl-per-class", type=int, default=None,
-                    help="Train-CBL images per class (default: the mean Train-GLT budget)")
+    dg.add_argument("--test-per-class", type=int, default=60,
+                    help="Test-CBL / Test-GBL images per class (60: 42/12/6 and 20 per group); Test-GLT takes this "
+                         "many times the class count")
+    dg.add_argument("--val-per-class", type=int, default=30, help="val images per class (30; Train-CBL: 21/6/3)")
+    dg.add_argument("--budgets", help="Train-GLT images per class, largest class first: the authors' "
+                    "_ImageNetGeneration/long-tail-distribution.pytorch (ImageNet-GLT), a JSON list or a text file")
+    dg.add_argument("--imbalance-ratio", type=float, default=20.0,
+                    help="without --budgets: an exp profile of this ratio from the largest class (default 20, the "
+                         "reference script's exp alternative)")
+    dg.add_argument("--cbl-per-class", type=int, default=145,
+                    help="Train-CBL images per class before val, min(this, n) (default 145: 101/29/14)")
+    dg.add_argument("--select", choices=("front", "random"), default="front",
+                    help="front: take each group's images in cluster / file order as the reference; random: shuffled")
+    dg.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=False,
+                    help="normalise pixels by the ImageNet mean / std before the features (the reference does not)")
     dg.add_argument("--seed", type=int, default=0)
     dg.add_argument("--batch-size", type=int, default=64)
     dg.add_argument("--device", default="cpu")
