@@ -48,7 +48,7 @@ class DataConfig:
     # device and augments whole batches there; false serves them through DataLoader workers with per-image
     # transforms v2 (the plain PyTorch path, for comparison or for augmentations only written per image).
     fast_path: bool = True
-    augment: str = "auto"  # auto | cifar | imagenet | glt | glt_coco | none
+    augment: str = "auto"  # auto | cifar | imagenet | glt | glt_coco | none; "+randaugment": RandAugment after the flip
     num_workers: int = 2  # DataLoader workers for file datasets
     cache_dir: str | None = None  # decoded/generated data cache; None: $LONGTAIL_CACHE or ~/.cache/longtail
 
@@ -442,8 +442,12 @@ def validate(cfg: RunConfig) -> None:
     check(not (cfg.data.val_per_class and cfg.data.val_fraction),
           "data.val_per_class and data.val_fraction both make a val split: set only one")
     check(cfg.data.in_memory in ("auto", "always", "never"), "data.in_memory must be auto, always or never")
-    check(cfg.data.augment in ("auto", "cifar", "imagenet", "glt", "glt_coco", "none"),
-          "data.augment must be auto, cifar, imagenet, glt, glt_coco or none")
+    try:
+        from longtail.data.loaders import parse_augment
+
+        parse_augment(cfg.data.augment)  # a preset, optionally + randaugment
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     check(cfg.data.train_variant in ("lt", "cbl"), "data.train_variant must be lt or cbl")
     check(cfg.eval.select in ("last", "best_val"), "eval.select must be last or best_val")
     check(cfg.eval.few_below <= cfg.eval.many_above, "eval.few_below must not exceed eval.many_above")
@@ -502,10 +506,10 @@ def validate(cfg: RunConfig) -> None:
         check("name" in st.method, f"{where}: method needs a name")
         known(registry.METHODS, st.method["name"], f"{where}.method")
         method_cls = registry.METHODS.get(st.method["name"])
-        need = getattr(method_cls, "requires_head", None)
+        opts = {k: v for k, v in st.method.items() if k != "name"}
+        need = method_cls.head_needed(opts)  # a wrapper (ifl, mixup) answers for its base
         check(need is None or need == cfg.model.head,
               f"{where}: method '{st.method['name']}' needs model.head={need} (got '{cfg.model.head}')")
-        opts = {k: v for k, v in st.method.items() if k != "name"}
         st.method = {"name": st.method["name"], **to_dict(from_dict(method_cls.Config, opts, f"{where}.method"))}
         names.append(st.name)
 
