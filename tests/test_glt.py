@@ -334,3 +334,157 @@ def test_posthoc_logit_adjustment_is_a_no_op_under_alt():
                            MethodContext(num_classes=4, train_counts=torch.tensor([1000, 100, 10, 1]), epochs=1,
                                          steps_per_epoch=1, device=torch.device("cpu"))).eval()
     assert not torch.equal(skewed.predict_features(feats).argmax(1), model.forward_head(feats).argmax(1))
+
+
+# ----------------------------------------------------------------------------- MSCOCO-GLT construction
+
+
+def _tiny_coco(tmp_path):
+    """COCO 2014 in its own format (annotations/instances_{train,val}2014.json, train2014/, val2014/) with 4
+    attributed classes of 40 / 30 / 24 / 20 objects, and COCO-Attributes in its authors' documented layout
+    (genp/cocottributes DATA.md: ann_vecs by patch id, patch_id_to_ann_id, attributes [{id, name}], split), pickled
+    with joblib as their .jbl. Each image is one flat colour, so a crop's pixels tell where it came from."""
+    import joblib
+    from torchvision.io import encode_jpeg
+
+    root = tmp_path / "coco"
+    rng = np.random.default_rng(0)
+    cats = [{"id": 1, "name": "person"}, {"id": 18, "name": "dog"}, {"id": 23, "name": "bear"},
+            {"id": 5, "name": "airplane"}, {"id": 90, "name": "toothbrush"}]  # toothbrush: no attributed object
+    counts = {1: 40, 18: 30, 23: 24, 5: 20}
+    ann_id, patch, vecs, to_ann, split_of, colours = 100, 5000, {}, {}, {}, {}
+    for split in ("train2014", "val2014"):
+        (root / split).mkdir(parents=True)
+        images, anns = [], []
+        for i in range(3):
+            img_id = len(colours) + 1
+            name = f"COCO_{split}_{img_id:012d}.jpg"
+            colours[img_id] = (40 + 60 * i, 200 - 50 * i, 90 + 70 * (split == "val2014"))
+            pixels = torch.tensor(colours[img_id], dtype=torch.uint8).view(3, 1, 1).expand(3, 240, 320).contiguous()
+            (root / split / name).write_bytes(encode_jpeg(pixels, quality=95).numpy().tobytes())
+            images.append({"id": img_id, "file_name": name, "width": 320, "height": 240})
+        for cat, n in counts.items():
+            for _ in range(n // 2):
+                img = images[int(rng.integers(3))]
+                w, h = (float(rng.integers(10, 90)), float(rng.integers(10, 90))) if rng.random() < 0.5 else \
+                       (float(rng.integers(100, 200)), float(rng.integers(100, 140)))
+                x, y = float(rng.integers(0, 320 - int(w))), float(rng.integers(0, 240 - int(h)))
+                anns.append({"id": ann_id, "image_id": img["id"], "category_id": cat, "bbox": [x, y, w, h],
+                             "area": w * h, "iscrowd": 0})
+                votes = rng.random(12) * (rng.random() > 0.1)  # one object in ten without any positive attribute
+                vecs[patch], to_ann[patch], split_of[patch] = votes, ann_id, split
+                ann_id, patch = ann_id + 1, patch + 3
+        (root / "annotations").mkdir(exist_ok=True)
+        (root / "annotations" / f"instances_{split}.json").write_text(
+            json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    attrs = {"ann_vecs": vecs, "patch_id_to_ann_id": to_ann, "split": split_of,
+             "attributes": [{"id": j, "name": f"attr{j}"} for j in reversed(range(12))]}
+    joblib.dump(attrs, tmp_path / "cocottributes_py3.jbl", compress=True)
+    plain = {str(to_ann[p]): v.tolist() for p, v in vecs.items()}  # the undocumented fallback: annotation id -> votes
+    (tmp_path / "plain.json").write_text(json.dumps(plain))
+    return root, tmp_path / "cocottributes_py3.jbl", attrs, colours
+
+
+def _reference_balanced_test(c_val: dict, size: int) -> list:
+    """The reference's generate_balanced_test for one class, transcribed (a dict of key -> votes, in order)."""
+    c_val, out = dict(c_val), []
+    test_dist = np.array([0.0 for _ in range(len(next(iter(c_val.values()))))])
+    for _ in range(size):
+        min_std, min_key, min_val = 999999999.9, None, None
+        for key, val in c_val.items():
+            val = (val > 0.5).astype(np.float32)
+            if val.sum() == 0:
+                continue
+            tmp = test_dist + val
+            if (tmp / (tmp.sum() + 1e-9)).std() < min_std:
+                min_std, min_key, min_val = (tmp / (tmp.sum() + 1e-9)).std(), key, val
+        out.append(min_key)
+        test_dist += min_val
+        del c_val[min_key]
+    return out
+
+
+def test_coco_glt_builds_the_authors_procedure_end_to_end(tmp_path, capsys):
+    from PIL import Image
+
+    from longtail.data.coco_glt_build import crop_box, load_coco_instances
+
+    coco, attr_file, attrs, colours = _tiny_coco(tmp_path)
+    out = tmp_path / "coco_glt"
+    args = ["data", "coco-glt", str(coco), str(attr_file), "--out", str(out), "--test-per-class", "4",
+            "--val-per-class", "2", "--imbalance-factor", "0.5"]
+    assert main(args) == 0
+    assert "4 classes" in capsys.readouterr().out
+    lt = json.loads((out / "coco_intra_lt_inter_lt" / "annotation.json").read_text())
+    bl = json.loads((out / "coco_intra_lt_inter_bl" / "annotation.json").read_text())
+    # The crop script's layout: every field keyed by object id (the COCO-Attributes patch id), key2path empty.
+    assert set(lt) == {"cat2id", "id2cat", "key2path", "train", "val", "test_lt", "test_bl", "test_bbl", "meta"}
+    assert lt["key2path"] == {} and lt["cat2id"] == {"person": 0, "dog": 1, "bear": 2, "airplane": 3}
+    fields = {"label", "frequency", "attribute", "path", "attribute_score", "attribute_dist"}
+    assert all(set(lt[s]) == fields for s in ("train", "val", "test_lt", "test_bl", "test_bbl"))
+    assert bl["test_lt"] == {"label": {}, "frequency": {}, "attribute": {}, "path": {}, "attribute_score": {}}
+    sizes = lambda d: {s: len(d[s]["label"]) for s in ("train", "val", "test_lt", "test_bl", "test_bbl")}  # noqa: E731
+    # Train-GLT: N = 4; left 32/22/16/12 -> min(int(32 * 0.5^(i/3)), n_i) = 32/22/16/12 -> 82, Test-GLT 16, val 8.
+    assert sizes(lt) == {"train": 58, "val": 8, "test_lt": 16, "test_bl": 16, "test_bbl": 16}
+    # Train-CBL: N = 2; left 36/26/20/16 -> 16 per class, val 4 from it.
+    assert sizes(bl) == {"train": 60, "val": 4, "test_lt": 0, "test_bl": 8, "test_bbl": 8}
+    keys = [set(lt[s]["label"]) for s in ("train", "val", "test_lt", "test_bl", "test_bbl")]
+    assert sum(map(len, keys)) == len(set().union(*keys))  # disjoint
+    assert {lt["train"]["label"][k]: f for k, f in lt["train"]["frequency"].items()} == {0: 0, 1: 0, 2: 1, 3: 2}
+    # Test-GBL item for item as the reference's greedy minimum-std loop over each class's objects in file order.
+    cat_of = {1: 0, 18: 1, 23: 2, 5: 3}
+    anns = {a["id"]: a for s in ("train", "val") for a in json.loads(
+        (coco / "annotations" / f"instances_{s}2014.json").read_text())["annotations"]}
+    for c in range(4):
+        c_val = {str(p): v for p, v in attrs["ann_vecs"].items()
+                 if cat_of[anns[attrs["patch_id_to_ann_id"][p]]["category_id"]] == c}
+        ours = [k for k, lab in lt["test_bbl"]["label"].items() if lab == c]
+        assert ours == _reference_balanced_test(c_val, 4)
+    # Attribute groups: terciles of the frequent-attribute score within the split.
+    score, group = lt["test_bl"]["attribute_score"], lt["test_bl"]["attribute"]
+    ranked = sorted(score.values(), reverse=True)
+    assert all(group[k] == (0 if s > ranked[5] else 1 if s > ranked[10] else 2) for k, s in score.items())
+    # Crops: the widened box, padded to a square with black, cut from the right image.
+    padded, large = 0, 0
+    for key in list(lt["test_bbl"]["label"])[:12]:
+        ann = anns[attrs["patch_id_to_ann_id"][int(key)]]
+        x1, y1, x2, y2 = crop_box(ann["bbox"], 320, 240)
+        large += ann["bbox"][2] >= 100
+        with Image.open(out / lt["test_bbl"]["path"][key]) as im:
+            crop = np.asarray(im.convert("RGB")).astype(float)
+        assert abs(crop.shape[0] - crop.shape[1]) <= 1 and abs(max(crop.shape[:2]) - max(x2 - x1, y2 - y1)) <= 2
+        centre = crop[crop.shape[0] // 2, crop.shape[1] // 2]
+        assert np.abs(centre - colours[ann["image_id"]]).max() < 12
+        if abs((x2 - x1) - (y2 - y1)) > 8:  # padded: the first row or column is black
+            edge = crop[0] if (x2 - x1) > (y2 - y1) else crop[:, 0]
+            assert edge.mean() < 12
+            padded += 1
+    assert padded and large  # both kinds of box and the padding were looked at
+    # Deterministic for a seed (annotations and crop bytes); another seed draws other objects.
+    assert main([*args[:5], str(tmp_path / "again"), *args[6:]]) == 0
+    assert json.loads((tmp_path / "again" / "coco_intra_lt_inter_lt" / "annotation.json").read_text()) == lt
+    some = next(iter(lt["train"]["path"].values()))
+    assert (tmp_path / "again" / some).read_bytes() == (out / some).read_bytes()
+    assert main([*args[:5], str(tmp_path / "seed7"), *args[6:], "--seed", "7", "--no-crops"]) == 0
+    other = json.loads((tmp_path / "seed7" / "coco_intra_lt_inter_lt" / "annotation.json").read_text())
+    assert other["test_bl"]["label"] != lt["test_bl"]["label"]
+    assert other["test_bbl"]["label"] == lt["test_bbl"]["label"]  # the greedy Test-GBL draws nothing at random
+    assert not (tmp_path / "seed7" / "images").exists()
+    # The plain JSON {annotation id: votes} fallback gives the same benchmark, keyed by annotation id.
+    assert main(["data", "coco-glt", str(coco), str(tmp_path / "plain.json"), "--out", str(tmp_path / "plain"),
+                 *args[6:], "--no-crops"]) == 0
+    plain = json.loads((tmp_path / "plain" / "coco_intra_lt_inter_lt" / "annotation.json").read_text())
+    assert sizes(plain) == sizes(lt)
+    patch_to_ann = attrs["patch_id_to_ann_id"]
+    assert set(plain["test_bbl"]["label"]) == {str(patch_to_ann[int(k)]) for k in lt["test_bbl"]["label"]}
+    # ... and the mscoco_glt dataset trains on it: CLT / GLT from the Train-GLT file.
+    raw = {"name": "c", "data": {"name": "mscoco_glt", "root": str(out), "image_size": 16, "num_workers": 0,
+                                 "annotation": str(out / "coco_intra_lt_inter_lt" / "annotation.json")},
+           "model": {"backbone": "tiny", "head_bias": False},
+           "stages": [{"name": "main", "method": "ce", "epochs": 1, "batch_size": 16, "optim": {"lr": 0.05}}],
+           "eval": {"plots": False}}
+    run = train(build_config(raw), out=tmp_path / "run", progress=False)
+    assert json.loads((run / "metrics.json").read_text())["protocols"] == {"CLT": "test_cbl", "GLT": "test_gbl"}
+    with pytest.raises(DataError, match="instances_train2014"):
+        load_coco_instances(tmp_path)
+    assert main(["data", "coco-glt", str(tmp_path), str(attr_file), "--out", str(tmp_path / "x")]) == 2

@@ -25,6 +25,7 @@ EPILOG = """examples:
   longtail list
   longtail bench cifar10_lt/tde data.root=cifar10-jpeg.zip   # our epoch vs a plain PyTorch loop
   longtail data glt /data/imagenet/train --weights resnet50.pth --out glt/   # a GLT benchmark of a folder
+  longtail data coco-glt /data/coco cocottributes_py3.jbl --out coco_glt/    # MSCOCO-GLT, crops included
 """
 
 
@@ -295,6 +296,26 @@ def _cmd_data_glt(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_coco_glt(args: argparse.Namespace) -> int:
+    from longtail.data.coco_glt_build import build_coco_glt
+
+    _at_least(args.test_per_class, 2, "--test-per-class")
+    _at_least(args.val_per_class, 0, "--val-per-class")
+    if not 0 < args.imbalance_factor <= 1:
+        raise UsageError(f"--imbalance-factor is n_min / n_max in (0, 1], got {args.imbalance_factor}")
+    res = build_coco_glt(args.coco_root, args.attributes, args.out, seed=args.seed,
+                         test_per_class=args.test_per_class, val_per_class=args.val_per_class,
+                         imbalance_factor=args.imbalance_factor, crops=args.crops)
+    for note in res["notes"]:
+        print(f"note: {note}")
+    print(f"{len(res['classes'])} classes; objects per split:")
+    for variant, sizes in res["sizes"].items():
+        print(f"  {res['files'][variant]}: " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
+    print(f"train with: longtail train mscoco_glt/ce data.root={args.out} data.annotation={res['files']['lt']}  "
+          f"(Train-CBL / ALT: data.annotation={res['files']['bl']})")
+    return 0
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     import longtail  # noqa: F401  (fills every registry)
     from longtail import registry
@@ -396,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--json", default=None,
                     help="where to write the record (default benchmarks/results/bench_RECIPE_DEVICE.json; - for none)")
     bn.set_defaults(func=_cmd_bench)
-    da = sub.add_parser("data", help="build benchmark files from your data (GLT)")
+    da = sub.add_parser("data", help="build benchmark files from your data (GLT, MSCOCO-GLT)")
     dsub = da.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
     dg = dsub.add_parser("glt", help="make a GLT benchmark (ImageNet-GLT procedure) of an image folder",
                          description="Cluster each class's pretrained features into pseudo-attributes (k-means, "
@@ -430,12 +451,29 @@ def build_parser() -> argparse.ArgumentParser:
     dg.add_argument("--device", default="cpu")
     dg.add_argument("--num-workers", type=int, default=2)
     dg.set_defaults(func=_cmd_data_glt)
+    dc = dsub.add_parser("coco-glt", help="make MSCOCO-GLT from COCO 2014 and COCO-Attributes (with the crops)",
+                         description="Join COCO-Attributes objects with their COCO 2014 train+val instances, write "
+                         "the Train-GLT and Train-CBL annotation files of the authors' procedure (spec glt_ifl.md "
+                         "2.2) and crop every object to OUT/images/<id>.jpg. Deterministic for --seed.")
+    dc.add_argument("coco_root", help="COCO 2014: annotations/instances_{train,val}2014.json and train2014/, val2014/")
+    dc.add_argument("attributes", help="COCO-Attributes: cocottributes .jbl / .pkl (a pickle: only the published "
+                    "file), the same layout as JSON, or a JSON {annotation id: [votes]}")
+    dc.add_argument("--out", required=True, help="output folder (annotation files and images/)")
+    dc.add_argument("--seed", type=int, default=25, help="seed of every random draw (default 25, the reference's)")
+    dc.add_argument("--test-per-class", type=int, default=200,
+                    help="Train-GLT file: Test-GBL / Test-CBL objects per class (200; the Train-CBL file: half)")
+    dc.add_argument("--val-per-class", type=int, default=100, help="val objects per class (100; Train-CBL: half)")
+    dc.add_argument("--imbalance-factor", type=float, default=0.005,
+                    help="Train-GLT: n_i = min(n_max * f^(i / (C - 1)), n_i) (default 0.005)")
+    dc.add_argument("--crops", action=argparse.BooleanOptionalAction, default=True,
+                    help="crop the objects (--no-crops: the annotation files only)")
+    dc.set_defaults(func=_cmd_data_coco_glt)
 
     ls = sub.add_parser("list", help="registered datasets, backbones, heads, methods, samplers and recipes")
     ls.set_defaults(func=_cmd_list)
     # `--debug` also after the command (`longtail train ... --debug`); SUPPRESS keeps the main parser's value
     # when a sub-command does not see it.
-    for parser in (t, e, r, pr, fe, bn, dg, ls):
+    for parser in (t, e, r, pr, fe, bn, dg, dc, ls):
         parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
