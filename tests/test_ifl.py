@@ -339,3 +339,22 @@ def test_ifl_then_crt_and_lws_as_a_two_stage_recipe(image_folder, tmp_path):
         assert "centers" in stage1 and "centers" not in final  # stage 2 is the plain method on IFL's backbone
         backbone = [k for k in stage1 if k.startswith("model.backbone.") and k.endswith("weight")]
         assert backbone and all(torch.equal(stage1[k], final[k]) for k in backbone)  # frozen
+
+
+def test_per_half_bn_normalises_each_environment_half_and_keeps_env1_running_stats():
+    import copy
+
+    ifl, model, x, y = _ifl_unit(per_half_bn=True)  # 6 images: env1 = the first 3, env2 = the last 3
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    start = copy.deepcopy(model.state_dict())
+    logits = ifl(x, y)["logits"].detach()
+    env1, env2 = copy.deepcopy(model), copy.deepcopy(model)  # as two DataParallel replicas
+    env1.load_state_dict(start)
+    env2.load_state_dict(start)
+    env1.train()
+    env2.train()
+    expect = env1.forward_head(torch.cat([env1.forward_features(x[:3]), env2.forward_features(x[3:])]))
+    assert torch.allclose(logits, expect.detach(), atol=1e-6)
+    assert_same_state(model.state_dict(), env1.state_dict())  # running statistics: env1's half only (GPU 0)
+    mixed, _, _, _ = _ifl_unit(per_half_bn=False)
+    assert not torch.allclose(mixed(x, y)["logits"].detach(), logits, atol=1e-4)  # the default: one batch

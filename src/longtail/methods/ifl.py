@@ -19,6 +19,7 @@ settings: Baseline / BLSoftmax / Logit-Adj / LDAM + IFL), ``center_loss: cosine`
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -93,6 +94,22 @@ class EnvironmentSampler(Sampler):
         return torch.cat(draws, dim=1).flatten()  # (iters * 2 half,) [env1 half | env2 half] per batch
 
 
+@contextlib.contextmanager
+def _running_stats_frozen(module: nn.Module):
+    """Batch norm layers normalise by the batch's statistics but leave their running statistics (and batch
+    counters) as they were: momentum 0 for the duration, counters restored."""
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in bns]
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(bns, saved, strict=True):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(count)
+
+
 @METHODS.register("ifl")
 class IFL(Method):
     """IFL around the loss of method ``base`` (Balanced Softmax by default, as the paper's ``center_dual``).
@@ -116,6 +133,10 @@ class IFL(Method):
         # > 0: Mixup + IFL (center_dual_mixup): the two-environment batch mixed with lam ~ Beta(a, a), L_cls and the
         # centre loss mixed as lam * L(y) + (1 - lam) * L(y[perm]); 0: no mixing.
         mixup_alpha: float = 0.0
+        # Batch norm per environment half, as the reference's 2-GPU DataParallel ran it (spec G12): env1's and env2's
+        # halves are normalised by their own statistics and the running statistics follow env1's half only (GPU 0's
+        # replica); false: the mixed batch is normalised together.
+        per_half_bn: bool = False
 
         def __post_init__(self) -> None:
             if self.base not in METHODS or self.base == "ifl":
@@ -236,7 +257,14 @@ class IFL(Method):
             lam = float(torch.distributions.Beta(self.cfg.mixup_alpha, self.cfg.mixup_alpha).sample())
             perm = torch.randperm(len(images), device=images.device)
             images = lam * images + (1 - lam) * images[perm]
-        z = self.model.forward_features(images)  # (B, D)
+        if self.training and self.cfg.per_half_bn:
+            half = len(images) // 2
+            z1 = self.model.forward_features(images[:half])  # (B/2, D) env1: BN statistics and running update
+            with _running_stats_frozen(self.model):
+                z2 = self.model.forward_features(images[half:])  # env2: its own statistics, no running update
+            z = torch.cat([z1, z2])
+        else:
+            z = self.model.forward_features(images)  # (B, D)
         logits = self.model.forward_head(z)  # (B, C)
         if mix:
             loss = lam * self._base.loss(logits, targets) + (1 - lam) * self._base.loss(logits, targets[perm])
