@@ -4,7 +4,8 @@
         --method ce --method balanced_softmax --method ifl --seeds 0 1 2
 
 expects run folders RUNS_ROOT/<method>_<lt|cbl>_s<seed> (Train-GLT runs give CLT and GLT, Train-CBL runs ALT)
-and writes results/<name>.json and results/<name>.md with the commands the runs recorded.
+and writes results/<name>.json and results/<name>.md with the commands the runs recorded. ``--with RECORD.json``
+puts the rows of an earlier record (e.g. results/shapes_glt_ifl.json) above the new ones, each marked with it.
 """
 
 from __future__ import annotations
@@ -72,8 +73,17 @@ def main() -> int:
     p.add_argument("--method", action="append", required=True)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--note", default="")
+    p.add_argument("--with", dest="earlier", type=Path, action="append", default=[],
+                   help="an earlier record whose rows are shown first (its runs stay in that record)")
     args = p.parse_args()
     res = summarise(args.root, args.method, args.seeds)
+    if args.earlier:
+        rows = {}
+        for path in args.earlier:
+            old = json.loads(path.read_text())
+            rows.update({f"{m} ({path.stem})": r for m, r in old["methods"].items()})
+        res["methods"] = {**rows, **res["methods"]}
+        res["earlier"] = [str(p) for p in args.earlier]
     res["note"] = args.note
     out = Path(__file__).parent / "results"
     atomic_write_json(out / f"{args.name}.json", res)

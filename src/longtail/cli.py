@@ -31,6 +31,7 @@ EPILOG = """examples:
   longtail train cifar10_lt/ce seed=1 --print-config   # the resolved config, no training
   longtail bench cifar10_lt/tde data.root=cifar10-jpeg.zip   # our epoch vs a plain PyTorch loop
   longtail data glt /data/imagenet/train --weights resnet50.pth --out glt/   # a GLT benchmark of a folder
+  longtail data coco-glt /data/coco cocottributes_py3.jbl --out coco_glt/    # MSCOCO-GLT, crops included
 """
 
 
@@ -397,20 +398,42 @@ def _cmd_data_glt(args: argparse.Namespace) -> int:
     for flag, minimum in (("image_size", 1), ("clusters", 1), ("test_per_class", 0), ("val_per_class", 0),
                           ("batch_size", 1), ("num_workers", 0)):
         _at_least(getattr(args, flag), minimum, "--" + flag.replace("_", "-"))
-    if args.cbl_per_class is not None:
-        _at_least(args.cbl_per_class, 1, "--cbl-per-class")
-    if args.imbalance_ratio is not None and not args.imbalance_ratio >= 1:
+    _at_least(args.cbl_per_class, 1, "--cbl-per-class")
+    if not args.imbalance_ratio >= 1:
         raise UsageError(f"--imbalance-ratio is n_max / n_min and must be >= 1, got {args.imbalance_ratio}")
     res = build_glt_benchmark(args.root, args.out, name=args.name, weights=args.weights, backbone=args.backbone,
                               image_size=args.image_size, clusters=args.clusters, test_per_class=args.test_per_class,
-                              val_per_class=args.val_per_class, imbalance_ratio=args.imbalance_ratio,
-                              cbl_per_class=args.cbl_per_class, seed=args.seed, batch_size=args.batch_size,
-                              device=args.device, num_workers=args.num_workers)
+                              val_per_class=args.val_per_class, budgets=args.budgets,
+                              imbalance_ratio=args.imbalance_ratio, cbl_per_class=args.cbl_per_class,
+                              select=args.select, normalize=args.normalize, seed=args.seed,
+                              batch_size=args.batch_size, device=args.device, num_workers=args.num_workers)
+    for note in res["notes"]:
+        print(f"note: {note}")
     print(f"{res['classes']} classes; images per split:")
     for variant, sizes in res["sizes"].items():
         print(f"  {res['files'][variant]}: " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
     print(f"train with: longtail train CONFIG data.name=glt data.root={args.root} "
           f"data.annotation={res['files']['lt']}  (Train-CBL / ALT: data.annotation={res['files']['cbl']})")
+    return 0
+
+
+def _cmd_data_coco_glt(args: argparse.Namespace) -> int:
+    from longtail.data.coco_glt_build import build_coco_glt
+
+    _at_least(args.test_per_class, 2, "--test-per-class")
+    _at_least(args.val_per_class, 0, "--val-per-class")
+    if not 0 < args.imbalance_factor <= 1:
+        raise UsageError(f"--imbalance-factor is n_min / n_max in (0, 1], got {args.imbalance_factor}")
+    res = build_coco_glt(args.coco_root, args.attributes, args.out, seed=args.seed,
+                         test_per_class=args.test_per_class, val_per_class=args.val_per_class,
+                         imbalance_factor=args.imbalance_factor, crops=args.crops)
+    for note in res["notes"]:
+        print(f"note: {note}")
+    print(f"{len(res['classes'])} classes; objects per split:")
+    for variant, sizes in res["sizes"].items():
+        print(f"  {res['files'][variant]}: " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
+    print(f"train with: longtail train mscoco_glt/ce data.root={args.out} data.annotation={res['files']['lt']}  "
+          f"(Train-CBL / ALT: data.annotation={res['files']['bl']})")
     return 0
 
 
@@ -613,7 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--json", default=None,
                     help="where to write the record (default benchmarks/results/bench_RECIPE_DEVICE.json; - for none)")
     bn.set_defaults(func=_cmd_bench)
-    da = sub.add_parser("data", help="build benchmark files from your data (GLT)")
+    da = sub.add_parser("data", help="build benchmark files from your data (GLT, MSCOCO-GLT)")
     dsub = da.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
     dg = dsub.add_parser("glt", help="make a GLT benchmark (ImageNet-GLT procedure) of an image folder",
                          description="Cluster each class's pretrained features into pseudo-attributes (k-means, "
@@ -627,17 +650,43 @@ def build_parser() -> argparse.ArgumentParser:
     dg.add_argument("--name", default="glt", help="file name prefix (default glt)")
     dg.add_argument("--image-size", type=int, default=256, help="center crop side for features (default 256)")
     dg.add_argument("--clusters", type=int, default=6, help="k-means clusters per class, merged into 3 groups")
-    dg.add_argument("--test-per-class", type=int, default=60, help="Test-CBL / Test-GBL images per class (60)")
-    dg.add_argument("--val-per-class", type=int, default=30, help="val images per class (30)")
-    dg.add_argument("--imbalance-ratio", type=float, default=None,
-                    help="Train-GLT class budgets as an exp profile of this ratio (default: the natural counts)")
-    dg.add_argument("--cbl-per-class", type=int, default=None,
-                    help="Train-CBL images per class (default: the mean Train-GLT budget)")
+    dg.add_argument("--test-per-class", type=int, default=60,
+                    help="Test-CBL / Test-GBL images per class (60: 42/12/6 and 20 per group); Test-GLT takes this "
+                         "many times the class count")
+    dg.add_argument("--val-per-class", type=int, default=30, help="val images per class (30; Train-CBL: 21/6/3)")
+    dg.add_argument("--budgets", help="Train-GLT images per class, largest class first: the authors' "
+                    "_ImageNetGeneration/long-tail-distribution.pytorch (ImageNet-GLT), a JSON list or a text file")
+    dg.add_argument("--imbalance-ratio", type=float, default=20.0,
+                    help="without --budgets: an exp profile of this ratio from the largest class (default 20, the "
+                         "reference script's exp alternative)")
+    dg.add_argument("--cbl-per-class", type=int, default=145,
+                    help="Train-CBL images per class before val, min(this, n) (default 145: 101/29/14)")
+    dg.add_argument("--select", choices=("front", "random"), default="front",
+                    help="front: take each group's images in cluster / file order as the reference; random: shuffled")
+    dg.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=False,
+                    help="normalise pixels by the ImageNet mean / std before the features (the reference does not)")
     dg.add_argument("--seed", type=int, default=0)
     dg.add_argument("--batch-size", type=int, default=64)
     dg.add_argument("--device", default="cpu")
     dg.add_argument("--num-workers", type=int, default=2)
     dg.set_defaults(func=_cmd_data_glt)
+    dc = dsub.add_parser("coco-glt", help="make MSCOCO-GLT from COCO 2014 and COCO-Attributes (with the crops)",
+                         description="Join COCO-Attributes objects with their COCO 2014 train+val instances, write "
+                         "the Train-GLT and Train-CBL annotation files of the authors' procedure (spec glt_ifl.md "
+                         "2.2) and crop every object to OUT/images/<id>.jpg. Deterministic for --seed.")
+    dc.add_argument("coco_root", help="COCO 2014: annotations/instances_{train,val}2014.json and train2014/, val2014/")
+    dc.add_argument("attributes", help="COCO-Attributes: cocottributes .jbl / .pkl (a pickle: only the published "
+                    "file), the same layout as JSON, or a JSON {annotation id: [votes]}")
+    dc.add_argument("--out", required=True, help="output folder (annotation files and images/)")
+    dc.add_argument("--seed", type=int, default=25, help="seed of every random draw (default 25, the reference's)")
+    dc.add_argument("--test-per-class", type=int, default=200,
+                    help="Train-GLT file: Test-GBL / Test-CBL objects per class (200; the Train-CBL file: half)")
+    dc.add_argument("--val-per-class", type=int, default=100, help="val objects per class (100; Train-CBL: half)")
+    dc.add_argument("--imbalance-factor", type=float, default=0.005,
+                    help="Train-GLT: n_i = min(n_max * f^(i / (C - 1)), n_i) (default 0.005)")
+    dc.add_argument("--crops", action=argparse.BooleanOptionalAction, default=True,
+                    help="crop the objects (--no-crops: the annotation files only)")
+    dc.set_defaults(func=_cmd_data_coco_glt)
 
     ls = sub.add_parser("list", help="registered datasets, backbones, heads, methods, samplers and recipes",
                         description="Without METHOD: every registered plugin and shipped recipe. With METHOD: its "
@@ -647,7 +696,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls.set_defaults(func=_cmd_list)
     # `--debug` also after the command (`longtail train ... --debug`); SUPPRESS keeps the main parser's value
     # when a sub-command does not see it.
-    for parser in (t, e, r, pr, ex, fe, bn, dg, ls):
+    for parser in (t, e, r, pr, ex, fe, bn, dg, dc, ls):
         parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         parser.add_argument("--plugin", action="append", dest="plugin_after", default=[], metavar="MODULE",
                             help="import MODULE first (your own registered components; see longtail --help)")

@@ -50,7 +50,7 @@ class DataConfig:
     # device and augments whole batches there; false serves them through DataLoader workers with per-image
     # transforms v2 (the plain PyTorch path, for comparison or for augmentations only written per image).
     fast_path: bool = True
-    augment: str = "auto"  # auto | cifar | imagenet | glt | glt_coco | none
+    augment: str = "auto"  # auto | cifar | imagenet | glt | glt_coco | none; "+randaugment": RandAugment after the flip
     num_workers: int = 2  # DataLoader workers for file datasets
     # File datasets: every file's existence is checked at load time, and with at most this many images in all
     # each is also decoded once then (a bad file fails before training, not mid-epoch); 0: no decoding check.
@@ -483,8 +483,6 @@ def validate(cfg: RunConfig) -> None:
     check(not (cfg.data.val_per_class and cfg.data.val_fraction),
           "data.val_per_class and data.val_fraction both make a val split: set only one")
     check(cfg.data.in_memory in ("auto", "always", "never"), "data.in_memory must be auto, always or never")
-    check(cfg.data.augment in ("auto", "cifar", "imagenet", "glt", "glt_coco", "none"),
-          "data.augment must be auto, cifar, imagenet, glt, glt_coco or none")
     check(cfg.data.train_variant in ("lt", "cbl"), "data.train_variant must be lt or cbl")
     check(cfg.eval.select in ("last", "best_val"), "eval.select must be last or best_val")
     check(cfg.eval.select_metric in SELECT_METRICS,

@@ -1,15 +1,25 @@
 """GLT benchmarks from annotation files (spec glt_ifl.md 2): ImageNet-GLT, MSCOCO-GLT, and your own.
 
-The authors' released files (and the ones ``build_glt_benchmark`` writes) are JSON:
+The authors' released files (and the ones ``longtail data glt`` / ``longtail data coco-glt`` write) are JSON.
+ImageNet-GLT (``_ImageNetGeneration/imagenet_glt_generation.py``) keys every field by the image path:
 
     {"cat2id": {...}, "id2cat": {...},
      "train": {"label": {path: class}, "frequency": {path: 0|1|2}, "attribute": {path: 0|1|2}},
      "val": ..., "test_lt": ..., "test_bl": ..., "test_bbl": ...}
 
-(MSCOCO-GLT's crops store each split as parallel lists ``path`` / ``label`` / ``frequency`` / ``attribute``;
-both layouts are read.) Paths in the released files are absolute paths on the authors' machine (spec G2): we
-rewrite them onto ``data.root`` by stripping ``data.path_prefix``, or, when no prefix is given, by finding the
-shortest tail of the first path that exists under ``data.root``; then every file is checked.
+MSCOCO-GLT (written by ``_COCOGeneration/mscoco_glt_crop.py``, read by ``data/DT_COCO_LT.py``) keys every field
+by the object id and stores the crop's path in its own field; the top level also holds ``key2path`` (written
+empty):
+
+    {"cat2id": {...}, "id2cat": {...}, "key2path": {},
+     "train": {"label": {id: class}, "frequency": {id: 0|1|2}, "attribute": {id: 0|1|2},
+               "path": {id: crop path}, "attribute_score": {id: float}, "attribute_dist": {class id: [204 counts]}},
+     ...}
+
+A split the generator skipped (``test_lt`` of the Train-CBL file) is present with empty fields. Paths in the
+released files are absolute paths on the authors' machine (spec G2): we rewrite them onto ``data.root`` by
+stripping ``data.path_prefix``, or, when no prefix is given, by finding the shortest tail of the first path that
+exists under ``data.root``; then every file is checked.
 
 Split names follow shapes_glt: ``test_bl`` -> ``test_cbl`` (Test-CBL), ``test_bbl`` -> ``test_gbl`` (Test-GBL),
 ``test_lt`` stays. A file with ``test_lt`` is a Train-GLT file (protocols CLT, GLT); one without is Train-CBL (ALT).
@@ -36,19 +46,21 @@ COCO_MEAN, COCO_STD = (0.473, 0.429, 0.370), (0.277, 0.268, 0.274)  # spec glt_i
 
 
 def _entries(split: dict, where: str) -> list[tuple[str, int, int, int]]:
-    """(path, label, frequency group, attribute) per image, in the file's order."""
-    if isinstance(split.get("label"), dict):  # ImageNet-GLT: {field: {path: value}}
-        labels = split["label"]
-        freq, attr = split.get("frequency") or {}, split.get("attribute") or {}
+    """(path, label, frequency group, attribute) per image, in the file's order (the order of ``label``)."""
+    if not isinstance(split, dict) or not isinstance(split.get("label"), dict):
+        raise DataError(f"{where}: expected {{'label': {{key: class}}, 'frequency': ..., 'attribute': ...}}")
+    labels = split["label"]
+    freq, attr = split.get("frequency") or {}, split.get("attribute") or {}
+    paths = split.get("path")
+    if paths is None:  # ImageNet-GLT: the keys are the image paths
         return [(p, int(c), int(freq.get(p, -1)), int(attr.get(p, -1))) for p, c in labels.items()]
-    if isinstance(split.get("path"), list):  # MSCOCO-GLT crops: parallel lists
-        n = len(split["path"])
-        cols = {k: split.get(k) or [-1] * n for k in ("label", "frequency", "attribute")}
-        if any(len(v) != n for v in cols.values()):
-            raise DataError(f"{where}: the lists path / label / frequency / attribute differ in length")
-        return [(p, int(c), int(f), int(a)) for p, c, f, a in
-                zip(split["path"], cols["label"], cols["frequency"], cols["attribute"], strict=True)]
-    raise DataError(f"{where}: expected {{'label': {{path: class}}, ...}} or {{'path': [...], 'label': [...]}}")
+    if not isinstance(paths, dict):
+        raise DataError(f"{where}: 'path' must map each object id to its image file, got {type(paths).__name__}")
+    missing = [k for k in labels if k not in paths]
+    if missing:
+        raise DataError(f"{where}: {len(missing)} object ids of 'label' have no 'path', e.g. {missing[0]!r}")
+    # MSCOCO-GLT: the keys are object ids; each one's crop is looked up in 'path' (as DT_COCO_LT.load_img_info).
+    return [(str(paths[k]), int(c), int(freq.get(k, -1)), int(attr.get(k, -1))) for k, c in labels.items()]
 
 
 def _rewriter(first: str, root: Path, prefix: str | None):
@@ -85,9 +97,10 @@ def read_glt_annotations(path: str | Path, root: str | Path, path_prefix: str | 
     if not isinstance(raw, dict) or "train" not in raw:
         raise DataError(f"{path}: not a GLT annotation file (no 'train' split)")
     entries = {SPLIT_NAMES[k]: _entries(raw[k], f"{path} [{k}]") for k in SPLIT_NAMES if k in raw}
-    unknown = sorted(set(raw) - set(SPLIT_NAMES) - {"cat2id", "id2cat", "meta"})
+    unknown = sorted(set(raw) - set(SPLIT_NAMES) - {"cat2id", "id2cat", "key2path", "meta"})
     if unknown:
-        raise DataError(f"{path}: unknown top-level keys {unknown}; expected {sorted(SPLIT_NAMES)}, cat2id, id2cat")
+        raise DataError(f"{path}: unknown top-level keys {unknown}; expected {sorted(SPLIT_NAMES)}, cat2id, id2cat, "
+                        f"key2path")
     if not entries["train"]:
         raise DataError(f"{path}: the train split is empty")
     labels = [c for es in entries.values() for _, c, _, _ in es]

@@ -28,10 +28,33 @@ from longtail.utils import rng_state, set_rng_state
 Batch = tuple[torch.Tensor, torch.Tensor]  # (B, 3, H, W) uint8 on device, (B,) int64 on device
 
 
+AUGMENT_PRESETS = ("auto", "cifar", "imagenet", "glt", "glt_coco", "none")
+RANDAUGMENT = "+randaugment"  # suffix: RandAugment after the preset's flip (GLT's RandAug rows)
+
+
+def parse_augment(name: str) -> tuple[str, bool]:
+    """``data.augment`` -> (preset, randaugment): ``glt+randaugment`` -> (glt, True), ``randaugment`` -> (auto,
+    True); ValueError for anything else than a preset, optionally with the suffix (not after ``none``)."""
+    ra = name == RANDAUGMENT[1:] or name.endswith(RANDAUGMENT)
+    preset = "auto" if name == RANDAUGMENT[1:] else name.removesuffix(RANDAUGMENT)
+    if preset not in AUGMENT_PRESETS or (ra and preset == "none"):
+        raise ValueError(f"data.augment must be one of {', '.join(AUGMENT_PRESETS)}, optionally with "
+                         f"'{RANDAUGMENT}' (e.g. glt{RANDAUGMENT}; not after none), or randaugment; got '{name}'")
+    return preset, ra
+
+
 def resolve_augment(name: str, ds: LTDataset) -> str:
-    if name != "auto":
-        return name
-    return "cifar" if ds.train.in_memory and ds.image_size <= 64 else "imagenet"
+    name, ra = parse_augment(name)
+    if name == "auto":
+        name = "cifar" if ds.train.in_memory and ds.image_size <= 64 else "imagenet"
+    return name + (RANDAUGMENT if ra else "")
+
+
+def randaugment() -> v2.Transform:
+    """torchvision's RandAugment (Cubuk et al. 2020) at its defaults: 2 random ops of magnitude 9 of 31, per image
+    on uint8. The GLT reference imports ``RandAugment()`` from the PyPI package ``randaugment`` (PIL ops of its
+    own), so its RandAug rows are matched in kind, not bit for bit."""
+    return v2.RandAugment()
 
 
 def random_crop_flip(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
@@ -53,7 +76,11 @@ def random_crop_flip(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.T
 
 
 def file_transform(augment: str, size: int, train: bool) -> v2.Transform:
-    """Per-image transforms v2 on uint8 tensors for file datasets."""
+    """Per-image transforms v2 on uint8 tensors for file datasets (``augment``: a resolved preset, optionally
+    with ``+randaugment``)."""
+    if augment.endswith(RANDAUGMENT):  # after the flip, as the GLT reference's rand_aug
+        return v2.Compose([file_transform(augment.removesuffix(RANDAUGMENT), size, train)]
+                          + ([randaugment()] if train else []))
     if not train or augment == "none":
         return v2.Compose([v2.Resize(int(round(size * 256 / 224)), antialias=True), v2.CenterCrop(size)])
     if augment == "cifar":
@@ -227,6 +254,17 @@ class Loader:
                 elif self.augment in ("imagenet", "glt", "glt_coco"):
                     t = file_transform(self.augment, self.ds.image_size, True)
                     x = torch.stack([t(img) for img in x]) if step >= start_step else x
+                elif self.augment.endswith(RANDAUGMENT) and step >= start_step:
+                    # The preset on the batch (cifar: batched crop + flip), then RandAugment image by image (its
+                    # op and magnitude are drawn per call: one call on the batch would treat it as one image).
+                    base = self.augment.removesuffix(RANDAUGMENT)
+                    if base == "cifar":
+                        x = random_crop_flip(x, 4, gen)
+                    else:
+                        t = file_transform(base, self.ds.image_size, True)
+                        x = torch.stack([t(img) for img in x])
+                    ra = randaugment()
+                    x = torch.stack([ra(img) for img in x])
                 if step >= start_step:
                     yield x, targets[idx]
             return

@@ -18,6 +18,7 @@ import longtail.methods  # noqa: F401  (methods)
 import longtail.models  # noqa: F401  (backbones, heads)
 from longtail import config
 from longtail.config import RunConfig, from_dict, to_dict
+from longtail.data.loaders import parse_augment
 from longtail.errors import ConfigError
 from longtail.plugins import load_entry_points, load_plugins
 from longtail.registry import BACKBONES, DATASETS, HEADS, METHODS, SAMPLERS, Registry, RegistryError
@@ -41,6 +42,10 @@ def resolve(cfg: RunConfig) -> RunConfig:
     load_entry_points()
     load_plugins(cfg.plugins, needed_by="this config (plugins)")
     out = copy.deepcopy(cfg)
+    try:
+        parse_augment(out.data.augment)  # a preset, optionally + randaugment (the loaders own the presets)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     _known(DATASETS, out.data.name, "data.name")
     _known(BACKBONES, out.model.backbone, "model.backbone")
     _known(HEADS, out.model.head, "model.head")
@@ -49,11 +54,11 @@ def resolve(cfg: RunConfig) -> RunConfig:
         _known(SAMPLERS, st.sampler, f"{where}.sampler")
         _known(METHODS, st.method["name"], f"{where}.method")
         method_cls = METHODS.get(st.method["name"])
-        need = method_cls.requires_head
+        opts = {k: v for k, v in st.method.items() if k != "name"}
+        need = method_cls.head_needed(opts)  # a wrapper (ifl, mixup) answers for its base
         if need is not None and need != out.model.head:
             raise ConfigError(f"{where}: method '{st.method['name']}' needs model.head={need} "
                               f"(got '{out.model.head}')")
-        opts = {k: v for k, v in st.method.items() if k != "name"}
         st.method = {"name": st.method["name"], **to_dict(from_dict(method_cls.Config, opts, f"{where}.method"))}
     if out.eval.select == "best_val" and out.stages[-1].eval_every == 0:
         out.stages[-1].eval_every = 1  # best_val chooses among the last stage's val evaluations: one per epoch

@@ -72,6 +72,23 @@ def check_val_option(name: str, value: Any, grid: list[float]) -> None:
         raise ValueError(f"{name}_grid must hold at least one value (it is what {name}=val chooses from)")
 
 
+def why_not_a_loss(name: str, cls: type) -> str | None:
+    """Why method ``name`` (class ``cls``) cannot be the loss inside a wrapper such as IFL or mixup, which call only
+    its ``loss``, ``on_epoch_start`` and ``predict_features``; None if it can. A method that trains its own way
+    would be silently replaced by plain training of its loss."""
+    if cls.stage_two:
+        return (f"'{name}' is a stage-2 method (it freezes a trained backbone and re-fits the classifier): train the "
+                f"wrapper as stage 1 and '{name}' as stage 2 with init_from (e.g. configs/imagenet_glt/ifl_crt.yaml)")
+    if not cls.trains:
+        return f"'{name}' trains nothing (a post-hoc stage of epochs 0)"
+    own = [hook for hook in ("forward", "on_stage_start", "param_groups", "train_sampler")
+           if getattr(cls, hook) is not getattr(Method, hook)]
+    if own:
+        return (f"'{name}' has its own training step or stage set-up ({', '.join(own)}), which the wrapper would "
+                f"silently replace by plain training of its loss")
+    return None
+
+
 class Method(nn.Module):
     """Base method: plain cross-entropy on the model's logits. Subclasses override what differs."""
 
@@ -92,10 +109,19 @@ class Method(nn.Module):
     # epochs 0 (they fit statistics, or train inside ``on_stage_start``); for the others train() refuses
     # epochs 0 without init_from, which would train nothing and report their starting weights.
     trains: bool = True
+    # A stage-2 method: it freezes the backbone a finished stage trained and re-fits the classifier (cRT, LWS,
+    # tau-norm, NCM); it follows another stage (init_from) and cannot be the loss inside a wrapper (IFL, mixup).
+    stage_two: bool = False
 
     @dataclass
     class Config:
         """The method's own options (strict: unknown keys are config errors)."""
+
+    @classmethod
+    def head_needed(cls, opts: dict) -> str | None:
+        """The registered head a method spec's options need (config validation checks model.head against it);
+        default ``requires_head``. Wrappers (IFL, mixup) answer their base's."""
+        return cls.requires_head
 
     def __init__(self, model: Classifier, cfg: Any, ctx: MethodContext) -> None:
         super().__init__()

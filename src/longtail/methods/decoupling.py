@@ -34,6 +34,7 @@ class _FrozenBackbone(Method):
     ``backbone_bn`` (cRT, LWS) is ``train``."""
 
     requires_head = "linear"
+    stage_two = True
 
     def __init__(self, model: Classifier, cfg, ctx: MethodContext) -> None:
         super().__init__(model, cfg, ctx)

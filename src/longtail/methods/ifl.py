@@ -10,20 +10,29 @@ environments pull each feature towards its class centre (the "IRM version of the
 and the centres move by their own plain SGD step (lr ``center_lr``) on the unweighted centre loss, i.e. a
 per-batch moving average C_c <- C_c + (2 lr / B) sum_{y_i = c} (z_i - C_c); while a = 0 they stay put (the
 reference: centres keep their random init until the first centre milestone).
+
+The reference's combinations are options of this one plug-in: ``base`` + ``base_options`` (the loss and its own
+settings: Baseline / BLSoftmax / Logit-Adj / LDAM + IFL), ``center_loss: cosine`` (1 - cos(z, C_y), what its
+``center_LDAM_dual`` and ``center_ride`` use), ``mixup_alpha`` (Mixup + IFL, ``center_dual_mixup``); RandAugment
++ IFL is a data option (``data.augment: glt+randaugment``), cRT / LWS + IFL a second stage (``init_from``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as tdist
 import torch.nn as nn
+import torch.nn.functional as F
 
+from longtail.config import from_dict, to_dict
 from longtail.data.samplers import Sampler
 from longtail.errors import ConfigError
-from longtail.methods.base import Method, MethodContext
+from longtail.methods.base import Method, MethodContext, why_not_a_loss
 from longtail.models import Classifier
 from longtail.registry import METHODS
 
@@ -35,7 +44,8 @@ def intra_weights(scores: torch.Tensor, targets: torch.Tensor, recorded: torch.T
     ``scores`` (N,) ground-truth-class probabilities p, ``recorded`` (N,) bool: sampled in the scoring epoch
     (others get weight 0, as the reference). Per class with >= 5 recorded samples: p~ = min-max normalised p,
     u = |1 - p~| + 1e-5, k = clamp(log(s) / log(mean of the top-20% u / mean of the bottom-80% u), 1, 10),
-    w = u^k / sum u^k; so the hardest fifth weighs about ``sample_scale`` times the easiest four fifths.
+    w = u^k / sum u^k; so the hardest fifth weighs about ``sample_scale`` times the easiest four fifths. The means
+    are over the int(0.8 n) smallest and the int(0.2 n) largest u, as the reference's ``generate_intra_weight``.
     """
     w = torch.zeros(len(targets), dtype=torch.float64)
     scores = scores.double()
@@ -51,7 +61,9 @@ def intra_weights(scores: torch.Tensor, targets: torch.Tensor, recorded: torch.T
         u = (1 - p).abs() + 1e-5
         s = u.sort().values
         cut = int(len(s) * 0.8)
-        head, tail = s[:cut].mean(), s[cut:].mean()
+        # The reference's torch.topk: the int(0.8 n) smallest and the int(0.2 n) largest (they overlap or leave a
+        # gap when 0.8 n is not an integer).
+        head, tail = s[:cut].mean(), s[len(s) - int(len(s) * 0.2):].mean()
         k = float((math.log(sample_scale) / torch.log(tail / head + 1e-5)).clamp(1, 10))
         uk = u**k + 1e-12
         w[idx] = uk / uk.sum()
@@ -97,6 +109,22 @@ def _size_sample_buffers(module: IFL, state_dict: dict, prefix: str, *_) -> None
             setattr(module, name, torch.empty(saved.shape, dtype=own.dtype, device=own.device))
 
 
+@contextlib.contextmanager
+def _running_stats_frozen(module: nn.Module):
+    """Batch norm layers normalise by the batch's statistics but leave their running statistics (and batch
+    counters) as they were: momentum 0 for the duration, counters restored."""
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in bns]
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(bns, saved, strict=True):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(count)
+
+
 @METHODS.register("ifl")
 class IFL(Method):
     """IFL around the loss of method ``base`` (Balanced Softmax by default, as the paper's ``center_dual``).
@@ -109,20 +137,39 @@ class IFL(Method):
     @dataclass
     class Config:
         base: str = "balanced_softmax"  # the classification loss L_cls: a registered loss method (ce, focal, ...)
+        # The base's own options, checked against its Config (e.g. ldam_drw: {drw_epoch: 80} in a 100-epoch stage).
+        base_options: dict[str, Any] = field(default_factory=dict)
         center_milestones: list[float] = field(default_factory=lambda: [0.6, 0.8])
         center_weights: list[float] = field(default_factory=lambda: [0.0, 0.001, 0.005])
         update_milestones: list[float] = field(default_factory=lambda: [0.6, 0.8])
         center_lr: float = 0.5  # plain SGD on the centres, no momentum / decay / schedule
         sample_scale: float = 4.0  # env2: hardest fifth about this many times the easiest four fifths
+        center_loss: str = "l2"  # l2: ||z - C_y||^2 (center_dual) | cosine: 1 - cos(z, C_y) (center_LDAM_dual)
+        # > 0: Mixup + IFL (center_dual_mixup): the two-environment batch mixed with lam ~ Beta(a, a), L_cls and the
+        # centre loss mixed as lam * L(y) + (1 - lam) * L(y[perm]); 0: no mixing.
+        mixup_alpha: float = 0.0
+        # Batch norm per environment half, as the reference's 2-GPU DataParallel ran it (spec G12): env1's and env2's
+        # halves are normalised by their own statistics and the running statistics follow env1's half only (GPU 0's
+        # replica); false: the mixed batch is normalised together.
+        per_half_bn: bool = False
 
         def __post_init__(self) -> None:
             if self.base not in METHODS or self.base == "ifl":
                 raise ValueError(f"base must be a registered loss method other than ifl, got '{self.base}'")
             base_cls = METHODS.get(self.base)
-            if base_cls.forward is not Method.forward or base_cls.on_stage_start is not Method.on_stage_start:
-                raise ValueError(f"base '{self.base}' has its own training step or stage set-up; IFL wraps loss "
-                                 f"methods (ce, focal, cb_loss, balanced_softmax, logit_adjust, "
-                                 f"logit_adjust_posthoc, ldam_drw)")
+            reason = why_not_a_loss(self.base, base_cls)
+            if reason:
+                raise ValueError(f"base {reason}; IFL wraps loss methods (ce, focal, cb_loss, balanced_softmax, "
+                                 f"logit_adjust, logit_adjust_posthoc, ldam_drw)")
+            if not isinstance(self.base_options, dict):
+                raise ValueError(f"base_options must be a mapping of the base's options, got {self.base_options!r}")
+            on_val = base_cls.options_on_val(self.base_options)
+            if on_val:
+                raise ValueError(f"base_options: {', '.join(on_val)}=val is chosen on val by a method of its own "
+                                 f"stage; inside ifl give a number (or re-score later: longtail eval --sweep)")
+            # Checked (unknown keys, types, ranges) and completed with the base's defaults, so the saved config
+            # records every setting of the loss.
+            self.base_options = to_dict(from_dict(base_cls.Config, self.base_options, f"base_options ({self.base})"))
             if len(self.center_weights) != len(self.center_milestones) + 1:
                 raise ValueError("center_weights needs one more entry than center_milestones")
             for m in [*self.center_milestones, *self.update_milestones]:
@@ -130,12 +177,22 @@ class IFL(Method):
                     raise ValueError(f"milestones are fractions of the stage in [0, 1], got {m}")
             if self.sample_scale <= 1:
                 raise ValueError(f"sample_scale must be > 1, got {self.sample_scale}")
+            if self.center_loss not in ("l2", "cosine"):
+                raise ValueError(f"center_loss must be l2 or cosine, got '{self.center_loss}'")
+            if self.mixup_alpha < 0:
+                raise ValueError(f"mixup_alpha must be >= 0 (0: no mixup), got {self.mixup_alpha}")
+
+    @classmethod
+    def head_needed(cls, opts: dict) -> str | None:
+        base = opts.get("base", cls.Config.base)
+        return METHODS.get(base).head_needed(opts.get("base_options") or {}) if base in METHODS else None
 
     def __init__(self, model: Classifier, cfg, ctx: MethodContext) -> None:
         super().__init__(model, cfg, ctx)
         base_cls = METHODS.get(cfg.base)
+        base_cfg = from_dict(base_cls.Config, cfg.base_options, f"method.base_options ({cfg.base})")
         # The base shares the model; kept out of the module tree so its weights are not saved twice.
-        object.__setattr__(self, "_base", base_cls(model, base_cls.Config(), ctx).to(ctx.device))
+        object.__setattr__(self, "_base", base_cls(model, base_cfg, ctx).to(ctx.device))
         ds = ctx.dataset  # the engine always passes it; a bare context (unit use) gets N = 0
         targets = ds.train.targets.clone() if ds is not None else torch.zeros(0, dtype=torch.int64)
         n = len(targets)
@@ -197,23 +254,51 @@ class IFL(Method):
         self.env_weights[1].copy_(w2.to(self.env_weights.device))
 
     # ------------------------------------------------------------------ training step
+    def _center_terms(self, z: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pull, move): the batch-mean centre loss as the features feel it (centres fixed) and as the centres feel
+        it (features fixed)."""
+        c = self.centers[targets].float()  # (B, D)
+        zf = z.float()
+        if self.cfg.center_loss == "cosine":  # the reference's CenterCosLoss: 1 - cos, clamped at 1e-12
+            pull = (1 - F.cosine_similarity(zf, c.detach(), dim=1)).clamp_min(1e-12).mean()
+            move = (1 - F.cosine_similarity(zf.detach(), c, dim=1)).clamp_min(1e-12).mean()
+            return pull, move
+        pull = ((zf - c.detach()) ** 2).sum(1).mean()
+        move = ((zf.detach() - c) ** 2).sum(1).mean()
+        return pull, move
+
     def forward(self, images: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-        z = self.model.forward_features(images)  # (B, D)
+        mix = self.training and self.cfg.mixup_alpha > 0
+        if mix:  # Mixup + IFL: one mix of the whole [env1 | env2] batch, as the reference's center_dual_mixup
+            lam = float(torch.distributions.Beta(self.cfg.mixup_alpha, self.cfg.mixup_alpha).sample())
+            perm = torch.randperm(len(images), device=images.device)
+            images = lam * images + (1 - lam) * images[perm]
+        if self.training and self.cfg.per_half_bn:
+            half = len(images) // 2
+            z1 = self.model.forward_features(images[:half])  # (B/2, D) env1: BN statistics and running update
+            with _running_stats_frozen(self.model):
+                z2 = self.model.forward_features(images[half:])  # env2: its own statistics, no running update
+            z = torch.cat([z1, z2])
+        else:
+            z = self.model.forward_features(images)  # (B, D)
         logits = self.model.forward_head(z)  # (B, C)
-        loss = self._base.loss(logits, targets)
+        if mix:
+            loss = lam * self._base.loss(logits, targets) + (1 - lam) * self._base.loss(logits, targets[perm])
+        else:
+            loss = self._base.loss(logits, targets)
         if not self.training:
             return {"loss": loss, "logits": logits}
         a = self._weight
-        c = self.centers[targets].float()  # (B, D)
-        zf = z.float()
         # Features feel a * the centre loss; the centres feel the unweighted loss (the reference rescales
         # their gradient by 1 / a) and nothing while a = 0. Both terms always in the graph (DDP needs it).
-        pull = ((zf - c.detach()) ** 2).sum(1).mean()
-        move = ((zf.detach() - c) ** 2).sum(1).mean()
+        pull, move = self._center_terms(z, targets)
+        if mix:
+            pull_b, move_b = self._center_terms(z, targets[perm])
+            pull, move = lam * pull + (1 - lam) * pull_b, lam * move + (1 - lam) * move_b
         move = (1.0 if a > 0 else 0.0) * (move - move.detach())  # value 0: the logged loss stays L_cls + a pull
         loss = loss + a * pull + move
         if self._scoring and self._batch is not None:
-            self._record(logits.detach(), targets)
+            self._record(logits.detach(), targets)  # mixup: the unmixed labels, as the reference
         return {"loss": loss, "logits": logits}
 
     @torch.no_grad()

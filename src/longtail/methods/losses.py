@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from longtail.methods.base import Method, MethodContext, check_val_option
+from longtail.methods.base import Method, MethodContext, check_val_option, why_not_a_loss
 from longtail.models import Classifier
 from longtail.registry import METHODS
 
@@ -197,6 +197,19 @@ class Mixup(Method):
                 raise ValueError(f"alpha must be > 0, got {self.alpha}")
             if self.base == "mixup" or self.base not in METHODS:
                 raise ValueError(f"base must be a registered loss method other than mixup, got '{self.base}'")
+            if self.base == "ifl":  # mixup calls only the base's loss: no environments, no centres
+                raise ValueError("mixup cannot wrap ifl: it would silently train plain mixup (IFL's environments "
+                                 "and centres live in its training step); for Mixup + IFL use method ifl with "
+                                 "mixup_alpha: 1.0")
+            reason = why_not_a_loss(self.base, METHODS.get(self.base))
+            if reason:
+                raise ValueError(f"base {reason}; mixup mixes the loss of a loss method (ce, focal, cb_loss, "
+                                 f"balanced_softmax, logit_adjust, logit_adjust_posthoc, ldam_drw)")
+
+    @classmethod
+    def head_needed(cls, opts: dict) -> str | None:
+        base = opts.get("base", cls.Config.base)
+        return METHODS.get(base).head_needed({}) if base in METHODS else None
 
     def __init__(self, model: Classifier, cfg, ctx: MethodContext) -> None:
         super().__init__(model, cfg, ctx)
