@@ -297,8 +297,9 @@ def test_randaugment_presets():
     from longtail.data.base import LTDataset, Split
     from longtail.data.loaders import Loader, file_transform, parse_augment
 
-    assert parse_augment("glt+randaugment") == ("glt", True) and parse_augment("randaugment") == ("auto", True)
-    assert parse_augment("cifar") == ("cifar", False)
+    assert parse_augment("glt+randaugment") == ("glt", "randaugment")
+    assert parse_augment("randaugment") == ("auto", "randaugment")
+    assert parse_augment("cifar") == ("cifar", "")
     for bad in ("none+randaugment", "glt+rand", "randaug"):
         with pytest.raises(ValueError, match="data.augment"):
             parse_augment(bad)

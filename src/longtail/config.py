@@ -50,7 +50,8 @@ class DataConfig:
     # device and augments whole batches there; false serves them through DataLoader workers with per-image
     # transforms v2 (the plain PyTorch path, for comparison or for augmentations only written per image).
     fast_path: bool = True
-    augment: str = "auto"  # auto | cifar | imagenet | glt | glt_coco | none; "+randaugment": RandAugment after the flip
+    augment: str = "auto"  # auto | cifar | imagenet | glt | glt_coco | none; +randaugment / +trivialaugment after
+    # the flip (e.g. cifar+trivialaugment), or randaugment / trivialaugment alone (auto's preset)
     num_workers: int = 2  # DataLoader workers for file datasets
     # File datasets: every file's existence is checked at load time, and with at most this many images in all
     # each is also decoded once then (a bad file fails before training, not mid-epoch); 0: no decoding check.

@@ -30,24 +30,41 @@ Batch = tuple[torch.Tensor, torch.Tensor]  # (B, 3, H, W) uint8 on device, (B,) 
 
 AUGMENT_PRESETS = ("auto", "cifar", "imagenet", "glt", "glt_coco", "none")
 RANDAUGMENT = "+randaugment"  # suffix: RandAugment after the preset's flip (GLT's RandAug rows)
+TRIVIALAUGMENT = "+trivialaugment"  # suffix: TrivialAugment (wide) after the preset's flip
+POLICIES = (RANDAUGMENT, TRIVIALAUGMENT)  # per-image augmentation policies a preset may end with
 
 
-def parse_augment(name: str) -> tuple[str, bool]:
-    """``data.augment`` -> (preset, randaugment): ``glt+randaugment`` -> (glt, True), ``randaugment`` -> (auto,
-    True); ValueError for anything else than a preset, optionally with the suffix (not after ``none``)."""
-    ra = name == RANDAUGMENT[1:] or name.endswith(RANDAUGMENT)
-    preset = "auto" if name == RANDAUGMENT[1:] else name.removesuffix(RANDAUGMENT)
-    if preset not in AUGMENT_PRESETS or (ra and preset == "none"):
-        raise ValueError(f"data.augment must be one of {', '.join(AUGMENT_PRESETS)}, optionally with "
-                         f"'{RANDAUGMENT}' (e.g. glt{RANDAUGMENT}; not after none), or randaugment; got '{name}'")
-    return preset, ra
+def parse_augment(name: str) -> tuple[str, str]:
+    """``data.augment`` -> (preset, policy): ``glt+randaugment`` -> (glt, "randaugment"), ``trivialaugment`` ->
+    (auto, "trivialaugment"), ``cifar`` -> (cifar, ""); ValueError for anything else than a preset, optionally with
+    one policy suffix (not after ``none``)."""
+    for suffix in POLICIES:
+        if name == suffix[1:] or name.endswith(suffix):
+            preset = "auto" if name == suffix[1:] else name.removesuffix(suffix)
+            if preset in AUGMENT_PRESETS and preset != "none":
+                return preset, suffix[1:]
+            break
+    else:
+        if name in AUGMENT_PRESETS:
+            return name, ""
+    raise ValueError(f"data.augment must be one of {', '.join(AUGMENT_PRESETS)}, optionally with "
+                     f"'{RANDAUGMENT}' or '{TRIVIALAUGMENT}' (e.g. glt{RANDAUGMENT}; not after none), or "
+                     f"randaugment / trivialaugment alone; got '{name}'")
 
 
 def resolve_augment(name: str, ds: LTDataset) -> str:
-    name, ra = parse_augment(name)
+    name, policy = parse_augment(name)
     if name == "auto":
         name = "cifar" if ds.train.in_memory and ds.image_size <= 64 else "imagenet"
-    return name + (RANDAUGMENT if ra else "")
+    return name + (f"+{policy}" if policy else "")
+
+
+def _split_policy(augment: str) -> tuple[str, v2.Transform | None]:
+    """A resolved ``augment`` -> (its preset, a fresh policy transform or None)."""
+    for suffix in POLICIES:
+        if augment.endswith(suffix):
+            return augment.removesuffix(suffix), randaugment() if suffix == RANDAUGMENT else trivialaugment()
+    return augment, None
 
 
 def randaugment() -> v2.Transform:
@@ -55,6 +72,12 @@ def randaugment() -> v2.Transform:
     on uint8. The GLT reference imports ``RandAugment()`` from the PyPI package ``randaugment`` (PIL ops of its
     own), so its RandAug rows are matched in kind, not bit for bit."""
     return v2.RandAugment()
+
+
+def trivialaugment() -> v2.Transform:
+    """torchvision's TrivialAugmentWide (Mueller and Hutter 2021): one random op at a random magnitude per image,
+    on uint8; no hyper-parameters."""
+    return v2.TrivialAugmentWide()
 
 
 def random_crop_flip(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
@@ -78,9 +101,9 @@ def random_crop_flip(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.T
 def file_transform(augment: str, size: int, train: bool) -> v2.Transform:
     """Per-image transforms v2 on uint8 tensors for file datasets (``augment``: a resolved preset, optionally
     with ``+randaugment``)."""
-    if augment.endswith(RANDAUGMENT):  # after the flip, as the GLT reference's rand_aug
-        return v2.Compose([file_transform(augment.removesuffix(RANDAUGMENT), size, train)]
-                          + ([randaugment()] if train else []))
+    base, policy = _split_policy(augment)
+    if policy is not None:  # after the flip, as the GLT reference's rand_aug
+        return v2.Compose([file_transform(base, size, train)] + ([policy] if train else []))
     if not train or augment == "none":
         return v2.Compose([v2.Resize(int(round(size * 256 / 224)), antialias=True), v2.CenterCrop(size)])
     if augment == "cifar":
@@ -254,17 +277,16 @@ class Loader:
                 elif self.augment in ("imagenet", "glt", "glt_coco"):
                     t = file_transform(self.augment, self.ds.image_size, True)
                     x = torch.stack([t(img) for img in x]) if step >= start_step else x
-                elif self.augment.endswith(RANDAUGMENT) and step >= start_step:
-                    # The preset on the batch (cifar: batched crop + flip), then RandAugment image by image (its
+                elif self.augment.endswith(POLICIES) and step >= start_step:
+                    # The preset on the batch (cifar: batched crop + flip), then the policy image by image (its
                     # op and magnitude are drawn per call: one call on the batch would treat it as one image).
-                    base = self.augment.removesuffix(RANDAUGMENT)
+                    base, policy = _split_policy(self.augment)
                     if base == "cifar":
                         x = random_crop_flip(x, 4, gen)
                     else:
                         t = file_transform(base, self.ds.image_size, True)
                         x = torch.stack([t(img) for img in x])
-                    ra = randaugment()
-                    x = torch.stack([ra(img) for img in x])
+                    x = torch.stack([policy(img) for img in x])
                 if step >= start_step:
                     yield x, targets[idx]
             return
