@@ -21,6 +21,9 @@ sys.modules["reproduce"] = rp  # dataclasses look their module up there
 _spec.loader.exec_module(rp)
 
 
+
+LONG = 100_000  # epochs of the row that must still be training when a test stops it
+
 def tiny_recipe(root: Path, epochs: int = 2) -> dict:
     return {
         "name": "tiny", "seed": 0,
@@ -36,7 +39,9 @@ def tiny_recipe(root: Path, epochs: int = 2) -> dict:
 @pytest.fixture
 def campaign_dir(tmp_path, image_folder):
     (tmp_path / "stage1.yaml").write_text(yaml.safe_dump(tiny_recipe(image_folder)))
-    (tmp_path / "long.yaml").write_text(yaml.safe_dump(tiny_recipe(image_folder, epochs=400)))
+    # Far longer than any test waits: the SIGINT and --hours stops below must find it unfinished however fast the
+    # machine trains the tiny recipe (400 epochs once finished inside the 14 s of --hours 0.004 on a quiet CPU).
+    (tmp_path / "long.yaml").write_text(yaml.safe_dump(tiny_recipe(image_folder, epochs=LONG)))
     stage2 = tiny_recipe(image_folder)
     stage2["stages"] = [{"name": "classifier", "method": {"name": "tau_norm", "tau": 1.0}, "epochs": 0,
                          "batch_size": 8}]
@@ -147,7 +152,7 @@ def test_sigint_checkpoints_and_the_next_run_resumes(campaign_dir):
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = d / "runs" / "base" / "train.log"
     deadline = time.time() + 120
-    while time.time() < deadline and not (log.is_file() and "epoch 2/400" in log.read_text()):
+    while time.time() < deadline and not (log.is_file() and f"epoch 2/{LONG}" in log.read_text()):
         time.sleep(0.2)
     assert (d / "runs" / ".campaign.pid").read_text().strip() == str(runner.pid)
     runner.send_signal(signal.SIGINT)
@@ -160,7 +165,7 @@ def test_sigint_checkpoints_and_the_next_run_resumes(campaign_dir):
     row = camp.table.get("base")
     assert camp.state(row) == "partial"
     done, total = rp.progress(camp.run_dir(row))
-    assert total == 400 and 2 <= done < 400
+    assert total == LONG and 2 <= done < LONG
     assert camp.command(row) == (["train", "--resume", "--out", str(d / "runs" / "base")], True)
     # The next runner continues it (and, given --hours, stops it again cleanly).
     assert rp.main(args(d, "--parallel", "1", "--hours", "0.004")) == 0
