@@ -108,21 +108,23 @@ def reference_loop(cfg: RunConfig, epochs: int = 2) -> tuple[float, float]:
                           weight_decay=st.optim.weight_decay)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    timing = []
     model.train()
-    for _ in range(epochs):
-        t, seen = time.time(), 0
-        for x, y in dl:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            seen += len(y)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        timing.append({"seconds": time.time() - t, "images": seen})
+    timing = [_plain_epoch(model, opt, dl, device) for _ in range(epochs)]
     return _rate(timing), _peak_memory_mb(device)
+
+
+def _plain_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, dl: DataLoader, device: torch.device) -> dict:
+    """One epoch of the plain loops (CE, SGD) over ``dl``: its seconds (device synchronised) and images."""
+    t, seen = time.time(), 0
+    for x, y in dl:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        seen += len(y)
+    _sync(device)
+    return {"seconds": time.time() - t, "images": seen}
 
 
 class _ReferenceStyle(Dataset):
@@ -176,24 +178,16 @@ def reference_style_loop(cfg: RunConfig, epochs: int = 2) -> dict:
     timing, with_eval = [], []
     for _ in range(epochs):
         model.train()
-        t, seen = time.time(), 0
-        for x, y in dl:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            seen += len(y)
-        _sync(device)
-        train_s = time.time() - t
+        t = time.time()
+        epoch = _plain_epoch(model, opt, dl, device)
         if test_dl is not None:  # main.py scores the whole test split after every epoch
             model.eval()
             with torch.no_grad():
                 for x, _y in test_dl:
                     model(x.to(device, non_blocking=True)).argmax(1).cpu()
             _sync(device)
-        timing.append({"seconds": train_s, "images": seen})
-        with_eval.append({"seconds": time.time() - t, "images": seen})
+        timing.append(epoch)
+        with_eval.append({"seconds": time.time() - t, "images": epoch["images"]})
     return {"images_per_s": _rate(timing), "with_eval_images_per_s": _rate(with_eval),
             "test_images_per_epoch": len(test.targets) if test_dl is not None else 0}
 
