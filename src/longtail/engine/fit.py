@@ -36,7 +36,7 @@ from tqdm import tqdm
 from longtail.config import ConfigError, RunConfig, StageConfig, absolute_paths, load_raw, save_yaml, to_dict
 from longtail.data import LTDataset, create_dataset
 from longtail.data.loaders import Loader
-from longtail.data.samplers import create_sampler, shard
+from longtail.data.samplers import Sampler, create_sampler, shard
 from longtail.dist import (
     DistInfo,
     all_reduce_sum,
@@ -648,6 +648,24 @@ class Trainer:
     this class replaced, so resumed runs and the numerics lock see the same numbers.
     """
 
+    # The run's, from _set_up_run on.
+    ds: LTDataset
+    loader: Loader
+    model: Classifier
+    select_metric: str | None  # the val metric eval.select=best_val picks on
+    t0: float  # time.time() at the set-up: train_seconds
+    # The current stage's, from stage() on.
+    si: int
+    st: StageConfig
+    ctx: MethodContext
+    clip_params: list[torch.nn.Parameter] | None  # what optim.clip_grad_norm clips
+    train_fn: torch.nn.Module  # what a step calls: the method, DDP-wrapped and / or compiled
+    sampler: Sampler  # the stage's, as the method adapted it
+    local_batch: int  # this rank's share of the global batch
+    steps: int  # steps per epoch
+    cut: int | None  # global samples per epoch with epoch_length=dataset
+    bar: tqdm
+
     def __init__(
         self, cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: DistInfo, device: torch.device
     ) -> None:
@@ -694,7 +712,7 @@ class Trainer:
         self.point = ResumePoint.read(_last_path(self.run_dir)) if self.resume else None
         if self.resume:
             log.info("resuming %s from %s", self.run_dir,
-                     "its last checkpoint" if self.point else "the start (no checkpoint yet)")
+                     "its last checkpoint" if self.point is not None else "the start (no checkpoint yet)")
         self.t0 = time.time()
         self.ds = ds = create_dataset(cfg.data)
         self.loader = Loader(ds, self.device, cfg.data.augment, cfg.data.num_workers, cfg.data.fast_path)
