@@ -818,7 +818,7 @@ class Trainer:
         st = self.st = self.cfg.stages[si]
         self.si = si
         resumed = self._take_resume_point(si)
-        if resumed is not None and resumed.between_stages:  # the uninterrupted run drew from here: the set-up on
+        if resumed is not None and resumed.between_stages:  # the uninterrupted run drew from here: its set-up on
             _restore_rng(resumed.rng, self.loader, self.device, self.dist)
         if st.init_from is not None:
             _load_init(self.model, st, self.run_dir, [s.name for s in self.cfg.stages[:si]])
