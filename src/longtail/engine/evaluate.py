@@ -9,7 +9,7 @@ import torch
 from longtail.config import EvalConfig
 from longtail.data.loaders import Loader
 from longtail.data.samplers import shard
-from longtail.engine.distributed import DistInfo, gather_in_order
+from longtail.dist import DistInfo, gather_in_order
 from longtail.errors import ConfigError, UsageError
 from longtail.evaluation.metrics import ShotThresholds, classification_metrics
 from longtail.methods import Method
