@@ -45,6 +45,7 @@ from longtail.engine.evaluate import (
     select_metric_of,
     thresholds_of,
 )
+from longtail.engine.feature_stage import fit_on_features
 from longtail.engine.record import inference_record
 from longtail.engine.run_log import RunLog, check_log_extras
 from longtail.engine.schedule import lr_at
@@ -597,6 +598,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                 _load_init(model, st, ckpt_dir, [s.name for s in cfg.stages[:si]])
             method, ctx = build_stage_method(cfg, si, model, ds, loader, device, dist)
             method.on_stage_start(ctx)
+            fit_on_features(method, ctx, dist, stop, Interrupted, run_dir, progress)  # ncm, dlsa: once, on features
             opt = _make_optimizer(method, st) if st.epochs > 0 else None  # tau_norm / ncm: nothing to train
             start_epoch, start_step, gen_state = 0, 0, None
             if resuming and not between_stages:
