@@ -60,6 +60,7 @@ from longtail.engine.evaluate import (
     select_metric_of,
     thresholds_of,
 )
+from longtail.engine.feature_stage import fit_on_features
 from longtail.engine.record import inference_record
 from longtail.engine.run_log import RunLog, check_log_extras
 from longtail.engine.schedule import lr_at
@@ -825,6 +826,8 @@ class Trainer:
         self.method, self.ctx = build_stage_method(self.cfg, si, self.model, self.ds, self.loader, self.device,
                                                    self.dist)
         self.method.on_stage_start(self.ctx)
+        # ncm, dlsa: fitted once, on extracted features
+        fit_on_features(self.method, self.ctx, self.dist, self.stop, Interrupted, self.run_dir, self.progress)
         start_epoch, start_step, gen_state = self._prepare_epochs(resumed)
         del resumed  # what it held is in the method, optimiser and EMA now
         for epoch in range(start_epoch, st.epochs):
