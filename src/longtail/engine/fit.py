@@ -858,7 +858,9 @@ class Trainer:
                 self.opt.load_state_dict(inside.optimizer)
             start = (inside.state.epoch, inside.state.step, inside.gen_state)
         self.ema = self._make_ema(inside)
-        self.clip_params = [p for g in self.opt.param_groups for p in g["params"]] if st.optim.clip_grad_norm else None
+        # what clip_grad_norm clips (None: no clipping, or no optimiser in a stage of epochs 0)
+        clip = st.optim.clip_grad_norm and self.opt is not None
+        self.clip_params = [p for g in self.opt.param_groups for p in g["params"]] if clip else None
         self.train_fn = self._wrap()
         self._build_sampler()
         self.bar = self._progress_bar(start[0] * self.steps + start[1])
