@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from longtail.errors import CorruptFileError, MissingFileError
-from longtail.run_folder import lock_holder, unfinished_reason
+from longtail.run_folder import RunDir, lock_holder, unfinished_reason
 
 DASH = "–"  # shown for a missing value (an empty shot group, a split a run lacks)
 
@@ -24,7 +24,8 @@ def load_run(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise MissingFileError(f"{run_dir} is not a longtail run folder: no such folder")
-    metrics_path = run_dir / "metrics.json"
+    rd = RunDir(run_dir)
+    metrics_path = rd.metrics
     if not metrics_path.is_file():
         holder = lock_holder(run_dir)
         if holder is not None:
@@ -33,14 +34,14 @@ def load_run(run_dir: str | Path) -> dict:
         why = unfinished_reason(run_dir)
         if why is not None:
             raise MissingFileError(why)
-        if (run_dir / "checkpoints" / "final.pt").is_file():
+        if rd.final.is_file():
             raise MissingFileError(f"{run_dir} has final weights but no metrics.json; `longtail eval {run_dir}` "
                                    f"re-creates it")
         raise MissingFileError(
             f"{run_dir} is not a longtail run folder: no metrics.json; did the run finish? "
             f"`longtail eval {run_dir}` re-creates it from checkpoints/final.pt"
         )
-    config_path = run_dir / "config.yaml"
+    config_path = rd.config
     if not config_path.is_file():
         raise MissingFileError(f"{run_dir} is not a longtail run folder: no config.yaml")
     try:
@@ -156,7 +157,8 @@ def _method(config: dict) -> str:
         src = st.get("init_from")
         if isinstance(src, str) and ("/" in src or "\\" in src):  # started from another run's weights
             p = Path(src)
-            run = p.parent.parent.name if p.name.endswith(".pt") and p.parent.name == "checkpoints" else p.name
+            of = RunDir.of_checkpoint(p)
+            run = of.name if of is not None else p.name
             name = f"{name or '?'} (from {run})"
         names.append(str(name) if name else "?")
     return " -> ".join(names) if any(n != "?" for n in names) else DASH
