@@ -82,10 +82,12 @@ class RegistryError(UserError, KeyError):
 
 
 class Registry(Generic[T]):
-    """Maps lower_snake names to factories. Duplicate names raise; unknown names suggest close matches."""
+    """Maps lower_snake names to factories. Duplicate names raise; unknown names suggest close matches.
+    ``default``: the name a caller uses when the user names none (``get_default``)."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, default: str | None = None) -> None:
         self.kind = kind
+        self.default = default
         self._items: dict[str, T] = {}
         self._help: dict[str, str] = {}
         self._prefixes: dict[str, tuple[Callable[[str], T], str]] = {}  # "timm/" -> (name -> factory, help)
@@ -140,6 +142,12 @@ class Registry(Generic[T]):
             )
         return self._items[key]
 
+    def get_default(self) -> T:
+        """The entry registered as ``default`` (RegistryError when there is none)."""
+        if self.default is None:
+            raise RegistryError(f"no default {self.kind}")
+        return self.get(self.default)
+
     def __contains__(self, name: str) -> bool:
         return _canonical(name) in self._items or self._prefixed(name) is not None
 
@@ -161,9 +169,10 @@ BACKBONES: Registry = Registry("backbone")
 HEADS: Registry = Registry("head")
 METHODS: Registry = Registry("method")
 SAMPLERS: Registry = Registry("sampler")
-# Measures of a trained run's features (``longtail eval RUN --feature-quality``): classes with a ``Config`` dataclass
-# of options and ``evaluate(train_feats, train_labels, test_feats, test_labels, num_classes, thresholds, cfg)``.
-FEATURE_EVALUATIONS: Registry = Registry("feature evaluation")
+# Measures of a trained run's features (``longtail eval RUN --feature-quality`` runs the default, DLSA's flow filter):
+# classes with a ``Config`` dataclass of options and
+# ``evaluate(train_feats, train_labels, test_feats, test_labels, num_classes, thresholds, cfg)``.
+FEATURE_EVALUATIONS: Registry = Registry("feature evaluation", default="flow_filter")
 
 
 def catalogue(root: Path | None = None) -> dict[str, dict[str, str]]:

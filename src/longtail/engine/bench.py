@@ -21,6 +21,7 @@ loops are interleaved (ours, plain, reference-style, ceiling; again ...) and eac
 from __future__ import annotations
 
 import copy
+import re
 import resource
 import statistics
 import tempfile
@@ -36,6 +37,7 @@ from torchvision.transforms import v2
 from longtail.config import ConfigError, RunConfig
 from longtail.data import create_dataset
 from longtail.models import create_model
+from longtail.run_folder import RunDir
 from longtail.utils import device_name, environment_info, resolve_device, seed_everything
 
 
@@ -270,6 +272,13 @@ def _median(values: list[float | None]) -> float | None:
     return statistics.median(vals) if vals else None
 
 
+def default_record_path(record: dict) -> Path:
+    """Where ``longtail bench`` writes ``record`` without --json: benchmarks/results/bench_<recipe>_<device>.json
+    (the device's name, e.g. ``NVIDIA_H200``, without its details in parentheses)."""
+    device = re.sub(r"[^A-Za-z0-9]+", "_", record["device"].split(" (")[0]).strip("_")
+    return Path(f"benchmarks/results/bench_{record['recipe']}_{device}.json")
+
+
 def run_bench(cfg: RunConfig, epochs: int = 2, reference: bool = True, ceiling_too: bool = True,
               rounds: int = 1) -> tuple[BenchResult, dict]:
     """Time our fit loop, the two anchors (``reference``) and the ceiling (``ceiling_too``), interleaved over
@@ -288,7 +297,7 @@ def run_bench(cfg: RunConfig, epochs: int = 2, reference: bool = True, ceiling_t
     for _ in range(rounds):
         with tempfile.TemporaryDirectory(prefix="longtail-bench-") as tmp:
             run_dir = train(bcfg, out=Path(tmp) / "run", progress=False)
-            metrics = json.loads((run_dir / "metrics.json").read_text())
+            metrics = json.loads(RunDir(run_dir).metrics.read_text())
         ours_r.append(_rate(metrics["epoch_timing"]))
         if ours_mem is None:
             ours_mem = _peak_memory_mb(device)  # measured before any other loop ran in this process
