@@ -22,9 +22,8 @@ from longtail.run_folder import RUN_DIRS, RUN_FILES, RunDir, drop_latest_duplica
 
 REPO = Path(__file__).resolve().parents[1]
 OWNER = REPO / "src" / "longtail" / "run_folder.py"
-# Modules that still spell run-folder paths, to be switched to RunDir (then removed from here): engine/fit.py was
-# being restructured when the other modules were switched.
-PENDING = {REPO / "src" / "longtail" / "engine" / "fit.py"}
+# Modules that still spell run-folder paths, to be switched to RunDir (then removed from here); none now.
+PENDING: set[Path] = set()
 # Every name a run writes in its folder, as run_folder spells them; and the checkpoint of a stage, stage_<name>.pt.
 NAMES = {run_folder.LOCK_NAME, run_folder.LATEST, *RUN_FILES, *RUN_DIRS, run_folder.LAST, run_folder.BEST,
          run_folder.FINAL}

@@ -42,6 +42,7 @@ except ImportError:  # Windows: no flock; the lock falls back to an O_EXCL file 
     fcntl = None
 
 # The layout of a run folder: every name a run writes there (RunDir gives their paths).
+RUNS_ROOT = "runs"  # where a run without --out gets its folder (runs/<name>-<time>, and runs/latest)
 LOCK_NAME = ".lock"
 CONFIG = "config.yaml"  # the resolved config (with ``meta``: versions, seed, command), written first
 METRICS = "metrics.json"  # the evaluation: per split, per class; written last, so it marks a finished run
