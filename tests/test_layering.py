@@ -7,7 +7,8 @@ Layers, lowest first; a module may import its own layer and the ones below, neve
      plugins, progress                          environment info, the run-folder lock, the collectives, plugin
                                                 imports (modules, entry points) and their record in a run, the
                                                 progress-bar switch
-  2  data, models, evaluation                   datasets and samplers; backbones and heads; metrics, reports, plots
+  2  data, models, losses, evaluation           datasets and samplers; backbones and heads; loss functions and the
+                                                LOSSES modules; metrics, reports, plots
   3  methods                                    the Method plugins
   4  engine                                     build (names -> plugins), the fit loop, evaluation of a method,
                                                 checkpoints, inference, features, bench
@@ -43,6 +44,7 @@ LAYERS: dict[str, int] = {
     "longtail.progress": 1,
     "longtail.data": 2,
     "longtail.models": 2,
+    "longtail.losses": 2,  # above the leaves (registry, config), below the methods that train with them
     "longtail.evaluation": 2,
     "longtail.methods": 3,
     "longtail.engine": 4,
@@ -218,7 +220,7 @@ def test_the_catalogue_longtail_list_prints_is_what_the_registries_hold():
     from longtail import registry
 
     static = registry.catalogue()
-    for var in ("DATASETS", "BACKBONES", "HEADS", "METHODS", "SAMPLERS"):
+    for var in ("DATASETS", "BACKBONES", "HEADS", "LOSSES", "METHODS", "SAMPLERS"):
         reg = getattr(registry, var)
         live = {n: d for n, d in reg.describe().items()  # a prefix family (timm/<name>) has no object of its own
                 if n.endswith("/<name>") or reg.get(n).__module__.startswith("longtail.")}

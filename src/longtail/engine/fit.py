@@ -47,7 +47,7 @@ from longtail.engine.evaluate import (
 )
 from longtail.engine.record import inference_record
 from longtail.engine.run_log import RunLog, check_log_extras
-from longtail.engine.schedule import lr_at
+from longtail.engine.schedule import follows_schedule, lr_at, optimizer_groups
 from longtail.errors import (
     WRITE_ERRNOS,
     CheckpointError,
@@ -58,7 +58,7 @@ from longtail.errors import (
     write_error,
 )
 from longtail.evaluation.metrics import describe_class_groups
-from longtail.methods import Method, MethodContext, create_method
+from longtail.methods import BatchInfo, Method, MethodContext, create_method
 from longtail.models import Classifier, create_model
 from longtail.plugins import record_plugins
 from longtail.progress import progress_bars
@@ -177,13 +177,14 @@ def build_stage_method(
         stage=st,
         dataset=ds,
         loader=loader,
+        sampler_seed=_epoch_seed(cfg.seed, stage_idx, 0),
     )
     method = create_method(st.method, model, ctx).to(device)
     return method, ctx
 
 
 def _make_optimizer(method: Method, st: StageConfig) -> torch.optim.Optimizer:
-    groups = method.param_groups()
+    groups = optimizer_groups(method.param_groups(), f"stage '{st.name}': method '{st.method['name']}'")
     if not any(p.requires_grad for g in groups for p in g["params"]):
         raise ConfigError(
             f"stage '{st.name}': method '{st.method['name']}' has no trainable parameters, so "
@@ -205,7 +206,7 @@ def _make_optimizer(method: Method, st: StageConfig) -> torch.optim.Optimizer:
 def _set_lr(opt: torch.optim.Optimizer, st: StageConfig, t: float) -> float:
     lr = lr_at(st.optim.lr, st.schedule, st.epochs, t)
     for g in opt.param_groups:
-        if not g.get("fixed_lr", False):  # e.g. IFL's centres: their own constant lr
+        if follows_schedule(g):  # not a group with a constant lr of its own (IFL's centres)
             g["lr"] = lr
     return lr
 
@@ -623,14 +624,15 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
             if cfg.compile:
                 train_fn = torch.compile(train_fn)
             local_batch = st.batch_size // dist.world_size
-            sampler = create_sampler(
-                st.sampler,
-                ds.train.targets,
-                ds.num_classes,
-                seed=_epoch_seed(cfg.seed, si, 0),
-                total_epochs=st.epochs,
-            )
-            sampler = method.train_sampler(sampler, st.batch_size)  # e.g. IFL's two environments
+            sampler = method.sampler(ds, ctx)  # e.g. IFL's two environments; None: the stage's configured one
+            if sampler is None:
+                sampler = create_sampler(
+                    st.sampler,
+                    ds.train.targets,
+                    ds.num_classes,
+                    seed=ctx.sampler_seed,
+                    total_epochs=st.epochs,
+                )
             # An epoch is the sampler's stream (n_max * C for class-aware sampling), this rank's share of it; with
             # epoch_length=dataset its first int(N / B) global batches (every rank the same number of steps).
             sampler_steps = loader.steps_per_epoch(-(-len(sampler) // ctx.world_size), local_batch, st.drop_last)
@@ -677,9 +679,9 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                 ):
                     if st.schedule.per_iteration:
                         lr = _set_lr(opt, st, epoch + step / steps)
-                    method.on_train_batch(step, indices[step * local_batch : (step + 1) * local_batch])
+                    batch = BatchInfo(indices[step * local_batch : (step + 1) * local_batch], step)  # sample ids
                     with autocast(device, cfg.amp):
-                        out = train_fn(loader.normalize(x, channels_last), y)
+                        out = train_fn(loader.normalize(x, channels_last), y, batch=batch)
                     loss = out["loss"]
                     opt.zero_grad(set_to_none=True)
                     loss.backward()

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from longtail.dist import broadcast_from_main, object_from_main
 from longtail.errors import ConfigError, DataError, TrainingError
-from longtail.methods.base import MethodContext
+from longtail.methods.base import MethodContext, ParamGroup
 from longtail.methods.decoupling import _FrozenBackbone
 from longtail.models import Classifier
 from longtail.models.heads import LinearHead
@@ -931,7 +931,7 @@ class DLSA(_FrozenBackbone):
         dev = next(model.backbone.parameters()).device
         self.cascade = DLSACascade(model.feature_dim, ctx.num_classes, cfg, ctx.train_counts).to(dev)
 
-    def param_groups(self) -> list[dict]:
+    def param_groups(self) -> list[ParamGroup]:
         return []  # trained inside on_stage_start, on features
 
     def on_stage_start(self, ctx: MethodContext) -> None:
