@@ -124,6 +124,16 @@ def test_a_lower_layer_never_imports_a_higher_one():
     assert not bad, "imports that point up the layers:\n" + "\n".join(bad)
 
 
+def test_the_losses_stand_on_the_leaves_and_the_models_only():
+    """Losses sit above the leaf modules and beside the models, below the methods: no data, evaluation or method
+    code in a loss (a method trains with a loss; a loss never knows which method)."""
+    allowed = ("longtail.errors", "longtail.registry", "longtail.config", "longtail.models", "longtail.losses")
+    losses = [m for m in MODULES if m.startswith("longtail.losses")]
+    bad = [f"{m}:{i['line']} imports {i['target']}" for m in losses for i in imports_of(MODULES[m])
+           if not i["target"].startswith(allowed)]
+    assert len(losses) >= 2 and not bad, bad
+
+
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     """The strongly connected components of more than one module (Tarjan)."""
     index: dict[str, int] = {}

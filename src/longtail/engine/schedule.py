@@ -25,7 +25,7 @@ def optimizer_groups(groups: list[ParamGroup], where: str) -> list[dict]:
                               f"contract changed: return longtail.methods.base.ParamGroup(params, lr=...), whose lr "
                               f"is constant, instead of dicts with fixed_lr / lr_scale)")
         d: dict = {"params": list(g.params)}
-        if g.lr is not None:
+        if not g.scheduled:
             d["lr"] = g.lr
             d[CONSTANT_LR] = True
         for key in ("momentum", "weight_decay", "nesterov"):

@@ -124,8 +124,8 @@ def why_not_a_loss(name: str) -> str | None:
                 f"wrapper as stage 1 and '{name}' as stage 2 with init_from (e.g. configs/imagenet_glt/ifl_crt.yaml)")
     if not cls.trains:
         return f"'{name}' trains nothing (a post-hoc stage of epochs 0)"
-    return (f"'{name}' is a method with its own training step or stage set-up, not a registered loss "
-            f"({', '.join(LOSSES)}); the wrapper would silently replace it by plain training of a loss")
+    return (f"'{name}' is a method with its own training step or stage set-up, not a registered loss: the "
+            f"wrapper would silently replace it by plain training of a loss")
 
 
 # Hooks of the old contract, which the engine no longer calls: a plugin overriding one would train the old way

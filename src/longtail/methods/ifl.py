@@ -1,4 +1,4 @@
-"""Invariant Feature Learning (Tang et al., ECCV 2022; spec glt_ifl.md 5-6) as a plug-in around a loss method.
+"""Invariant Feature Learning (Tang et al., ECCV 2022; spec glt_ifl.md 5-6) as a plug-in around a registered loss.
 
 Two training environments resample the same training set: env1 the natural distribution, env2 class-balanced
 with hard samples up-weighted (``intra_weights``), rebuilt from the ground-truth confidences recorded during the
@@ -129,7 +129,7 @@ def _running_stats_frozen(module: nn.Module):
 
 @METHODS.register("ifl")
 class IFL(Method):
-    """IFL around the loss of method ``base`` (Balanced Softmax by default, as the paper's ``center_dual``).
+    """IFL around the registered loss ``base`` (Balanced Softmax by default, as the paper's ``center_dual``).
 
     Milestones are fractions of the stage (the paper's epochs 60 and 80 of 100 -> 0.6, 0.8), so a recipe of
     any length keeps the schedule: centre weight ``center_weights[j]`` from milestone j on (weight [0] before

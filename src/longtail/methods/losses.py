@@ -93,8 +93,8 @@ class LDAMDRW(LossMethod):
 
 @METHODS.register("mixup")
 class Mixup(Method):
-    """Mixup (Zhang et al., ICLR 2018) around any loss method: x~ = lam x + (1 - lam) x[j], lam ~ Beta(a, a),
-    L = lam l(f(x~), y) + (1 - lam) l(f(x~), y[j]), with l the loss of method ``base`` at its defaults.
+    """Mixup (Zhang et al., ICLR 2018) around any registered loss: x~ = lam x + (1 - lam) x[j], lam ~ Beta(a, a),
+    L = lam l(f(x~), y) + (1 - lam) l(f(x~), y[j]), with l the loss ``base`` at its defaults.
 
     ``cutmix: true``: CutMix (Yun et al., ICCV 2019) instead: a box of x[j] pasted into x, its sides sqrt(1 - lam)
     of the image's, centre uniform, clipped at the border (as torchvision transforms v2's CutMix), and lam then
@@ -118,8 +118,7 @@ class Mixup(Method):
                                  "mixup_alpha: 1.0")
             reason = why_not_a_loss(self.base)
             if reason:
-                raise ValueError(f"base {reason}; mixup mixes the loss of a loss method (ce, focal, cb_loss, "
-                                 f"balanced_softmax, logit_adjust, logit_adjust_posthoc, ldam_drw)")
+                raise ValueError(f"base {reason}; mixup mixes a registered loss ({', '.join(LOSSES)})")
 
     @classmethod
     def head_needed(cls, opts: dict) -> str | None:
