@@ -96,7 +96,8 @@ class ParamGroup:
 
     ``lr`` None (the default): the stage's lr, following its schedule; a number: this lr, constant for the whole
     stage (IFL's centres: plain SGD at ``center_lr``). ``momentum`` / ``weight_decay`` / ``nesterov`` None: the stage's
-    (SGD's options: AdamW ignores them). The engine converts the groups to the optimiser's dicts.
+    (``momentum`` and ``nesterov`` are SGD's: AdamW ignores them). The engine converts the groups to the optimiser's
+    dicts (``engine.schedule.optimizer_groups``).
     """
 
     params: list[nn.Parameter]

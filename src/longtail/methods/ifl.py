@@ -227,6 +227,8 @@ class IFL(Method):
     def sampler(self, dataset: LTDataset, ctx: MethodContext) -> Sampler:
         if len(self.train_targets) != len(dataset.train.targets):
             raise ValueError("ifl: built without the training set (MethodContext.dataset)")
+        if ctx.stage is None:
+            raise ValueError("ifl: its sampler needs the stage's batch size (MethodContext.stage)")
         batch_size = ctx.stage.batch_size  # global
         if batch_size % 2:
             raise ConfigError(f"ifl: batch_size {batch_size} must be even (half env1, half env2)")
