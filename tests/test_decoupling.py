@@ -323,3 +323,27 @@ def test_tau_val_with_per_epoch_val_and_best_val_selection(image_folder, tmp_pat
     assert choice["stage"] == "main" and choice["value"] in (0, 1, 2)
     assert load_trained(run).method.option("tau") == choice["value"]
     assert (run / "train.log").read_text().count("tau=") >= 3  # epochs 1 and 2, then the selected weights
+
+
+def test_ncm_fits_once_on_the_engines_train_features(image_folder, tmp_path):
+    """The engine's feature stage hands NCM the train features Method.split_features gives (the same numbers as
+    before the stage helper existed), and refuses a split the run does not have."""
+    from longtail.engine.feature_stage import fit_on_features
+    from longtail.errors import ConfigError
+    from longtail.methods import MethodContext
+
+    run = train(two_stage(image_folder, {"name": "ncm"}, epochs=0), out=tmp_path / "ncm", progress=False)
+    loaded = load_trained(run)
+    m, loader = loaded.method, loaded.loader
+    feats, labels = m.split_features(loader, "train")
+    z = torch.nn.functional.normalize(feats - feats.mean(0), dim=1, eps=1e-12)
+    sums = torch.zeros_like(m.centroids).index_add_(0, labels, z)
+    expected = sums / torch.bincount(labels, minlength=3).clamp_min(1)[:, None]
+    ctx = MethodContext(num_classes=3, train_counts=torch.ones(3), epochs=0, steps_per_epoch=0,
+                        device=torch.device("cpu"), loader=loader)
+    m.centroids.zero_()
+    m.feature_mean.zero_()
+    assert fit_on_features(m, ctx) and torch.equal(m.centroids, expected)  # bit for bit
+    m.feature_splits = lambda ctx: ("train", "val")
+    with pytest.raises(ConfigError, match="val, which this run does not have"):
+        fit_on_features(m, ctx)

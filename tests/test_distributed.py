@@ -15,8 +15,8 @@ import yaml
 from conftest import make_image_folder
 from longtail.config import build_config
 from longtail.data.samplers import shard
+from longtail.dist import DistInfo, gather_in_order
 from longtail.engine import train
-from longtail.engine.distributed import DistInfo, gather_in_order
 
 HELPER = Path(__file__).parent / "helpers" / "ddp_rank.py"
 

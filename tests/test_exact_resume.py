@@ -216,3 +216,37 @@ def test_ddp_resume_with_workers_and_per_image_augmentation(tmp_path):
             assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-5), k
         else:
             assert torch.equal(a[k], b[k]), k
+
+
+# The epochs of TINY_DLSA's fit, in order: flow 1 (2 epochs), CAC_1 head (3), flow 2 (2), CAC_2 head (3), regular (3).
+@pytest.mark.parametrize("at, where", [(2, "flow 1 lr 0.2 epoch 2 of 2"), (4, "CAC_1 head epoch 2 of 3"),
+                                       (12, "regular head epoch 2 of 3")])
+def test_sigint_during_a_fit_on_features_stops_between_epochs_then_resumes_exactly(at, where, image_folder, tmp_path,
+                                                                                    monkeypatch):
+    """DLSA fits its flows and heads on extracted features (engine.feature_stage): a first Ctrl-C there stops the
+    run at the next flow / head epoch end (it used to be logged and ignored), and --resume runs the stage's fit
+    again from its start and ends bit-identical to the uninterrupted run."""
+    pytest.importorskip("zuko")
+    import longtail.engine.feature_stage as feature_stage
+
+    raw = PATHS["dlsa"](image_folder)
+    ref = train(build_config(raw), out=tmp_path / "ref", progress=False)
+    log_text = (tmp_path / "ref" / "train.log").read_text()
+    assert "stage dlsa: flow 1 lr 0.2 epoch 2/2: loss" in log_text  # one line per flow and head epoch
+    assert "stage dlsa: CAC_2 head epoch 3/3: loss" in log_text and "stage dlsa: regular head epoch 1/3" in log_text
+    epoch, calls = feature_stage._Control.epoch, [0]
+
+    def epoch_then_interrupt(self, *a, **k):
+        calls[0] += 1
+        if calls[0] == at:
+            os.kill(os.getpid(), signal.SIGINT)  # the fit loop's handler sets the stop flag; the fit goes on
+        return epoch(self, *a, **k)
+
+    monkeypatch.setattr(feature_stage._Control, "epoch", epoch_then_interrupt)
+    with pytest.raises(Interrupted, match=rf"while it fitted on features \({where}\).*--resume --out"):
+        train(build_config(raw), out=tmp_path / "int", progress=False)
+    assert calls[0] == at  # stopped at the end of the epoch the signal arrived in
+    assert not (tmp_path / "int" / "checkpoints" / "stage_dlsa.pt").exists()
+    monkeypatch.setattr(feature_stage._Control, "epoch", epoch)
+    resumed = train(out=tmp_path / "int", resume=True, progress=False)
+    assert_same_state(final_weights(ref), final_weights(resumed))

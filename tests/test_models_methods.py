@@ -149,6 +149,7 @@ def test_every_method_runs_its_stage_hooks_evaluates_and_round_trips(name, tiny_
     from longtail.data.samplers import create_sampler
     from longtail.engine.checkpoint import load_checkpoint, save_checkpoint
     from longtail.engine.evaluate import choose_on_val, evaluate_split, predict_split
+    from longtail.engine.feature_stage import fit_on_features
     from longtail.engine.fit import _make_optimizer
     from longtail.methods import BatchInfo
 
@@ -159,6 +160,8 @@ def test_every_method_runs_its_stage_hooks_evaluates_and_round_trips(name, tiny_
     method, ctx = _build(name, ds, loader)
     assert ctx.dataset is ds and ctx.loader is loader and ctx.stage.method["name"] == name
     method.on_stage_start(ctx)
+    # as the fit loop does next: the splits a method fits on (ncm, dlsa), extracted once
+    assert fit_on_features(method, ctx) == bool(method.feature_splits(ctx))
     if ctx.epochs:
         opt = _make_optimizer(method, ctx.stage)
         sampler = method.sampler(ds, ctx) or create_sampler(ctx.stage.sampler, ds.train.targets, ds.num_classes,
@@ -184,7 +187,7 @@ def test_every_method_runs_its_stage_hooks_evaluates_and_round_trips(name, tiny_
         assert method.option(option) == choice["value"]  # and the round trip below carries the choice
     metrics = evaluate_split(method, loader, "test", ev, amp=False)
     assert metrics["num_samples"] == 6 and 0 <= metrics["top1"] <= 100
-    assert ("routes" in metrics) == bool(method.route_names)
+    assert ("routes" in metrics) == (name == "dlsa")  # extra_metrics: DLSA's per-route breakdown
     report = json.loads(json.dumps(method.report()))  # JSON-able, as metrics.json stores it
 
     save_checkpoint(tmp_path / "m.pt", method=method.state_dict())

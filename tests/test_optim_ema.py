@@ -97,3 +97,13 @@ def test_cli_prints_the_ema_table(image_folder, tmp_path, capsys):
     assert main(["train", str(cfg_path), "ema.decay=0.5", "--out", str(tmp_path / "cli"), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "EMA of the weights" in printed and "mean_class" in printed and "metrics.csv" in printed
+
+
+def test_clipping_set_on_every_stage_leaves_a_stage_without_epochs_alone(image_folder, tmp_path):
+    """A recipe may set clip_grad_norm on a post-hoc stage (ncm: epochs 0, no optimiser): it clips nothing there."""
+    raw = tiny_raw(image_folder, epochs=1)
+    raw["stages"][0].update(name="features", optim={"lr": 0.05, "clip_grad_norm": 1.0})
+    raw["stages"].append({"name": "classifier", "method": {"name": "ncm"}, "epochs": 0, "batch_size": 8,
+                          "init_from": "features", "optim": {"clip_grad_norm": 1.0}})
+    run = train(build_config(raw), out=tmp_path / "ncm", progress=False)
+    assert "top1" in json.loads((run / "metrics.json").read_text())["splits"]["test"]

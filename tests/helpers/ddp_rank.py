@@ -4,7 +4,8 @@ MASTER_* set.
 Runs the real CLI; just before the final evaluation it saves this rank's method state to OUT/rank<R>.pt so
 the test can check that every rank ends with the same weights and method state. With LT_TEST_SIGINT="R:N",
 rank R sends itself SIGINT at its N-th training step (only that rank: the others must stop with it). With
-LT_TEST_FEATURE_DRIFT set, rank 1's `split_features` (statistics fitted inside a stage) are nudged.
+LT_TEST_FEATURE_DRIFT set, rank 1's features for statistics fitted inside a stage (`split_features`, and the engine's
+feature stage: `longtail.engine.feature_stage`) are nudged.
 """
 
 import os
@@ -51,6 +52,16 @@ if os.environ.get("LT_TEST_FEATURE_DRIFT"):
         return (feats + 0.01 if int(os.environ["RANK"]) == 1 else feats), labels
 
     Method.split_features = _drifting_split_features
+
+    import longtail.engine.feature_stage as feature_stage
+
+    _extract = feature_stage._extract
+
+    def _drifting_extract(*args, **kwargs):
+        feats, labels = _extract(*args, **kwargs)
+        return (feats + 0.01 if int(os.environ["RANK"]) == 1 else feats), labels
+
+    feature_stage._extract = _drifting_extract
 
 if __name__ == "__main__":
     from longtail.cli import main

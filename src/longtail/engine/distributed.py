@@ -2,8 +2,9 @@
 
 ``torchrun --nproc_per_node=N -m longtail train ...`` sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
 MASTER_PORT; ``init_distributed`` reads them and starts the process group (NCCL on GPU, gloo on CPU). Without
-them everything degrades to the single-process case, so the fit loop has one code path. The collectives live in
-the leaf module ``longtail.dist`` (methods use them too) and are re-exported here for the engine.
+them everything degrades to the single-process case, so the fit loop has one code path. The collectives
+(reduce, gather, broadcast) live in the leaf module ``longtail.dist``: the engine and the methods import them from
+there.
 """
 
 from __future__ import annotations
@@ -13,35 +14,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from longtail.dist import (
-    DistInfo,
-    all_reduce_sum,
-    any_rank,
-    average_buffers,
-    averaged_state_dict,
-    barrier,
-    broadcast_from_main,
-    broadcast_object,
-    gather_in_order,
-    gather_objects,
-    object_from_main,
-)
-
-__all__ = [
-    "DistInfo",
-    "all_reduce_sum",
-    "any_rank",
-    "average_buffers",
-    "averaged_state_dict",
-    "barrier",
-    "broadcast_from_main",
-    "broadcast_object",
-    "gather_in_order",
-    "gather_objects",
-    "init_distributed",
-    "object_from_main",
-    "shutdown",
-]
+from longtail.dist import DistInfo
 
 
 def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:

@@ -9,7 +9,7 @@ import torch
 from longtail.config import EvalConfig
 from longtail.data.loaders import Loader
 from longtail.data.samplers import shard
-from longtail.engine.distributed import DistInfo, gather_in_order
+from longtail.dist import DistInfo, gather_in_order
 from longtail.errors import ConfigError, UsageError
 from longtail.evaluation.metrics import ShotThresholds, classification_metrics
 from longtail.methods import Method
@@ -50,7 +50,7 @@ def autocast(device: torch.device, enabled: bool):
 
 
 @torch.no_grad()
-def _run_split(
+def run_split(
     fn,
     method: Method,
     loader: Loader,
@@ -59,13 +59,16 @@ def _run_split(
     amp: bool,
     channels_last: bool,
     dist: DistInfo | None,
+    to_cpu: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``fn(images)`` over a whole split in order -> ((N, ...) float outputs, (N,) targets) on the CPU.
+    """``fn(images)`` over a whole split in order, the method in eval mode -> ((N, ...) float outputs, (N,)
+    targets), on the CPU (``to_cpu``) or on the loader's device: the one batched loop behind every pass over a
+    split's images (scores, features for evaluation, sweeps and fits on features).
 
     The outputs stay on the device until the split is done (one read back, no host wait per batch).
 
     Under DDP each rank runs its shard of the split and the shards are gathered back into split order with
-    the padding dropped, so every sample counts exactly once.
+    the padding dropped, so every sample counts exactly once (and every rank holds them all).
     """
     dist = dist or DistInfo()
     n = len(loader.ds.splits[split])
@@ -84,7 +87,7 @@ def _run_split(
     out, tgt = torch.cat(outs), torch.cat(targets)
     if dist.enabled:
         out, tgt = gather_in_order(out, n, dist), gather_in_order(tgt, n, dist)
-    return out.cpu(), tgt.cpu()
+    return (out.cpu(), tgt.cpu()) if to_cpu else (out, tgt)
 
 
 def predict_split(
@@ -97,7 +100,36 @@ def predict_split(
     dist: DistInfo | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, C) float scores and (N,) targets of a whole split, in split order, on the CPU."""
-    return _run_split(method.predict, method, loader, split, batch_size, amp, channels_last, dist)
+    return run_split(method.predict, method, loader, split, batch_size, amp, channels_last, dist)
+
+
+def extract_features(
+    method: Method,
+    loader: Loader,
+    split: str,
+    batch_size: int,
+    amp: bool = True,
+    channels_last: bool = False,
+    dist: DistInfo | None = None,
+    to_cpu: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, D) float backbone features and (N,) targets of a split, in order, on the CPU (or, ``to_cpu=False``,
+    on the loader's device)."""
+    return run_split(method.model.forward_features, method, loader, split, batch_size, amp, channels_last, dist,
+                     to_cpu)
+
+
+@torch.no_grad()
+def predict_features_in_chunks(method: Method, feats: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """(N,) CPU argmax predictions of ``method.predict_features`` on (N, D) features (on the device), in chunks of
+    ``batch_size``, the method in eval mode: one read back for all chunks (no host wait per chunk)."""
+    was = method.training
+    method.eval()
+    try:
+        chunks = [feats[i : i + batch_size] for i in range(0, len(feats), batch_size)]
+        return torch.cat([method.predict_features(f).argmax(1) for f in chunks]).cpu()
+    finally:
+        method.train(was)
 
 
 def evaluate_split(
@@ -109,96 +141,33 @@ def evaluate_split(
     channels_last: bool = False,
     dist: DistInfo | None = None,
 ) -> dict:
-    """Metrics dict of one split (see ``classification_metrics``); identical on every rank under DDP.
+    """Metrics dict of one split (see ``classification_metrics``) with the method's ``extra_metrics`` merged in
+    (e.g. DLSA's ``routes``); identical on every rank under DDP.
 
-    For a method that routes samples (non-empty ``Method.route_names``), also ``routes``: per route its sample
-    count, top1, many / medium / few, MCC and NMI on the samples it answered, and the share of each class it
-    answered (DLSA's per-stage report; see ``route_breakdown``).
+    A method with ``metrics_on_features`` is scored from one pass of features (``predict_features`` on them, in
+    float32, chunks of ``cfg.batch_size``), which ``extra_metrics`` then receives; any other by ``predict``.
     """
     s = loader.ds.splits[split]
-    if not method.route_names:
+    counts = loader.ds.train_counts()
+    thresholds = thresholds_of(cfg, counts)
+    feats = None
+    if method.metrics_on_features:
+        feats, targets = extract_features(method, loader, split, cfg.batch_size, amp, channels_last, dist)
+        feats = feats.to(loader.device)  # moved once and scored on the device, read back once
+        preds = predict_features_in_chunks(method, feats, cfg.batch_size)
+    else:
         scores, targets = predict_split(method, loader, split, cfg.batch_size, amp, channels_last, dist)
-        return classification_metrics(
-            scores.argmax(1),
-            targets,
-            loader.ds.train_counts(),
-            thresholds_of(cfg, loader.ds.train_counts()),
-            attributes=s.attributes,
-            class_groups=loader.ds.class_groups,
-        )
-    feats, targets = extract_features(method, loader, split, cfg.batch_size, amp, channels_last, dist)
+        preds = scores.argmax(1)
+    out = classification_metrics(
+        preds, targets, counts, thresholds, attributes=s.attributes, class_groups=loader.ds.class_groups
+    )
     was = method.training
     method.eval()
     try:
-        # Moved once and gathered on the device, read back once: no host wait per batch.
-        on_device = feats.to(loader.device)
-        chunks = [on_device[i : i + cfg.batch_size] for i in range(0, len(feats), cfg.batch_size)]
-        preds = torch.cat([method.predict_features(f).argmax(1) for f in chunks]).cpu()
-        routes = torch.cat([method.routes(f) for f in chunks]).cpu()
+        out.update(method.extra_metrics(feats, preds, targets, counts, thresholds, cfg.batch_size))
     finally:
         method.train(was)
-    out = classification_metrics(
-        preds,
-        targets,
-        loader.ds.train_counts(),
-        thresholds_of(cfg, loader.ds.train_counts()),
-        attributes=s.attributes,
-        class_groups=loader.ds.class_groups,
-    )
-    out["routes"] = route_breakdown(
-        routes, preds, targets, method.route_names, loader.ds.train_counts(),
-        thresholds_of(cfg, loader.ds.train_counts())
-    )
     return out
-
-
-def route_breakdown(
-    routes: torch.Tensor,
-    preds: torch.Tensor,
-    targets: torch.Tensor,
-    names: list[str],
-    train_counts: torch.Tensor | None = None,
-    thresholds: ShotThresholds | None = None,
-) -> list[dict]:
-    """Per route: its name, how many samples it answered, and on them top1, many / medium / few (with
-    ``train_counts``), Matthews correlation and normalised mutual information (percent; None when empty);
-    and ``class_fraction`` (C,): the share of each class's samples of this split that the route answered
-    (None for a class absent from the split), e.g. how much of each class a DLSA filter stage took."""
-    from sklearn.metrics import matthews_corrcoef, normalized_mutual_info_score
-
-    n = max(len(names), int(routes.max()) + 1 if len(routes) else 0)
-    num_classes = len(train_counts) if train_counts is not None else int(targets.max()) + 1 if len(targets) else 0
-    per_class = torch.bincount(targets, minlength=num_classes).tolist()  # (C,) samples of each class in the split
-    rows = []
-    for r in range(n):
-        m = routes == r
-        k = int(m.sum())
-        row = {"route": names[r] if r < len(names) else str(r), "num_samples": k, "top1": None}
-        if k:
-            p, t = preds[m], targets[m]
-            row["top1"] = round(100 * float((p == t).double().mean()), 2)
-            if train_counts is not None:
-                cm = classification_metrics(p, t, train_counts, thresholds or ShotThresholds())
-                row.update({g: cm[g] for g in ("many", "medium", "few")})
-            row["mcc"] = round(100 * float(matthews_corrcoef(t.numpy(), p.numpy())), 2)
-            row["nmi"] = round(100 * float(normalized_mutual_info_score(t.numpy(), p.numpy())), 2)
-        got = torch.bincount(targets[m], minlength=num_classes).tolist()
-        row["class_fraction"] = [round(g / c, 4) if c else None for g, c in zip(got, per_class, strict=True)]
-        rows.append(row)
-    return rows
-
-
-def extract_features(
-    method: Method,
-    loader: Loader,
-    split: str,
-    batch_size: int,
-    amp: bool = True,
-    channels_last: bool = False,
-    dist: DistInfo | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, D) float backbone features and (N,) targets of a split, in order, on the CPU."""
-    return _run_split(method.model.forward_features, method, loader, split, batch_size, amp, channels_last, dist)
 
 
 def parse_sweep(text: str) -> tuple[str, list[float]]:
@@ -266,24 +235,16 @@ def _sweep_features(
     """``sweep_option``'s rows from (N, D) features already extracted (on the CPU) and their (N,) targets."""
     counts = loader.ds.train_counts()
     old = getattr(method.cfg, option)
-    was = method.training
-    method.eval()
     rows = []
     on_device = feats.to(loader.device)  # moved once for all values; predictions read back once per value
     try:
         for v in values:
             setattr(method.cfg, option, v)
-            preds = torch.cat(
-                [
-                    method.predict_features(on_device[i : i + cfg.batch_size]).argmax(1)
-                    for i in range(0, len(feats), cfg.batch_size)
-                ]
-            ).cpu()
+            preds = predict_features_in_chunks(method, on_device, cfg.batch_size)
             m = classification_metrics(preds, targets, counts, thresholds_of(cfg, counts))
             rows.append({option: v, **{k: m[k] for k in keys}})
     finally:
         setattr(method.cfg, option, old)
-        method.train(was)
     return rows
 
 

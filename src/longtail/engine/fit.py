@@ -1,6 +1,22 @@
 """The one training loop: stages of (method, sampler, optimiser, schedule) over one model.
 
 Every method enters through the Method hooks; this file never asks which method it runs.
+
+``train`` resolves the config, claims and locks the run folder, starts the process group under torchrun, and
+hands the run to a ``Trainer``, the loop in parts that keeps the run's state:
+
+- ``Trainer.fit``: set-up (seed, dataset, loader, model, config.yaml; on resume last.pt read back as a
+  ``ResumePoint`` and the model rebuilt as the earlier stages left it), every stage, then the final evaluation of
+  the selected weights (last epoch or best val) and final.pt / metrics.json.
+- ``Trainer.stage``: one stage: its method between ``on_stage_start`` and ``on_stage_end``, its optimiser, EMA,
+  DDP wrapper and sampler, its epochs, stage_<name>.pt.
+- ``Trainer.epoch``: one epoch: the batch stream of (seed, stage, epoch), its steps, the sync-free check points
+  every ``sync_every`` steps (the only host reads of the loss), the epoch's log line, val evaluation (best.pt)
+  and resume point.
+- ``Trainer.step``: one optimisation step, which never waits for the device.
+
+``Trainer._write_resume_point`` writes every checkpoints/last.pt (a stop, checkpoint_every_steps, epoch and stage
+ends) and ``ResumePoint.read`` reads it back: one place for its keys, which old run folders resume by.
 """
 
 from __future__ import annotations
@@ -20,10 +36,8 @@ from tqdm import tqdm
 from longtail.config import ConfigError, RunConfig, StageConfig, absolute_paths, load_raw, save_yaml, to_dict
 from longtail.data import LTDataset, create_dataset
 from longtail.data.loaders import Loader
-from longtail.data.samplers import create_sampler, shard
-from longtail.engine.build import build_config, resolve
-from longtail.engine.checkpoint import load_checkpoint, model_state, save_checkpoint
-from longtail.engine.distributed import (
+from longtail.data.samplers import Sampler, create_sampler, shard
+from longtail.dist import (
     DistInfo,
     all_reduce_sum,
     any_rank,
@@ -33,9 +47,10 @@ from longtail.engine.distributed import (
     broadcast_from_main,
     broadcast_object,
     gather_objects,
-    init_distributed,
-    shutdown,
 )
+from longtail.engine.build import build_config, resolve
+from longtail.engine.checkpoint import load_checkpoint, model_state, save_checkpoint
+from longtail.engine.distributed import init_distributed, shutdown
 from longtail.engine.ema import WeightEMA
 from longtail.engine.evaluate import (
     autocast,
@@ -45,6 +60,7 @@ from longtail.engine.evaluate import (
     select_metric_of,
     thresholds_of,
 )
+from longtail.engine.feature_stage import fit_on_features
 from longtail.engine.record import inference_record
 from longtail.engine.run_log import RunLog, check_log_extras
 from longtail.engine.schedule import follows_schedule, lr_at, optimizer_groups
@@ -82,6 +98,43 @@ from longtail.utils import (
 )
 
 log = logging.getLogger("longtail")
+
+
+# The run folder's paths this module names, each spelled once here.
+def _runs_root() -> Path:
+    return Path("runs")  # where a run without --out gets its folder
+
+
+def _config_path(run_dir: Path) -> Path:
+    return run_dir / "config.yaml"
+
+
+def _log_path(run_dir: Path) -> Path:
+    return run_dir / "train.log"
+
+
+def _metrics_path(run_dir: Path) -> Path:
+    return run_dir / "metrics.json"
+
+
+def _checkpoints_dir(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def _last_path(run_dir: Path) -> Path:
+    return _checkpoints_dir(run_dir) / "last.pt"  # the resume point
+
+
+def _best_path(run_dir: Path) -> Path:
+    return _checkpoints_dir(run_dir) / "best.pt"
+
+
+def _final_path(run_dir: Path) -> Path:
+    return _checkpoints_dir(run_dir) / "final.pt"
+
+
+def _stage_path(run_dir: Path, stage: str) -> Path:
+    return _checkpoints_dir(run_dir) / f"stage_{stage}.pt"
 
 
 class Interrupted(RuntimeError):
@@ -132,17 +185,17 @@ def new_run_dir(cfg: RunConfig, out: str | Path | None) -> Path:
     if out is not None:
         return Path(out)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = unique_run_dir(Path("runs"), f"{cfg.name}-{stamp}")
+    run_dir = unique_run_dir(_runs_root(), f"{cfg.name}-{stamp}")
     point_latest(run_dir)
     return run_dir
 
 
 def _setup_logging(run_dir: Path) -> logging.Handler:
     try:
-        handler = logging.FileHandler(run_dir / "train.log")
+        handler = logging.FileHandler(_log_path(run_dir))
     except OSError as e:
         if e.errno in WRITE_ERRNOS:
-            raise write_error(run_dir / "train.log", e) from None
+            raise write_error(_log_path(run_dir), e) from None
         raise
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
@@ -284,7 +337,7 @@ def _init_checkpoint(init_from: str) -> Path:
     """The checkpoint an ``init_from`` path names: a run folder's evaluated weights, or a ``.pt`` file."""
     p = Path(init_from).expanduser()
     if p.is_dir():
-        final = p / "checkpoints" / "final.pt"
+        final = _final_path(p)
         if not final.is_file():
             raise MissingFileError(
                 f"init_from {init_from}: a folder without checkpoints/final.pt (is it a "
@@ -318,8 +371,9 @@ def _resolve_init_paths(cfg: RunConfig) -> None:
             st.init_from = str(_init_checkpoint(st.init_from).resolve())
 
 
-def _load_init(model: torch.nn.Module, st: StageConfig, ckpt_dir: Path, earlier: list[str]) -> None:
-    path = ckpt_dir / f"stage_{st.init_from}.pt" if st.init_from in earlier else _init_checkpoint(st.init_from)
+def _load_init(model: torch.nn.Module, st: StageConfig, run_dir: Path, earlier: list[str]) -> None:
+    """The model's weights from ``init_from``: an earlier stage's stage_<name>.pt in this run, or another run's."""
+    path = _stage_path(run_dir, st.init_from) if st.init_from in earlier else _init_checkpoint(st.init_from)
     weights = model_state(load_checkpoint(path)["method"])
     try:
         model.load_state_dict(weights)
@@ -445,22 +499,7 @@ def train(
     writes (and locks) the run folder.
     """
     command = command or default_command()
-    if resume:
-        if out is None:
-            raise UsageError("--resume needs the run folder: longtail train --resume --out RUN_DIR")
-        if overwrite:
-            raise UsageError("--resume continues the run in --out, --overwrite starts a new one there: pick one")
-        run_dir: Path | None = Path(out)
-        check_resumable(run_dir)
-        saved = load_raw(run_dir / "config.yaml")
-        saved.pop("meta", None)
-        cfg = build_config(saved)
-    else:
-        cfg = resolve(cfg) if cfg is not None else build_config({})  # a copy: the caller's config is left as it is
-        _check_stages_train(cfg)
-        _resolve_init_paths(cfg)  # before anything trains: a wrong path fails now, not after stage 1
-        absolute_paths(cfg)  # config.yaml names the same files from any working directory
-        run_dir = Path(out) if out is not None else None
+    cfg, run_dir = _run_config(cfg, out, resume, overwrite)
     plugin_notes = record_plugins(cfg)  # config.yaml names the plugins eval / predict / export must import
     dist, device = init_distributed(resolve_device(cfg.device))
     lock, handler = None, None
@@ -470,14 +509,7 @@ def train(
             run_dir = new_run_dir(cfg, run_dir)
             # Lock first, then look: two runs started on one folder at once cannot both find it free.
             lock = RunLock(run_dir).acquire(command)
-            notes += lock.notes
-            if not resume:
-                notes += check_new_run_folder(run_dir, overwrite)
-            orphans = remove_orphans(run_dir)
-            if orphans:
-                notes.append(
-                    f"removed {len(orphans)} temporary file(s) of a write that was killed: {', '.join(orphans)}"
-                )
+            notes += lock.notes + _check_run_folder(run_dir, resume, overwrite)
         run_dir = broadcast_object(run_dir, dist)  # the default folder's name is rank 0's
         run_dir.mkdir(parents=True, exist_ok=True)
         if dist.is_main:
@@ -488,13 +520,10 @@ def train(
                 log.warning(note)
         try:
             with progress_bars(progress and dist.is_main):  # (the data's decoding bars too)
-                return _train(cfg, run_dir, resume, progress and dist.is_main, dist, device)
-        except Exception as e:  # the run's own log says how it ended, beside the terminal
-            if handler is not None and not isinstance(e, Interrupted):  # (an interrupt logs its checkpoint)
-                if isinstance(e, UserError):
-                    log.error("failed: %s", " ".join(str(e).split()))
-                else:
-                    log.exception("failed with an unexpected error (a bug; please report it with this log)")
+                return Trainer(cfg, run_dir, resume, progress and dist.is_main, dist, device).fit()
+        except Exception as e:
+            if handler is not None:
+                _log_failure(e)
             raise
     finally:
         if handler is not None:
@@ -505,392 +534,645 @@ def train(
         shutdown(dist)
 
 
-def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: DistInfo, device: torch.device) -> Path:
-    main = dist.is_main
+def _log_failure(e: Exception) -> None:
+    """In an ``except`` clause: the run's own log says how it ended, beside the terminal (an interrupt has logged
+    its checkpoint)."""
+    if isinstance(e, Interrupted):
+        return
+    if isinstance(e, UserError):
+        log.error("failed: %s", " ".join(str(e).split()))
+    else:
+        log.exception("failed with an unexpected error (a bug; please report it with this log)")
+
+
+def _run_config(
+    cfg: RunConfig | None, out: str | Path | None, resume: bool, overwrite: bool
+) -> tuple[RunConfig, Path | None]:
+    """The run's config and its folder (None: a new default one): a resumed run's saved config.yaml, or a resolved
+    and checked copy of ``cfg`` (the caller's object is left as it is)."""
+    if resume:
+        if out is None:
+            raise UsageError("--resume needs the run folder: longtail train --resume --out RUN_DIR")
+        if overwrite:
+            raise UsageError("--resume continues the run in --out, --overwrite starts a new one there: pick one")
+        run_dir = Path(out)
+        check_resumable(run_dir)
+        saved = load_raw(_config_path(run_dir))
+        saved.pop("meta", None)
+        return build_config(saved), run_dir
+    cfg = resolve(cfg) if cfg is not None else build_config({})  # a copy: the caller's config is left as it is
+    _check_stages_train(cfg)
+    _resolve_init_paths(cfg)  # before anything trains: a wrong path fails now, not after stage 1
+    absolute_paths(cfg)  # config.yaml names the same files from any working directory
+    return cfg, (Path(out) if out is not None else None)
+
+
+def _check_run_folder(run_dir: Path, resume: bool, overwrite: bool) -> list[str]:
+    """Rank 0, with the folder locked: refuse a new run in a folder that holds another (unless ``overwrite``), and
+    remove temporary files of killed writes. Returns the notes for the log."""
+    notes = [] if resume else check_new_run_folder(run_dir, overwrite)
+    orphans = remove_orphans(run_dir)
+    if orphans:
+        notes.append(f"removed {len(orphans)} temporary file(s) of a write that was killed: {', '.join(orphans)}")
+    return notes
+
+
+def _check_global_batches(cfg: RunConfig, dist: DistInfo) -> None:
     for st in cfg.stages:
         if st.batch_size % dist.world_size:
             raise ConfigError(
                 f"stage '{st.name}': batch_size {st.batch_size} is the global batch and must divide "
                 f"evenly over {dist.world_size} processes"
             )
-    check_log_extras(cfg)  # a missing tensorboard / wandb fails now, not after an epoch
-    seed_everything(cfg.seed)
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    ckpt_dir = run_dir / "checkpoints"
-    ckpt_dir.mkdir(exist_ok=True)
-    last_path = ckpt_dir / "last.pt"
-    ckpt = load_checkpoint(last_path) if resume and last_path.exists() else None
-    if resume:
-        log.info("resuming %s from %s", run_dir, "its last checkpoint" if ckpt else "the start (no checkpoint yet)")
 
-    t0 = time.time()
-    ds = create_dataset(cfg.data)
-    loader = Loader(ds, device, cfg.data.augment, cfg.data.num_workers, cfg.data.fast_path)
-    if cfg.eval.select == "best_val" and "val" not in ds.splits:
-        raise ConfigError("eval.select=best_val needs a validation split: set data.val_fraction (never select on test)")
-    select_metric = None  # the val metric best_val picks on (eval.select_metric, auto resolved on this val split)
-    if cfg.eval.select == "best_val":
-        select_metric = select_metric_of(cfg.eval, ds.splits["val"].targets, ds.num_classes)
-        log.info("eval.select=best_val: the epoch with the best val %s is reported", select_metric)
-    notes = []  # for the user at the end of `longtail train`: metrics.json "notes"
-    if "val" not in ds.splits:  # before anything trains: an option chosen on val needs a val split
-        notes += _options_without_val(cfg, ds)
-    model = create_model(cfg.model, ds.num_classes).to(device)
-    channels_last = cfg.model.channels_last
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
 
-    if main and (not resume or ckpt is None):
+@dataclass
+class ResumePoint:
+    """``checkpoints/last.pt`` read back: where the run stopped and what it carried there (what
+    ``Trainer._write_resume_point`` writes; a file written before ``gen_state``, ``rng``, ``best`` or ``choices``
+    existed reads with their defaults)."""
+
+    path: Path
+    state: RunState
+    method: dict  # the method's state dict (at a stage end: the finished stage's; only its model part is used)
+    optimizer: dict
+    ema: dict | None
+    gen_state: torch.Tensor | None  # the epoch's batch generator, mid-epoch only
+    rng: dict | None  # every rank's global generators and worker streams (see _rng_entry)
+    best: dict
+    choices: list[dict]
+
+    @classmethod
+    def read(cls, path: Path) -> ResumePoint | None:
+        """The resume point in ``path``; None when there is none yet (a run stopped before its first save)."""
+        if not path.exists():
+            return None
+        ckpt = load_checkpoint(path)
+        return cls(
+            path=path,
+            state=RunState(**ckpt["state"]),
+            method=ckpt["method"],
+            optimizer=ckpt.get("optimizer"),
+            ema=ckpt.get("ema"),
+            gen_state=ckpt.get("gen_state"),
+            rng=ckpt.get("rng"),
+            best=ckpt.get("best", {"top1": -1.0}),
+            choices=ckpt.get("choices", []),  # options chosen on val, per stage
+        )
+
+    @property
+    def between_stages(self) -> bool:
+        """Saved at a stage end (epoch 0, step 0 of the next stage): the next stage starts afresh from the model."""
+        return self.state.epoch == 0 and self.state.step == 0
+
+
+@dataclass
+class _EpochRun:
+    """One epoch's running state, from its first step (past the resume point's) to its end."""
+
+    epoch: int  # 0-based, in the stage
+    gen: torch.Generator  # the epoch's augmentation / batch stream, the same on every rank
+    indices: torch.Tensor  # (n,) this rank's sample ids for the epoch, in order
+    lr: float  # the learning rate of the last step (the epoch's own without a per-iteration schedule)
+    loss_sum: torch.Tensor  # () on the device: sum over the steps so far of loss * batch size
+    seen: int  # images of the steps so far, this rank's
+    t0: float  # time.time() at the epoch's start
+    checked: int  # steps of this epoch whose losses a check point found finite
+
+
+class Trainer:
+    """One run's fit loop, in parts: ``fit`` (set-up, every stage, the final evaluation), ``stage`` (one stage),
+    ``epoch`` (one epoch) and ``step`` (one optimisation step).
+
+    The run's state lives here: the dataset, loader and model, the best val score and the options chosen on val,
+    the epochs' timing; the current stage's method, context, optimiser, EMA, wrapper, sampler and progress bar from
+    ``stage`` on; an ``_EpochRun`` holds an epoch's running sums. Every random draw happens in the order of the loop
+    this class replaced, so resumed runs and the numerics lock see the same numbers.
+    """
+
+    # The run's, from _set_up_run on.
+    ds: LTDataset
+    loader: Loader
+    model: Classifier
+    select_metric: str | None  # the val metric eval.select=best_val picks on
+    t0: float  # time.time() at the set-up: train_seconds
+    # The current stage's, from stage() on.
+    si: int
+    st: StageConfig
+    ctx: MethodContext
+    clip_params: list[torch.nn.Parameter] | None  # what optim.clip_grad_norm clips
+    train_fn: torch.nn.Module  # what a step calls: the method, DDP-wrapped and / or compiled
+    sampler: Sampler  # the method's own (Method.sampler) or the stage's configured one
+    local_batch: int  # this rank's share of the global batch
+    steps: int  # steps per epoch
+    cut: int | None  # global samples per epoch with epoch_length=dataset
+    bar: tqdm
+
+    def __init__(
+        self, cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: DistInfo, device: torch.device
+    ) -> None:
+        self.cfg, self.run_dir, self.resume, self.progress = cfg, run_dir, resume, progress
+        self.dist, self.device, self.main = dist, device, dist.is_main
+        self.channels_last = cfg.model.channels_last
+        self.stop = _StopFlag()
+        self.point: ResumePoint | None = None  # last.pt on resume, until the stage it resumes has taken it
+        self.start = RunState()  # where the stages start (a resumed run: its last.pt's)
+        self.notes: list[str] = []  # for the user at the end of `longtail train`: metrics.json "notes"
+        self.best: dict = {"top1": -1.0}  # the best val epoch of the last stage (eval.select=best_val)
+        self.choices: list[dict] = []  # options chosen on val, per stage
+        self.timing: list[dict] = []  # the epochs this process trained: seconds and images (all ranks), for `bench`
+        self.run_log: RunLog | None = None
+        self.method: Method | None = None  # the current stage's (after the last stage: the evaluated one)
+        self.ema: WeightEMA | None = None  # the current stage's (ema.decay > 0); the last stage's is scored too
+        self.opt: torch.optim.Optimizer | None = None
+
+    # ----------------------------------------------------------------------------------------- the run
+
+    def fit(self) -> Path:
+        """Set up the run (or read its resume point back), train every stage from there, evaluate the selected
+        weights and write final.pt and metrics.json. Returns the run folder."""
+        self._set_up_run()
+        self._restore_run()
+        with self.stop:
+            for si in range(self.start.stage, len(self.cfg.stages)):
+                self.stage(si)
+        self.loader.close()  # training is over: stop any persistent DataLoader workers
+        self._finish()
+        barrier(self.dist)  # every rank returns once the run folder is complete
+        return self.run_dir
+
+    def _set_up_run(self) -> None:
+        """Checks, seeding, last.pt read back on resume, the dataset, loader and model, and config.yaml."""
+        cfg = self.cfg
+        _check_global_batches(cfg, self.dist)
+        check_log_extras(cfg)  # a missing tensorboard / wandb fails now, not after an epoch
+        seed_everything(cfg.seed)
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        _checkpoints_dir(self.run_dir).mkdir(exist_ok=True)
+        self.point = ResumePoint.read(_last_path(self.run_dir)) if self.resume else None
+        if self.resume:
+            log.info("resuming %s from %s", self.run_dir,
+                     "its last checkpoint" if self.point is not None else "the start (no checkpoint yet)")
+        self.t0 = time.time()
+        self.ds = ds = create_dataset(cfg.data)
+        self.loader = Loader(ds, self.device, cfg.data.augment, cfg.data.num_workers, cfg.data.fast_path)
+        self.select_metric = self._select_metric()
+        if "val" not in ds.splits:  # before anything trains: an option chosen on val needs a val split
+            self.notes += _options_without_val(cfg, ds)
+        self.model = create_model(cfg.model, ds.num_classes).to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        if self.main and self.point is None:
+            self._save_config()
+        splits = ", ".join(f"{k} {len(v)}" for k, v in ds.splits.items() if k != "train")
+        log.info("run %s: %s, %d classes, %d train images (%s), device %s", self.run_dir, ds.name, ds.num_classes,
+                 len(ds.train), splits, self.device)
+
+    def _select_metric(self) -> str | None:
+        """The val metric eval.select=best_val picks on (eval.select_metric, auto resolved on this val split)."""
+        if self.cfg.eval.select != "best_val":
+            return None
+        if "val" not in self.ds.splits:
+            raise ConfigError("eval.select=best_val needs a validation split: set data.val_fraction (never select on "
+                              "test)")
+        metric = select_metric_of(self.cfg.eval, self.ds.splits["val"].targets, self.ds.num_classes)
+        log.info("eval.select=best_val: the epoch with the best val %s is reported", metric)
+        return metric
+
+    def _save_config(self) -> None:
+        """config.yaml: the resolved config, with what the run ran on (versions, device, dataset) as ``meta``."""
+        ds = self.ds
         meta = {
-            **environment_info(device),
+            **environment_info(self.device),
             "started": datetime.now().isoformat(timespec="seconds"),
             "dataset": {k: v for k, v in ds.info.items() if k != "counts"},
             "train_counts": ds.train_counts().tolist(),
         }
-        save_yaml({**to_dict(cfg), "meta": meta}, run_dir / "config.yaml")
-    log.info(
-        "run %s: %s, %d classes, %d train images (%s), device %s",
-        run_dir,
-        ds.name,
-        ds.num_classes,
-        len(ds.train),
-        ", ".join(f"{k} {len(v)}" for k, v in ds.splits.items() if k != "train"),
-        device,
-    )
+        save_yaml({**to_dict(self.cfg), "meta": meta}, _config_path(self.run_dir))
 
-    state = RunState(**ckpt["state"]) if ckpt else RunState()
-    saved_rng = ckpt.get("rng") if ckpt else None
-    # Saved at a stage end (epoch 0, step 0 of the next stage): the next stage starts afresh from the model.
-    between_stages = ckpt is not None and state.epoch == 0 and state.step == 0
-    if ckpt is not None:
-        # What the earlier stages' methods made of the model (a new head, frozen parameters) before its state
-        # loads; their weights come from the checkpoint.
-        for sj in range(min(state.stage, len(cfg.stages) - 1)):
-            build_stage_method(cfg, sj, model, ds, loader, device, dist)
-        if between_stages and state.stage < len(cfg.stages):
-            weights = model_state(ckpt["method"])
-            try:
-                model.load_state_dict(weights)
-            except RuntimeError:
-                raise CheckpointError(
-                    f"{last_path} does not fit the model its config.yaml builds "
-                    f"({state_mismatch(model.state_dict(), weights)}); was config.yaml edited? restore it, "
-                    f"or start the run again"
-                ) from None
-    best = ckpt.get("best", {"top1": -1.0}) if ckpt else {"top1": -1.0}
-    choices: list[dict] = ckpt.get("choices", []) if ckpt else []  # options chosen on val, per stage
-    timing: list[dict] = []  # the epochs this process trained: seconds and images (all ranks), for `bench`
-    every_steps = cfg.checkpoint_every_steps  # 0: checkpoints at epoch ends only
-    # metrics.csv (+ TensorBoard / W&B): a resumed run continues it from its checkpoint's (stage, epoch)
-    run_log = RunLog(run_dir, cfg, (state.stage, state.epoch) if ckpt else None) if main else None
-    sync_every = cfg.sync_every  # steps between check points: host reads of the loss (and DDP's stop flag)
-    method = None
-    ema = None  # the current stage's WeightEMA (ema.decay > 0); the last stage's is evaluated as splits_ema
-    with _StopFlag() as stop:
-        for si in range(state.stage, len(cfg.stages)):
-            st = cfg.stages[si]
-            resuming = ckpt is not None and si == state.stage
-            if resuming and between_stages:  # the uninterrupted run drew from here: the stage's set-up on
-                _restore_rng(saved_rng, loader, device, dist)
-            if st.init_from is not None:
-                _load_init(model, st, ckpt_dir, [s.name for s in cfg.stages[:si]])
-            method, ctx = build_stage_method(cfg, si, model, ds, loader, device, dist)
-            method.on_stage_start(ctx)
-            opt = _make_optimizer(method, st) if st.epochs > 0 else None  # tau_norm / ncm: nothing to train
-            start_epoch, start_step, gen_state = 0, 0, None
-            if resuming and not between_stages:
-                _load_method_state(method, ckpt["method"], last_path)
-                if opt is not None:
-                    opt.load_state_dict(ckpt["optimizer"])
-                start_epoch, start_step, gen_state = state.epoch, state.step, ckpt.get("gen_state")
-            # EMA of the weights (ema.decay): from the stage's starting weights, or the resumed checkpoint's EMA
-            ema = WeightEMA(method, st.ema.decay) if st.ema.decay > 0 and opt is not None else None
-            if ema is not None and resuming and not between_stages and ckpt.get("ema") is not None:
-                ema.load_state_dict(ckpt["ema"])
-            clip_params = [p for g in opt.param_groups for p in g["params"]] if st.optim.clip_grad_norm else None
-            if resuming:
-                ckpt = None
-            train_fn = method
-            if dist.enabled and opt is not None:
-                # Wrapped per stage, after the method froze what it freezes (DDP registers only trainable
-                # parameters at wrap time); the wrapper broadcasts rank 0's weights, then averages gradients.
-                # Buffers are not broadcast each step: every rank's BN statistics follow its own batches (a
-                # linear EMA) and average_buffers() takes their mean at each epoch end and before a mid-epoch save.
-                train_fn = torch.nn.parallel.DistributedDataParallel(
-                    method, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
-                )
-            if cfg.compile:
-                train_fn = torch.compile(train_fn)
-            local_batch = st.batch_size // dist.world_size
-            sampler = method.sampler(ds, ctx)  # e.g. IFL's two environments; None: the stage's configured one
-            if sampler is None:
-                sampler = create_sampler(
-                    st.sampler,
-                    ds.train.targets,
-                    ds.num_classes,
-                    seed=ctx.sampler_seed,
-                    total_epochs=st.epochs,
-                )
-            # An epoch is the sampler's stream (n_max * C for class-aware sampling), this rank's share of it; with
-            # epoch_length=dataset its first int(N / B) global batches (every rank the same number of steps).
-            sampler_steps = loader.steps_per_epoch(-(-len(sampler) // ctx.world_size), local_batch, st.drop_last)
-            steps = ctx.steps_per_epoch = _epoch_steps(st, sampler_steps, len(ds.train))
-            cut = steps * st.batch_size if st.epoch_length == "dataset" else None  # global samples per epoch
-            if opt is not None and steps == 0:  # before this stage trains anything: it would train nothing
-                raise ConfigError(
-                    f"stage '{st.name}': an epoch of {len(sampler)} sampled images in batches of {st.batch_size} "
-                    f"(drop_last={str(st.drop_last).lower()}) has 0 training steps; set stages.{si}.batch_size "
-                    f"to at most {-(-len(sampler) // ctx.world_size) * dist.world_size}, or drop_last=false, or "
-                    f"use more training images"
-                )
-            bar = tqdm(
-                total=st.epochs * steps,
-                initial=start_epoch * steps + start_step,
-                unit="step",
-                desc=f"{st.name} ({st.method['name']})",
-                disable=not progress,
-                dynamic_ncols=True,
-                mininterval=0.5 if sys.stderr.isatty() else 30.0,
-                file=sys.stderr,
+    def _restore_run(self) -> None:
+        """A resumed run's model as the earlier stages left it, its best val and choices; and metrics.csv (a
+        resumed run continues it from its last.pt's stage and epoch)."""
+        point = self.point
+        if point is not None:
+            self.start = point.state
+            self._rebuild_earlier_stages(point)
+            self.best, self.choices = point.best, point.choices
+        where = (self.start.stage, self.start.epoch) if point is not None else None
+        self.run_log = RunLog(self.run_dir, self.cfg, where) if self.main else None
+
+    def _rebuild_earlier_stages(self, point: ResumePoint) -> None:
+        """What the earlier stages' methods made of the model (a new head, frozen parameters) before its state
+        loads; their weights come from the checkpoint (between stages here, else with the stage's method)."""
+        cfg = self.cfg
+        for sj in range(min(point.state.stage, len(cfg.stages) - 1)):
+            build_stage_method(cfg, sj, self.model, self.ds, self.loader, self.device, self.dist)
+        if not (point.between_stages and point.state.stage < len(cfg.stages)):
+            return
+        weights = model_state(point.method)
+        try:
+            self.model.load_state_dict(weights)
+        except RuntimeError:
+            raise CheckpointError(
+                f"{point.path} does not fit the model its config.yaml builds "
+                f"({state_mismatch(self.model.state_dict(), weights)}); was config.yaml edited? restore it, "
+                f"or start the run again"
+            ) from None
+
+    def _write_resume_point(
+        self, state: RunState, method_state: dict | None = None, gen: torch.Generator | None = None
+    ) -> None:
+        """checkpoints/last.pt, the run's one resume point: at a SIGINT / SIGTERM, every checkpoint_every_steps,
+        at epoch ends (checkpoint_every) and at stage ends. ``state``: where the resumed run starts; ``method_state``
+        (default: the method's own) and ``gen`` (the epoch's batch generator, mid-epoch only) as the caller has
+        them. Called on every rank (the RNG entry gathers every rank's generators); rank 0 writes. Keep the keys:
+        ``ResumePoint.read`` reads them, in files of older versions too."""
+        rng = _rng_entry(self.loader, self.device, self.dist)
+        if not self.main:
+            return
+        save_checkpoint(
+            _last_path(self.run_dir),
+            state=vars(state),
+            method=method_state if method_state is not None else self.method.state_dict(),
+            optimizer=self.opt.state_dict() if self.opt is not None else {},
+            ema=self.ema.state_dict() if self.ema is not None else None,  # at the end: the last stage's, evaluated
+            **({"gen_state": gen.get_state()} if gen is not None else {}),
+            rng=rng,
+            best=self.best,
+            choices=self.choices,
+            config=to_dict(self.cfg),
+        )
+
+    def _interrupted(self, where: str) -> Interrupted:
+        """All ranks stop here (the resume point is saved); the error that says how to continue."""
+        barrier(self.dist)
+        self.bar.close()
+        return Interrupted(f"interrupted {where}; continue with: longtail train --resume --out {self.run_dir}")
+
+    # --------------------------------------------------------------------------------------- a stage
+
+    def stage(self, si: int) -> None:
+        """Stage ``si``: its method between its ``on_stage_start`` and ``on_stage_end`` hooks, the optimiser,
+        sampler and progress bar, its epochs from the resume point on, then ``stage_<name>.pt`` and the next
+        stage's resume point."""
+        st = self.st = self.cfg.stages[si]
+        self.si = si
+        resumed = self._take_resume_point(si)
+        if resumed is not None and resumed.between_stages:  # the uninterrupted run drew from here: its set-up on
+            _restore_rng(resumed.rng, self.loader, self.device, self.dist)
+        if st.init_from is not None:
+            _load_init(self.model, st, self.run_dir, [s.name for s in self.cfg.stages[:si]])
+        self.method, self.ctx = build_stage_method(self.cfg, si, self.model, self.ds, self.loader, self.device,
+                                                   self.dist)
+        self.method.on_stage_start(self.ctx)
+        # ncm, dlsa: fitted once, on extracted features
+        fit_on_features(self.method, self.ctx, self.dist, self.stop, Interrupted, self.run_dir, self.progress)
+        start_epoch, start_step, gen_state = self._prepare_epochs(resumed)
+        del resumed  # what it held is in the method, optimiser and EMA now
+        for epoch in range(start_epoch, st.epochs):
+            self.epoch(epoch, start_step if epoch == start_epoch else 0, gen_state)
+        self.bar.close()
+        self.method.on_stage_end(self.ctx)
+        self._end_stage()
+
+    def _take_resume_point(self, si: int) -> ResumePoint | None:
+        """last.pt when the run resumes in stage ``si`` (taken once: later stages start afresh)."""
+        point = self.point
+        if point is None or si != point.state.stage:
+            return None
+        self.point = None
+        return point
+
+    def _prepare_epochs(self, resumed: ResumePoint | None) -> tuple[int, int, torch.Tensor | None]:
+        """The optimiser (none without epochs: tau_norm / ncm train nothing), the state of a resume point inside
+        the stage, the EMA, the training wrapper, the sampler and the progress bar. Returns where the epochs
+        start: (epoch, step, the batch generator's state)."""
+        st = self.st
+        self.opt = _make_optimizer(self.method, st) if st.epochs > 0 else None
+        inside = resumed if resumed is not None and not resumed.between_stages else None
+        start = (0, 0, None)
+        if inside is not None:
+            _load_method_state(self.method, inside.method, inside.path)
+            if self.opt is not None:
+                self.opt.load_state_dict(inside.optimizer)
+            start = (inside.state.epoch, inside.state.step, inside.gen_state)
+        self.ema = self._make_ema(inside)
+        # what clip_grad_norm clips (None: no clipping, or no optimiser in a stage of epochs 0)
+        clip = st.optim.clip_grad_norm and self.opt is not None
+        self.clip_params = [p for g in self.opt.param_groups for p in g["params"]] if clip else None
+        self.train_fn = self._wrap()
+        self._build_sampler()
+        self.bar = self._progress_bar(start[0] * self.steps + start[1])
+        if inside is not None:  # mid-stage: the uninterrupted run drew from here on
+            _restore_rng(inside.rng, self.loader, self.device, self.dist)
+        return start
+
+    def _make_ema(self, inside: ResumePoint | None) -> WeightEMA | None:
+        """EMA of the weights (ema.decay): from the stage's starting weights, or the resume point's EMA."""
+        decay = self.st.ema.decay
+        ema = WeightEMA(self.method, decay) if decay > 0 and self.opt is not None else None
+        if ema is not None and inside is not None and inside.ema is not None:
+            ema.load_state_dict(inside.ema)
+        return ema
+
+    def _wrap(self) -> torch.nn.Module:
+        """What a training step calls: the method, DDP-wrapped under torchrun, compiled with ``compile``."""
+        train_fn = self.method
+        if self.dist.enabled and self.opt is not None:
+            # Wrapped per stage, after the method froze what it freezes (DDP registers only trainable
+            # parameters at wrap time); the wrapper broadcasts rank 0's weights, then averages gradients.
+            # Buffers are not broadcast each step: every rank's BN statistics follow its own batches (a
+            # linear EMA) and average_buffers() takes their mean at each epoch end and before a mid-epoch save.
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            train_fn = torch.nn.parallel.DistributedDataParallel(self.method, device_ids=device_ids,
+                                                                 broadcast_buffers=False)
+        if self.cfg.compile:
+            train_fn = torch.compile(train_fn)
+        return train_fn
+
+    def _build_sampler(self) -> None:
+        """The stage's sampler (the method's own, or the configured one) and the steps of an epoch of it."""
+        st, world = self.st, self.ctx.world_size
+        self.local_batch = st.batch_size // self.dist.world_size
+        sampler = self.method.sampler(self.ds, self.ctx)  # e.g. IFL's two environments; None: the configured one
+        if sampler is None:
+            sampler = create_sampler(st.sampler, self.ds.train.targets, self.ds.num_classes,
+                                     seed=self.ctx.sampler_seed, total_epochs=st.epochs)
+        self.sampler = sampler
+        # An epoch is the sampler's stream (n_max * C for class-aware sampling), this rank's share of it; with
+        # epoch_length=dataset its first int(N / B) global batches (every rank the same number of steps).
+        per_rank = -(-len(self.sampler) // world)
+        sampler_steps = self.loader.steps_per_epoch(per_rank, self.local_batch, st.drop_last)
+        self.steps = self.ctx.steps_per_epoch = _epoch_steps(st, sampler_steps, len(self.ds.train))
+        self.cut = self.steps * st.batch_size if st.epoch_length == "dataset" else None  # global samples per epoch
+        if self.opt is not None and self.steps == 0:  # before this stage trains anything: it would train nothing
+            raise ConfigError(
+                f"stage '{st.name}': an epoch of {len(self.sampler)} sampled images in batches of {st.batch_size} "
+                f"(drop_last={str(st.drop_last).lower()}) has 0 training steps; set stages.{self.si}.batch_size "
+                f"to at most {per_rank * self.dist.world_size}, or drop_last=false, or use more training images"
             )
-            if resuming and not between_stages:  # mid-stage: the uninterrupted run drew from here on
-                _restore_rng(saved_rng, loader, device, dist)
-            for epoch in range(start_epoch, st.epochs):
-                gen = torch.Generator().manual_seed(_epoch_seed(cfg.seed, si, epoch) ^ 0x5EED)
-                first_step = start_step if epoch == start_epoch else 0
-                if first_step and gen_state is not None:
-                    gen.set_state(gen_state)
-                lr = ctx.lr = _set_lr(opt, st, epoch)
-                method.on_epoch_start(epoch, ctx)
-                method.train()
-                # Cut before sharding: the same (seed, epoch) stream, so a resumed epoch sees the same batches.
-                indices = shard(sampler.indices(epoch)[:cut], ctx.rank, ctx.world_size)
-                # The epoch's loss sum stays on the device: reading the loss every step would make the host wait for
-                # the device every step. It is read at check points (every sync_every steps, before every save, at
-                # the epoch end); a non-finite loss makes the sum non-finite for good, so a check point finds it.
-                loss_sum = torch.zeros((), dtype=_loss_dtype(device), device=device)
-                seen, t_epoch = 0, time.time()
-                checked = first_step  # steps of this epoch whose losses a check point found finite
-                # Every rank uses the same augmentation stream `gen`, so its state (saved by rank 0) resumes all.
-                for step, (x, y) in enumerate(
-                    loader.train_batches(indices, local_batch, st.drop_last, gen, first_step), start=first_step
-                ):
-                    if st.schedule.per_iteration:
-                        lr = _set_lr(opt, st, epoch + step / steps)
-                    batch = BatchInfo(indices[step * local_batch : (step + 1) * local_batch], step)  # sample ids
-                    with autocast(device, cfg.amp):
-                        out = train_fn(loader.normalize(x, channels_last), y, batch=batch)
-                    loss = out["loss"]
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if clip_params is not None:
-                        torch.nn.utils.clip_grad_norm_(clip_params, st.optim.clip_grad_norm)
-                    opt.step()
-                    if ema is not None:
-                        ema.update()
-                    loss_sum += loss.detach().to(loss_sum.dtype) * len(y)  # as float(loss) * len(y) in float64
-                    seen += len(y)
-                    bar.update(1)
-                    save_now = every_steps and (step + 1) % every_steps == 0 and step + 1 < steps
-                    # Check points are the same steps on every rank. A single process reads its stop flag (a host
-                    # bool, free) every step; under DDP the ranks agree on it in the check point's all-reduce.
-                    if (step + 1) % sync_every == 0 or save_now or (stop.stop and not dist.enabled):
-                        total, total_seen, stopping = _read_check_point(loss_sum, seen, stop.stop, dist)
-                        if not math.isfinite(total):
-                            bar.close()
-                            raise _non_finite(st, epoch, checked + 1, step + 1, total, sync_every)
-                        checked = step + 1
-                        bar.set_postfix_str(
-                            f"epoch {epoch + 1} loss {total / max(total_seen, 1):.3f} lr {lr:.3g}", refresh=False
-                        )
-                    else:
-                        stopping = False
-                    if stopping:  # all ranks stop at the same step, after a check point found the loss finite
-                        stop.stop = True
-                        # BN running statistics are linear EMAs, so averaging them now and again at the epoch
-                        # end equals averaging once at the end: the resumed ranks start from rank 0's saved copy.
-                        average_buffers(method, dist)
-                        rng = _rng_entry(loader, device, dist)
-                        if main:
-                            save_checkpoint(
-                                last_path,
-                                state=vars(RunState(si, epoch, step + 1)),
-                                method=method.state_dict(),
-                                optimizer=opt.state_dict(),
-                                ema=ema.state_dict() if ema is not None else None,
-                                gen_state=gen.get_state(),
-                                rng=rng,
-                                best=best,
-                                choices=choices,
-                                config=to_dict(cfg),
-                            )
-                        barrier(dist)
-                        bar.close()
-                        raise Interrupted(
-                            f"interrupted at stage '{st.name}' epoch {epoch + 1} step {step + 1}; "
-                            f"continue with: longtail train --resume --out {run_dir}"
-                        )
-                    if save_now:
-                        # The resume point SIGINT would save at this step (the epoch's last step is left to
-                        # the epoch-end checkpoint). Under DDP the BN statistics are averaged on copies: the
-                        # checkpoint holds the mean, while training goes on with each rank's own, as it would
-                        # without this save.
-                        saved = averaged_state_dict(method, dist)
-                        rng = _rng_entry(loader, device, dist)
-                        if main:
-                            save_checkpoint(
-                                last_path,
-                                state=vars(RunState(si, epoch, step + 1)),
-                                method=saved,
-                                optimizer=opt.state_dict(),
-                                ema=ema.state_dict() if ema is not None else None,
-                                gen_state=gen.get_state(),
-                                rng=rng,
-                                best=best,
-                                choices=choices,
-                                config=to_dict(cfg),
-                            )
-                average_buffers(method, dist)
-                loss_sum, seen = all_reduce_sum([loss_sum.item(), seen], dist, device)  # the epoch's check point
-                if not math.isfinite(loss_sum):
-                    bar.close()
-                    raise _non_finite(st, epoch, checked + 1, steps, loss_sum, sync_every)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                timing.append(
-                    {
-                        "stage": st.name,
-                        "epoch": epoch + 1,
-                        "seconds": round(time.time() - t_epoch, 4),
-                        "images": int(seen),
-                    }
-                )
-                ips = seen / max(time.time() - t_epoch, 1e-9)
-                msg = (
-                    f"stage {st.name} epoch {epoch + 1}/{st.epochs} loss {loss_sum / max(seen, 1):.4f} "
-                    f"lr {lr:.5g} {ips:.0f} img/s"
-                )
-                bar.set_postfix_str(f"epoch {epoch + 1} loss {loss_sum / max(seen, 1):.3f} lr {lr:.3g}")
-                log.info(msg)
-                last_epoch = epoch + 1 == st.epochs
-                val = None
-                if st.eval_every and "val" in ds.splits and ((epoch + 1) % st.eval_every == 0 or last_epoch):
-                    _choose_options(method, st, loader, cfg, channels_last, dist)  # OPTION=val: for these weights
-                    val = evaluate_split(method, loader, "val", cfg.eval, cfg.amp, channels_last, dist)
-                    log.info("stage %s epoch %d val top1 %.2f mean_class_acc %.2f", st.name, epoch + 1, val["top1"],
-                             val["mean_class_acc"])
-                    score = val.get(select_metric) if select_metric else None  # None: a group val has no class of
-                    # best.pt of an older run holds top1 only: that was its score
-                    if score is not None and si == len(cfg.stages) - 1 and score > best.get("score", best["top1"]):
-                        best = {"top1": val["top1"], "metric": select_metric, "score": score, "epoch": epoch + 1,
-                                "stage": st.name}
-                        if main:
-                            save_checkpoint(
-                                ckpt_dir / "best.pt", method=method.state_dict(), best=best, config=to_dict(cfg)
-                            )
-                if run_log is not None:
-                    run_log.epoch(si, epoch + 1, loss_sum / seen if seen else None, lr, ips, val,
-                                  ds.train_counts().tolist())
-                stop.stop = any_rank(stop.stop, dist, device)
-                if (epoch + 1) % cfg.checkpoint_every == 0 or last_epoch or stop.stop:  # the same on every rank
-                    rng = _rng_entry(loader, device, dist)
-                if main and ((epoch + 1) % cfg.checkpoint_every == 0 or last_epoch or stop.stop):
-                    save_checkpoint(
-                        last_path,
-                        state=vars(RunState(si, epoch + 1, 0)),
-                        method=method.state_dict(),
-                        optimizer=opt.state_dict(),
-                        ema=ema.state_dict() if ema is not None else None,
-                        rng=rng,
-                        best=best,
-                        choices=choices,
-                        config=to_dict(cfg),
-                    )
-                if stop.stop:
-                    barrier(dist)
-                    bar.close()
-                    raise Interrupted(
-                        f"interrupted after stage '{st.name}' epoch {epoch + 1}; "
-                        f"continue with: longtail train --resume --out {run_dir}"
-                    )
-            bar.close()
-            method.on_stage_end(ctx)
-            choices = [c for c in choices if c["stage"] != st.name]
-            choices += _choose_options(method, st, loader, cfg, channels_last, dist)
-            rng = _rng_entry(loader, device, dist)
-            if main:
-                save_checkpoint(ckpt_dir / f"stage_{st.name}.pt", method=method.state_dict(), config=to_dict(cfg))
-                # The next stage starts at its epoch 0; record that so a resume lands there (with the model's
-                # weights from `method`; the next stage builds its own method and optimiser).
-                save_checkpoint(
-                    last_path,
-                    state=vars(RunState(si + 1, 0, 0)),
-                    method=method.state_dict(),
-                    optimizer=opt.state_dict() if opt is not None else {},
-                    ema=ema.state_dict() if ema is not None else None,  # the last stage's: evaluated at the end
-                    rng=rng,
-                    best=best,
-                    choices=choices,
-                    config=to_dict(cfg),
-                )
-            barrier(dist)  # a later stage's init_from reads the file rank 0 just wrote
 
-    loader.close()  # training is over: stop any persistent DataLoader workers
-    if method is None:  # resumed a finished run: rebuild the last stage's method from its checkpoint
-        method, _ = build_stage_method(cfg, len(cfg.stages) - 1, model, ds, loader, device, dist)
-        stage_path = ckpt_dir / f"stage_{cfg.stages[-1].name}.pt"
-        _load_method_state(method, load_checkpoint(stage_path)["method"], stage_path)
-        if cfg.stages[-1].ema.decay > 0 and ckpt is not None and ckpt.get("ema") is not None:
-            ema = WeightEMA(method, cfg.stages[-1].ema.decay)
-            ema.load_state_dict(ckpt["ema"])
-    selected = "last epoch"
-    if cfg.eval.select == "best_val" and (ckpt_dir / "best.pt").exists():
-        b = load_checkpoint(ckpt_dir / "best.pt")
-        _load_method_state(method, b["method"], ckpt_dir / "best.pt")
+    def _progress_bar(self, initial: int) -> tqdm:
+        st = self.st
+        return tqdm(
+            total=st.epochs * self.steps,
+            initial=initial,
+            unit="step",
+            desc=f"{st.name} ({st.method['name']})",
+            disable=not self.progress,
+            dynamic_ncols=True,
+            mininterval=0.5 if sys.stderr.isatty() else 30.0,
+            file=sys.stderr,
+        )
+
+    def _end_stage(self) -> None:
+        """After ``on_stage_end``: the options chosen on val for the stage's final weights, stage_<name>.pt, and
+        the resume point at the next stage's start."""
+        st = self.st
+        self.choices = [c for c in self.choices if c["stage"] != st.name]
+        self.choices += _choose_options(self.method, st, self.loader, self.cfg, self.channels_last, self.dist)
+        if self.main:
+            save_checkpoint(_stage_path(self.run_dir, st.name), method=self.method.state_dict(),
+                            config=to_dict(self.cfg))
+        # The next stage starts at its epoch 0; record that so a resume lands there (with the model's weights
+        # from `method`; the next stage builds its own method and optimiser).
+        self._write_resume_point(RunState(self.si + 1, 0, 0))
+        barrier(self.dist)  # a later stage's init_from reads the file rank 0 just wrote
+
+    # -------------------------------------------------------------------------------------- an epoch
+
+    def epoch(self, epoch: int, first_step: int, gen_state: torch.Tensor | None) -> None:
+        """Epoch ``epoch`` of the stage from step ``first_step`` (a resume point's, else 0): its steps with their
+        check points, then the epoch's loss (a host read), log line, val evaluation and resume point."""
+        run = self._start_epoch(epoch, first_step, gen_state)
+        # Every rank uses the same augmentation stream `gen`, so its state (saved by rank 0) resumes all.
+        batches = self.loader.train_batches(run.indices, self.local_batch, self.st.drop_last, run.gen, first_step)
+        for step, (x, y) in enumerate(batches, start=first_step):
+            self.step(run, step, x, y)
+            self._after_step(run, step)
+        loss_sum, seen = self._epoch_loss(run)
+        ips = self._log_epoch(run, loss_sum, seen)
+        val = self._evaluate_epoch(epoch)
+        if self.run_log is not None:
+            self.run_log.epoch(self.si, epoch + 1, loss_sum / seen if seen else None, run.lr, ips, val,
+                               self.ds.train_counts().tolist())
+        self._end_epoch(epoch)
+
+    def _start_epoch(self, epoch: int, first_step: int, gen_state: torch.Tensor | None) -> _EpochRun:
+        gen = torch.Generator().manual_seed(_epoch_seed(self.cfg.seed, self.si, epoch) ^ 0x5EED)
+        if first_step and gen_state is not None:
+            gen.set_state(gen_state)
+        lr = self.ctx.lr = _set_lr(self.opt, self.st, epoch)
+        self.method.on_epoch_start(epoch, self.ctx)
+        self.method.train()
+        # Cut before sharding: the same (seed, epoch) stream, so a resumed epoch sees the same batches.
+        indices = shard(self.sampler.indices(epoch)[: self.cut], self.ctx.rank, self.ctx.world_size)
+        # The epoch's loss sum stays on the device: reading the loss every step would make the host wait for the
+        # device every step. It is read at check points (every sync_every steps, before every save, at the epoch
+        # end); a non-finite loss makes the sum non-finite for good, so a check point finds it.
+        loss_sum = torch.zeros((), dtype=_loss_dtype(self.device), device=self.device)
+        return _EpochRun(epoch, gen, indices, lr, loss_sum, seen=0, t0=time.time(), checked=first_step)
+
+    def step(self, run: _EpochRun, step: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        """One optimisation step on the batch (x: (B, 3, H, W) uint8, y: (B,)); never reads the device."""
+        st, opt = self.st, self.opt
+        if st.schedule.per_iteration:
+            run.lr = _set_lr(opt, st, run.epoch + step / self.steps)
+        batch = BatchInfo(run.indices[step * self.local_batch : (step + 1) * self.local_batch], step)  # sample ids
+        with autocast(self.device, self.cfg.amp):
+            out = self.train_fn(self.loader.normalize(x, self.channels_last), y, batch=batch)
+        loss = out["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.clip_params is not None:
+            torch.nn.utils.clip_grad_norm_(self.clip_params, st.optim.clip_grad_norm)
+        opt.step()
+        if self.ema is not None:
+            self.ema.update()
+        run.loss_sum += loss.detach().to(run.loss_sum.dtype) * len(y)  # as float(loss) * len(y) in float64
+        run.seen += len(y)
+        self.bar.update(1)
+
+    def _after_step(self, run: _EpochRun, step: int) -> None:
+        """The checks after ``step`` (0-based): a check point every sync_every steps and before a save (the loss
+        read on the host, under DDP the ranks' stop flags agreed on); a stop there, or a periodic resume point
+        every checkpoint_every_steps (the epoch's last step is left to the epoch-end one)."""
+        done, every = step + 1, self.cfg.checkpoint_every_steps  # every 0: resume points at epoch ends only
+        save_now = every and done % every == 0 and done < self.steps
+        # Check points are the same steps on every rank. A single process reads its stop flag (a host bool, free)
+        # every step; under DDP the ranks agree on it in the check point's all-reduce.
+        stopping = False
+        if done % self.cfg.sync_every == 0 or save_now or (self.stop.stop and not self.dist.enabled):
+            stopping = self._check_point(run, step)
+        if stopping:  # all ranks stop at the same step, after a check point found the loss finite
+            self.stop.stop = True
+            # BN running statistics are linear EMAs, so averaging them now and again at the epoch end equals
+            # averaging once at the end: the resumed ranks start from rank 0's saved copy.
+            average_buffers(self.method, self.dist)
+            self._write_resume_point(RunState(self.si, run.epoch, done), gen=run.gen)
+            raise self._interrupted(f"at stage '{self.st.name}' epoch {run.epoch + 1} step {done}")
+        if save_now:
+            # The resume point SIGINT would save at this step. Under DDP the BN statistics are averaged on copies:
+            # the checkpoint holds the mean, while training goes on with each rank's own, as it would without
+            # this save.
+            saved = averaged_state_dict(self.method, self.dist)
+            self._write_resume_point(RunState(self.si, run.epoch, done), method_state=saved, gen=run.gen)
+
+    def _check_point(self, run: _EpochRun, step: int) -> bool:
+        """Read the epoch's loss so far on the host (refuse a non-finite one); returns whether to stop."""
+        total, total_seen, stopping = _read_check_point(run.loss_sum, run.seen, self.stop.stop, self.dist)
+        if not math.isfinite(total):
+            self.bar.close()
+            raise _non_finite(self.st, run.epoch, run.checked + 1, step + 1, total, self.cfg.sync_every)
+        run.checked = step + 1
+        self.bar.set_postfix_str(f"epoch {run.epoch + 1} loss {total / max(total_seen, 1):.3f} lr {run.lr:.3g}",
+                                 refresh=False)
+        return stopping
+
+    def _epoch_loss(self, run: _EpochRun) -> tuple[float, float]:
+        """The epoch's check point: BN statistics averaged over the ranks, the loss sum and images of all ranks
+        (a non-finite sum is refused)."""
+        average_buffers(self.method, self.dist)
+        loss_sum, seen = all_reduce_sum([run.loss_sum.item(), run.seen], self.dist, self.device)
+        if not math.isfinite(loss_sum):
+            self.bar.close()
+            raise _non_finite(self.st, run.epoch, run.checked + 1, self.steps, loss_sum, self.cfg.sync_every)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return loss_sum, seen
+
+    def _log_epoch(self, run: _EpochRun, loss_sum: float, seen: float) -> float:
+        """The epoch's timing record and log line; returns its images per second."""
+        st, epoch = self.st, run.epoch
+        self.timing.append(
+            {"stage": st.name, "epoch": epoch + 1, "seconds": round(time.time() - run.t0, 4), "images": int(seen)}
+        )
+        ips = seen / max(time.time() - run.t0, 1e-9)
+        loss = loss_sum / max(seen, 1)
+        self.bar.set_postfix_str(f"epoch {epoch + 1} loss {loss:.3f} lr {run.lr:.3g}")
+        log.info(f"stage {st.name} epoch {epoch + 1}/{st.epochs} loss {loss:.4f} lr {run.lr:.5g} {ips:.0f} img/s")
+        return ips
+
+    def _evaluate_epoch(self, epoch: int) -> dict | None:
+        """Val metrics every eval_every epochs and at the stage's last (None: not this epoch, or no val split),
+        with the options chosen on val for these weights; keeps the best epoch."""
+        st = self.st
+        last_epoch = epoch + 1 == st.epochs
+        if not (st.eval_every and "val" in self.ds.splits and ((epoch + 1) % st.eval_every == 0 or last_epoch)):
+            return None
+        _choose_options(self.method, st, self.loader, self.cfg, self.channels_last, self.dist)  # OPTION=val
+        val = evaluate_split(self.method, self.loader, "val", self.cfg.eval, self.cfg.amp, self.channels_last,
+                             self.dist)
+        log.info("stage %s epoch %d val top1 %.2f mean_class_acc %.2f", st.name, epoch + 1, val["top1"],
+                 val["mean_class_acc"])
+        self._keep_if_best(val, epoch)
+        return val
+
+    def _keep_if_best(self, val: dict, epoch: int) -> None:
+        """eval.select=best_val: the last stage's best val epoch so far becomes ``best`` and best.pt."""
+        # None: no select metric, or one this val split has no class for (e.g. few)
+        score = val.get(self.select_metric) if self.select_metric else None
+        # best.pt of an older run holds top1 only: that was its score
+        if score is not None and self.si == len(self.cfg.stages) - 1 and score > self.best.get("score",
+                                                                                               self.best["top1"]):
+            self.best = {"top1": val["top1"], "metric": self.select_metric, "score": score, "epoch": epoch + 1,
+                         "stage": self.st.name}
+            if self.main:
+                save_checkpoint(_best_path(self.run_dir), method=self.method.state_dict(), best=self.best,
+                                config=to_dict(self.cfg))
+
+    def _end_epoch(self, epoch: int) -> None:
+        """The ranks agree on a stop; the resume point every checkpoint_every epochs, at the stage's last epoch
+        and at a stop (then the run stops)."""
+        self.stop.stop = any_rank(self.stop.stop, self.dist, self.device)
+        last_epoch = epoch + 1 == self.st.epochs
+        if (epoch + 1) % self.cfg.checkpoint_every == 0 or last_epoch or self.stop.stop:  # the same on every rank
+            self._write_resume_point(RunState(self.si, epoch + 1, 0))
+        if self.stop.stop:
+            raise self._interrupted(f"after stage '{self.st.name}' epoch {epoch + 1}")
+
+    # ------------------------------------------------------------------------------------ the end
+
+    def _finish(self) -> None:
+        """The weights to report (the last epoch's, or best.pt's under best_val), their metrics (and the EMA's),
+        the off-value check; rank 0 writes final.pt and metrics.json."""
+        if self.method is None:  # resumed a finished run: rebuild the last stage's method from its checkpoint
+            self._rebuild_last_method()
+        selected = self._select_weights()
+        metrics = evaluate_run(self.method, self.loader, self.cfg, self.channels_last, dist=self.dist)
+        if self.ema is not None:  # the EMA weights at the end of training, scored as a variant of their own
+            averaged = self.ema.averaged(self.method)
+            metrics["splits_ema"] = evaluate_run(averaged, self.loader, self.cfg, self.channels_last,
+                                                 dist=self.dist)["splits"]
+        checks = check_off_values(self.method, self.loader, self.cfg.eval, self.cfg.amp, self.channels_last,
+                                  self.dist, self.choices)
+        if self.main:
+            self._write_final(selected, metrics, checks)
+
+    def _rebuild_last_method(self) -> None:
+        cfg, last = self.cfg, self.cfg.stages[-1]
+        self.method, _ = build_stage_method(cfg, len(cfg.stages) - 1, self.model, self.ds, self.loader, self.device,
+                                            self.dist)
+        stage_path = _stage_path(self.run_dir, last.name)
+        _load_method_state(self.method, load_checkpoint(stage_path)["method"], stage_path)
+        if last.ema.decay > 0 and self.point is not None and self.point.ema is not None:
+            self.ema = WeightEMA(self.method, last.ema.decay)
+            self.ema.load_state_dict(self.point.ema)
+
+    def _select_weights(self) -> str:
+        """Load best.pt's weights under eval.select=best_val (and choose the last stage's options for them);
+        returns what was selected, in words."""
+        best_path = _best_path(self.run_dir)
+        if self.cfg.eval.select != "best_val" or not best_path.exists():
+            return "last epoch"
+        b = load_checkpoint(best_path)
+        _load_method_state(self.method, b["method"], best_path)
         bb = b["best"]
         selected = (f"best val {bb.get('metric', 'top1')} {bb.get('score', bb['top1']):.2f} at stage {bb['stage']} "
                     f"epoch {bb['epoch']}")
-        if method.options_to_choose():  # best.pt was saved before the stage end: choose for these weights
-            last = cfg.stages[-1]
-            choices = [c for c in choices if c["stage"] != last.name]
-            choices += _choose_options(method, last, loader, cfg, channels_last, dist)
-    metrics = evaluate_run(method, loader, cfg, channels_last, dist=dist)
-    if ema is not None:  # the EMA weights at the end of training, scored as a variant of their own
-        metrics["splits_ema"] = evaluate_run(ema.averaged(method), loader, cfg, channels_last, dist=dist)["splits"]
-    checks = check_off_values(method, loader, cfg.eval, cfg.amp, channels_last, dist, choices)
-    if main:
+        if self.method.options_to_choose():  # best.pt was saved before the stage end: choose for these weights
+            last = self.cfg.stages[-1]
+            self.choices = [c for c in self.choices if c["stage"] != last.name]
+            self.choices += _choose_options(self.method, last, self.loader, self.cfg, self.channels_last, self.dist)
+        return selected
+
+    def _write_final(self, selected: str, metrics: dict, checks: list[dict]) -> None:
+        """Rank 0: final.pt and metrics.json (with the selection, the choices, checks, notes and timing)."""
+        ema = {"ema": self.ema.state_dict()} if self.ema is not None else {}
         # With what prediction needs besides the weights (class names, input size, normalisation, counts), so
         # load_model / predict / export never read the training data.
-        save_checkpoint(ckpt_dir / "final.pt", method=method.state_dict(), config=to_dict(cfg), selected=selected,
-                        inference=inference_record(ds), **({"ema": ema.state_dict()} if ema is not None else {}))
+        save_checkpoint(_final_path(self.run_dir), method=self.method.state_dict(), config=to_dict(self.cfg),
+                        selected=selected, inference=inference_record(self.ds), **ema)
         metrics["selected"] = selected
-        if select_metric:
-            metrics["select_metric"] = select_metric
-        if choices:
-            metrics["chosen_on_val"] = choices
+        if self.select_metric:
+            metrics["select_metric"] = self.select_metric
+        if self.choices:
+            metrics["chosen_on_val"] = self.choices
         if checks:
             metrics["off_value_check"] = checks
         for c in checks:
             if c.get("warning"):
                 log.warning(c["warning"])
-        if method.off_values and "val" not in ds.splits and not notes:
-            notes.append(f"this run has no val split, so whether {', '.join(f'method.{o}' for o in method.off_values)} "
-                         f"helps on this data is not checked (never on test); {val_split_hint(ds)}")
-            log.info(notes[-1])
-        if notes:
-            metrics["notes"] = notes
-        metrics["train_seconds"] = round(time.time() - t0, 1)
-        metrics["epoch_timing"] = timing
-        if dist.enabled:
-            metrics["world_size"] = dist.world_size
-        write_metrics(run_dir, metrics, cfg)
-        if run_log is not None:
-            run_log.close()
-        log.info("finished in %.0f s; selected: %s", time.time() - t0, selected)
-    barrier(dist)  # every rank returns once the run folder is complete
-    return run_dir
+        self._note_unchecked_off_values()
+        if self.notes:
+            metrics["notes"] = self.notes
+        metrics["train_seconds"] = round(time.time() - self.t0, 1)
+        metrics["epoch_timing"] = self.timing
+        if self.dist.enabled:
+            metrics["world_size"] = self.dist.world_size
+        write_metrics(self.run_dir, metrics, self.cfg)
+        if self.run_log is not None:
+            self.run_log.close()
+        log.info("finished in %.0f s; selected: %s", time.time() - self.t0, selected)
+
+    def _note_unchecked_off_values(self) -> None:
+        off = self.method.off_values
+        if off and "val" not in self.ds.splits and not self.notes:
+            self.notes.append(f"this run has no val split, so whether {', '.join(f'method.{o}' for o in off)} "
+                              f"helps on this data is not checked (never on test); {val_split_hint(self.ds)}")
+            log.info(self.notes[-1])
 
 
 def evaluate_run(
@@ -943,7 +1225,7 @@ def evaluate_run(
 
 def write_metrics(run_dir: Path, metrics: dict, cfg: RunConfig) -> None:
     """metrics.json (atomic) and, when configured, the plots."""
-    atomic_write_json(run_dir / "metrics.json", metrics)
+    atomic_write_json(_metrics_path(run_dir), metrics)
     if cfg.eval.plots:
         from longtail.evaluation.plots import save_run_plots
 

@@ -8,7 +8,8 @@ The contract (what the engine calls; everything has a default, a method override
 
 - ``Config``: the method's own options, a strict dataclass (``stages[].method`` in a recipe).
 - class attributes ``requires_head`` (a head the method needs; checked by ``engine.build``), ``trains`` (whether
-  its stage's epochs optimise ``param_groups()``), ``val_options`` (prediction-time options chosen on val).
+  its stage's epochs optimise ``param_groups()``), ``val_options`` (prediction-time options chosen on val),
+  ``metrics_on_features`` (whether evaluation hands ``extra_metrics`` the split's features).
 - training: ``forward(images, targets, batch=None) -> {'loss', 'logits'}``, where ``batch`` is the step's
   ``BatchInfo`` (its sample ids and step: what a method that tracks samples reads, IFL; None outside the fit loop);
   ``param_groups() -> list[ParamGroup]`` (a group's own constant lr, momentum, weight decay: typed, converted by the
@@ -16,17 +17,25 @@ The contract (what the engine calls; everything has a default, a method override
   returns its two-environment sampler). A method's loss comes from ``longtail.losses`` (``LOSSES``).
 - the stage: ``on_stage_start(ctx)``, ``on_epoch_start(epoch, ctx)``, ``on_stage_end(ctx)``; ``ctx`` is a
   ``MethodContext``, whose typed ``dataset`` and ``loader`` give a method the run's data (no untyped extras).
-- prediction: ``predict(images)`` / ``predict_features(feats)``; a method that routes each sample to one of several
-  classifiers (DLSA's cascade) names its routes in ``route_names`` and returns them from ``routes(feats)``, and the
-  evaluation reports every route. ``inference_module()``: ``predict`` as one traceable module (what ``longtail
-  export`` writes; a routing method returns a dense equivalent). ``report()``: JSON-able facts for metrics.json.
+- fitting on features (a post-hoc stage of epochs 0: NCM's centroids, DLSA's flows and heads): a method names the
+  splits it fits on in ``feature_splits(ctx)``; after ``on_stage_start`` the engine extracts their backbone
+  features once (eval mode, float32, DDP-aware: ``engine.feature_stage``) and calls ``fit_features(feats, ctx,
+  fit)`` with them as a ``FeatureSet``. ``fit`` is a ``FitControl``: a fit with epochs of its own calls
+  ``fit.epoch(...)`` after each, which logs the epoch and stops the run there when Ctrl-C / SIGTERM asked it to.
+- prediction: ``predict(images)`` / ``predict_features(feats)``; ``extra_metrics(feats, preds, targets, ...)``:
+  metrics of a split beyond the standard ones, merged into the split's metrics (DLSA: ``routes``, which of its
+  classifiers answered which samples, and how well). ``inference_module()``: ``predict`` as one traceable module
+  (what ``longtail export`` writes; a routing method returns a dense equivalent). ``report()``: JSON-able facts
+  for metrics.json.
 
 Changes to this contract stay small and are listed here: ``MethodContext.extras`` became the typed fields
 ``dataset`` / ``loader`` and ``stage`` is a ``StageConfig``; the unused ``sampler_name`` hook is gone (a stage
-trains with its configured sampler); the engine tells a routing method by a non-empty ``route_names``;
-``inference_module`` was added for export (default: ``predict``). Issue 14: ``train_sampler(sampler, batch_size)``
-became ``sampler(dataset, ctx)`` (``ctx.sampler_seed`` seeds a method's own sampler as the configured one is);
-``on_train_batch(step, sample_ids)`` became ``forward``'s ``batch`` argument; ``param_groups`` returns
+trains with its configured sampler); ``routes`` / ``route_names`` (DLSA's alone, with a special case in the
+evaluation) became the generic ``extra_metrics`` with ``metrics_on_features``; fitting on extracted features
+inside ``on_stage_start`` (with a loop of its own, where Ctrl-C was ignored) became ``feature_splits`` /
+``fit_features``; ``inference_module`` was added for export (default: ``predict``); ``train_sampler(sampler,
+batch_size)`` became ``sampler(dataset, ctx)`` (``ctx.sampler_seed`` seeds a method's own sampler as the configured
+one is); ``on_train_batch(step, sample_ids)`` became ``forward``'s ``batch`` argument; ``param_groups`` returns
 ``ParamGroup``s instead of dicts with the keys ``fixed_lr`` / ``lr_scale``; the re-balancing losses moved to
 ``longtail.losses`` (the methods of their names stay), which IFL and mixup hold as their ``criterion`` submodule
 instead of a hidden base method. A plugin written to the old contract is refused with a one-line error naming the
@@ -37,7 +46,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 import torch.nn as nn
@@ -53,9 +62,10 @@ if TYPE_CHECKING:  # annotations only: the loader module imports torchvision
     from longtail.data.base import LTDataset
     from longtail.data.loaders import Loader
     from longtail.data.samplers import Sampler
+    from longtail.evaluation.metrics import ShotThresholds
 
-__all__ = ["BatchInfo", "LossMethod", "Method", "MethodContext", "ParamGroup", "check_contract", "check_val_option",
-           "why_not_a_loss"]
+__all__ = ["BatchInfo", "FeatureSet", "FitControl", "LossMethod", "Method", "MethodContext", "ParamGroup",
+           "check_contract", "check_val_option", "why_not_a_loss"]
 
 
 @dataclass
@@ -88,6 +98,38 @@ class BatchInfo:
 
     sample_ids: torch.Tensor  # (B,) int64 training-set indices of this rank's batch, in batch order, on the host
     step: int  # the batch's 0-based step in its epoch (a resumed epoch starts at its saved step); the same on all ranks
+
+
+@dataclass
+class FeatureSet:
+    """The backbone features a method fits on (``Method.feature_splits``), extracted once by the engine.
+
+    ``splits``: split name -> ((N, D) float32 features, (N,) int64 labels), on the run's device, in split order,
+    every sample once (under DDP each rank extracts its shard and the shards are gathered, so every rank holds
+    the same tensors); eval mode (frozen BatchNorm statistics), no augmentation, no autocast.
+    """
+
+    splits: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+    def __getitem__(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.splits[split]
+
+    def __contains__(self, split: str) -> bool:
+        return split in self.splits
+
+    def get(self, split: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self.splits.get(split)
+
+
+class FitControl(Protocol):
+    """What ``Method.fit_features`` gets from the engine for a fit with epochs of its own."""
+
+    def epoch(self, what: str, epoch: int, epochs: int, **values: float | int | str | None) -> None:
+        """Call after epoch ``epoch`` (1-based) of ``epochs`` of the part ``what`` of the fit (e.g. "flow 1 lr
+        0.2", "CAC_1 head"): logs one line with ``values`` (a mean loss, a val score; None: left out) and, when a
+        stop was asked for (Ctrl-C / SIGTERM), stops the run here by raising the engine's interrupt, which the
+        method lets through (a ``try / finally`` may tidy up). Only between epochs: stopping loses the fit in
+        progress and nothing else (the run resumes at this stage's start)."""
 
 
 @dataclass
@@ -174,12 +216,16 @@ class Method(nn.Module):
     # value and warn when the correction costs accuracy (``engine.evaluate.check_off_values``).
     off_values: dict[str, tuple[float, str]] = {}
     # Whether the stage's epochs optimise ``param_groups()``. False for post-hoc methods, whose stage has
-    # epochs 0 (they fit statistics, or train inside ``on_stage_start``); for the others train() refuses
+    # epochs 0 (they fit statistics or train on extracted features: ``fit_features``); for the others train() refuses
     # epochs 0 without init_from, which would train nothing and report their starting weights.
     trains: bool = True
     # A stage-2 method: it freezes the backbone a finished stage trained and re-fits the classifier (cRT, LWS,
     # tau-norm, NCM); it follows another stage (init_from) and cannot be the loss inside a wrapper (IFL, mixup).
     stage_two: bool = False
+    # Whether evaluation hands ``extra_metrics`` the split's features. True: it extracts the (N, D) features once
+    # (under autocast with amp), predicts with ``predict_features`` on them in float32 (chunks of eval.batch_size)
+    # and passes them on; False (the default): it predicts with ``predict(images)`` and passes ``feats=None``.
+    metrics_on_features: bool = False
 
     @dataclass
     class Config:
@@ -282,8 +328,9 @@ class Method(nn.Module):
     def split_features(self, loader: Any, split: str, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, D) un-augmented eval-mode features of a split and its (N,) labels, on the loader's device.
 
-        For methods that fit statistics at the end of a stage (class means, TDE's suggested alpha); the
-        engine's ``extract_features`` is the DDP-aware, autocast version used for evaluation.
+        For a method that needs features outside its stage's start (TDE's suggested alpha at the stage end); a
+        method that fits on features when its stage starts names them in ``feature_splits`` instead, and the
+        engine extracts them once, DDP-aware (``fit_features``).
         """
         was = self.training
         self.eval()
@@ -297,16 +344,23 @@ class Method(nn.Module):
         return torch.cat(feats), torch.cat(labels)
 
     @torch.no_grad()
-    def routes(self, feats: torch.Tensor) -> torch.Tensor | None:
-        """(B,) which sub-model answers each sample, for methods that route (a cascade of classifiers); None:
-        no routing. Evaluation then reports the sample count and accuracy of every route."""
-        return None
-
-    @property
-    def route_names(self) -> list[str]:
-        """Names of the routes ``routes`` returns (index = route id); empty (the default): the method does not
-        route, and evaluation scores its predictions directly."""
-        return []
+    def extra_metrics(
+        self,
+        feats: torch.Tensor | None,
+        preds: torch.Tensor,
+        targets: torch.Tensor,
+        train_counts: torch.Tensor,
+        thresholds: ShotThresholds,
+        batch_size: int,
+    ) -> dict:
+        """JSON-able metrics of an evaluated split beyond the standard ones, merged into its metrics dict (what
+        metrics.json stores under ``splits.<split>``); default: none. ``preds`` / ``targets``: (N,) on the CPU;
+        ``feats``: (N, D) float32 features on the evaluation device when ``metrics_on_features`` (else None), in
+        split order (gathered under DDP), scored by ``predict_features`` in chunks of ``batch_size`` (recompute a
+        per-sample quantity in the same chunks to match ``preds`` exactly); ``train_counts`` (C,) and
+        ``thresholds`` give the many / medium / few groups. Identical on every rank under DDP. E.g. DLSA's
+        ``routes``: per classifier of its cascade, the samples it answered and its accuracy on them."""
+        return {}
 
     def diagnostics(self, feats: torch.Tensor, targets: torch.Tensor, class_names: list[str] | None = None) -> dict:
         """JSON-able statistics of (N, D) features of a split and their (N,) labels that explain the method's
@@ -332,6 +386,19 @@ class Method(nn.Module):
 
     def on_stage_start(self, ctx: MethodContext) -> None:
         """Freeze parts, re-initialise a head, build environments..."""
+
+    def feature_splits(self, ctx: MethodContext) -> tuple[str, ...]:
+        """The splits whose backbone features the method fits on when its stage starts, e.g. ``("train",)``
+        (NCM) or ``("train", "val")`` (DLSA selecting its heads on val); each must be a split of
+        ``ctx.dataset``. Default ``()``: none, and ``fit_features`` is not called."""
+        return ()
+
+    def fit_features(self, feats: FeatureSet, ctx: MethodContext, fit: FitControl) -> None:
+        """Fit the method's state on the features of ``feature_splits`` (called by the engine after
+        ``on_stage_start``, before the stage's epochs; see ``FeatureSet``). A fit with epochs of its own calls
+        ``fit.epoch(...)`` after each (logging, and where Ctrl-C / SIGTERM stop it). Under DDP every rank fits on
+        the same features; keep rank 0's result (``longtail.dist.broadcast_from_main``), as GPU kernels may
+        differ from rank to rank."""
 
     def on_epoch_start(self, epoch: int, ctx: MethodContext) -> None:
         """Per-epoch schedules (deferred re-weighting, environment refresh)."""

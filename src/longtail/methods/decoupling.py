@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from longtail.dist import broadcast_from_main
-from longtail.methods.base import BatchInfo, Method, MethodContext, ParamGroup, check_val_option
+from longtail.methods.base import BatchInfo, FeatureSet, FitControl, Method, MethodContext, ParamGroup, check_val_option
 from longtail.methods.losses import logit_adjusted_loss
 from longtail.models import Classifier
 from longtail.models.heads import LinearHead
@@ -153,7 +153,7 @@ class NearestClassMean(_FrozenBackbone):
     """NCM: nearest class centroid of the stage-1 training features, 'cl2n' transform (subtract the mean
     training feature, L2-normalise) and Euclidean distance, as the reference KNNClassifier defaults."""
 
-    trains = False  # post-hoc: a stage of epochs 0; the centroids are fitted at the stage start
+    trains = False  # post-hoc: a stage of epochs 0; the centroids are fitted at its start, on the train features
 
     @dataclass
     class Config:
@@ -167,14 +167,17 @@ class NearestClassMean(_FrozenBackbone):
     def _cl2n(self, feats: torch.Tensor) -> torch.Tensor:
         return F.normalize(feats - self.feature_mean, dim=1, eps=1e-12)
 
-    def on_stage_start(self, ctx: MethodContext) -> None:
-        feats, labels = self.split_features(ctx.loader, "train")
-        self.feature_mean.copy_(feats.mean(0))
-        z = self._cl2n(feats)
+    def feature_splits(self, ctx: MethodContext) -> tuple[str, ...]:
+        return ("train",)
+
+    def fit_features(self, feats: FeatureSet, ctx: MethodContext, fit: FitControl) -> None:
+        x, labels = feats["train"]  # (N, D), (N,); no epochs, so nothing to tell ``fit``
+        self.feature_mean.copy_(x.mean(0))
+        z = self._cl2n(x)
         sums = torch.zeros_like(self.centroids).index_add_(0, labels, z)
         counts = torch.bincount(labels, minlength=self.num_classes).clamp_min(1)[:, None]
         self.centroids.copy_(sums / counts)
-        broadcast_from_main(self.feature_mean, self.centroids)  # DDP: every rank computed them; keep rank 0's
+        broadcast_from_main(self.feature_mean, self.centroids)  # DDP: kernels may differ by rank; keep rank 0's
 
     def param_groups(self) -> list[ParamGroup]:
         return []

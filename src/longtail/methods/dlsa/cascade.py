@@ -1,177 +1,31 @@
-"""DLSA: Dynamic Label Space Adjustment (Xu, Li, Li, Lu, ECCV 2022; spec dlsa.md), a stage-2 method on the
-frozen features of any stage-1 model.
-
-A cascade of flow filters: stage d trains a normalising flow (masked autoregressive blocks with batch norm,
-``zuko``) onto a Gaussian mixture with fixed random means, takes out the ~30 % of the remaining training
-samples it models best (threshold = a training-set percentile of the likelihood, reused at test), and gives
-them to a cluster-aided classifier (CAC_d). What is left after the last stage goes to a Balanced-Softmax
-linear classifier. ``predict`` routes every sample to exactly one classifier (spec section 7).
-
-Why the training runs inside ``on_stage_start`` and not in the fit loop: DLSA never touches images. It
-trains several flows and heads one after the other on pre-extracted feature tensors, each with its own
-optimiser, epoch count and pair sampler; driving that through the image loop would re-run the frozen
-backbone at every step. So a ``dlsa`` stage has ``epochs: 0`` (like ``ncm``); its own epoch counts are
-method options (``flow_epochs``, ``head_epochs``).
-
-Deviations from the reference code (spec section 11): heads are selected on a validation split when the
-dataset has one, else at the last epoch (never on test, X1); ``z_source`` is configurable (X2); head
-initialisation from stage 1 is strict and checked (X5, section 10); unknown options are errors (X7).
-
-Extensions for features unlike the reference's 2048-d ResNet-50 ones (off by default; on in the CIFAR
-recipes), all decided inside ``fit`` on training data only: ``flow_lr`` may be a list of candidates, chosen
-per stage by the training cluster purity that also picks the flow's epoch; ``center_std: auto`` scales the
-mixture means to the flow's dimension (``resolve_center_std``); ``dead_channel_tol`` leaves feature channels
-without training variance out of the flows. What ``fit`` chose is the method's ``report()`` (metrics.json's
-``method_report``), saved with the weights.
-"""
+"""DLSA's cascade on feature tensors: flow filters, thresholds, cluster priors and the classifiers they route to
+(``DLSACascade``: training and prediction), and ``DenseCascade``, the same prediction without data-dependent shapes
+for export."""
 
 from __future__ import annotations
 
 import copy
 import logging
 import math
-from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from longtail.dist import broadcast_from_main, object_from_main
+from longtail.dist import broadcast_from_main
 from longtail.errors import ConfigError, DataError, TrainingError
-from longtail.methods.base import MethodContext, ParamGroup
-from longtail.methods.decoupling import _FrozenBackbone
+from longtail.methods.dlsa.config import DLSAConfig, resolve_center_std
+from longtail.methods.dlsa.flows import FlowGMM
 from longtail.models import Classifier
-from longtail.models.heads import LinearHead
-from longtail.registry import FEATURE_EVALUATIONS, METHODS
+
+if TYPE_CHECKING:
+    from longtail.methods.base import FitControl
 
 log = logging.getLogger("longtail")
 
 
-def _zuko():
-    """zuko, imported lazily: it is an optional dependency (``pip install longtail[flows]``)."""
-    try:
-        import zuko
-    except ImportError as e:
-        raise ImportError(
-            "DLSA needs the normalising-flow library zuko: pip install 'longtail[flows]' (or pip install zuko)"
-        ) from e
-    return zuko
-
-
-# ----------------------------------------------------------------------------- the flow filter
-
-
-class BatchNormFlow(nn.Module):
-    """RealNVP-style batch-norm bijection: y = exp(log_gamma) (x - mean) / sqrt(var + eps) + beta.
-
-    Training: batch statistics (and running averages, momentum 0.9 as in the reference); eval: running ones.
-    log|det J| = sum_d [log_gamma_d - 0.5 log(var_d + eps)].
-    """
-
-    def __init__(self, dim: int, momentum: float = 0.9, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.log_gamma = nn.Parameter(torch.zeros(dim))
-        self.beta = nn.Parameter(torch.zeros(dim))
-        self.register_buffer("running_mean", torch.zeros(dim))
-        self.register_buffer("running_var", torch.ones(dim))
-        self.momentum, self.eps = momentum, eps
-
-    def _stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.training and x.shape[0] > 1:
-            mean, var = x.mean(0), x.var(0, unbiased=False)
-            with torch.no_grad():
-                self.running_mean.mul_(self.momentum).add_(mean.detach() * (1 - self.momentum))
-                self.running_var.mul_(self.momentum).add_(var.detach() * (1 - self.momentum))
-            return mean, var
-        return self.running_mean, self.running_var
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, var = self._stats(x)
-        y = self.log_gamma.exp() * (x - mean) / torch.sqrt(var + self.eps) + self.beta
-        logdet = (self.log_gamma - 0.5 * torch.log(var + self.eps)).sum()
-        return y, logdet.expand(x.shape[0])
-
-    def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        return (y - self.beta) * torch.exp(-self.log_gamma) * torch.sqrt(
-            self.running_var + self.eps
-        ) + self.running_mean
-
-
-class FlowGMM(nn.Module):
-    """A masked autoregressive flow x -> u onto a K-component Gaussian mixture with fixed random means.
-
-    ``blocks`` x [MADE (zuko ``MaskedAutoregressiveTransform``, affine), BatchNormFlow], the variable order
-    reversed between blocks. Means: randn(K, D) * center_std, a buffer (never learned); identity covariance,
-    uniform weights (spec section 3).
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        clusters: int,
-        blocks: int = 2,
-        hidden: int | None = None,
-        hidden_layers: int = 2,
-        center_std: float = 0.05,
-        batch_norm: bool = True,
-        seed: int = 0,
-    ) -> None:
-        super().__init__()
-        zuko = _zuko()
-        if dim < 2:
-            raise ValueError(f"a masked autoregressive flow needs a feature dimension >= 2, got {dim}")
-        hidden = hidden or dim
-        self.dim, self.clusters = dim, clusters
-        self.layers = nn.ModuleList()
-        for i in range(blocks):
-            order = torch.arange(dim) if i % 2 == 0 else torch.arange(dim).flip(0)
-            self.layers.append(
-                zuko.flows.MaskedAutoregressiveTransform(
-                    features=dim, order=order, hidden_features=[hidden] * hidden_layers
-                )
-            )
-            if batch_norm:
-                self.layers.append(BatchNormFlow(dim))
-        g = torch.Generator().manual_seed(seed)
-        self.register_buffer("means", torch.randn(clusters, dim, generator=g) * center_std)  # (K, D)
-
-    def transform(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, D) features -> (B, D) latent u and (B,) log|det du/dx|."""
-        logdet = x.new_zeros(x.shape[0])
-        for layer in self.layers:
-            if isinstance(layer, BatchNormFlow):
-                x, ld = layer(x)
-            else:
-                x, ld = layer().call_and_ladj(x)
-            logdet = logdet + ld
-        return x, logdet
-
-    def inverse(self, u: torch.Tensor) -> torch.Tensor:
-        """(B, D) latent -> (B, D) features (eval mode: batch norm uses its running statistics)."""
-        for layer in reversed(self.layers):
-            u = layer.inverse(u) if isinstance(layer, BatchNormFlow) else layer().inv(u)
-        return u
-
-    def component_log_probs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, K) log p_k(x) = -D/2 log 2pi - ||u - mu_k||^2 / 2 + S(x), and the (B, D) latent u."""
-        u, logdet = self.transform(x)
-        # ||u - mu||^2 expanded: a (B, K, D) difference would not fit for D = 2048, K = 500
-        d2 = (u * u).sum(1, keepdim=True) - 2 * u @ self.means.T + (self.means * self.means).sum(1)
-        return -0.5 * self.dim * math.log(2 * math.pi) - 0.5 * d2.clamp_min(0) + logdet[:, None], u
-
-    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """(B,) log p(x) = logsumexp_k log p_k(x) - log K: the filter score."""
-        lp, _ = self.component_log_probs(x)
-        return lp.logsumexp(1) - math.log(self.clusters)
-
-    @torch.no_grad()
-    def score(self, x: torch.Tensor, batch_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(N,) log p(x), (N,) hard cluster argmax_k log p_k(x) and (N, D) latent u, in batches."""
-        out = [self.component_log_probs(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
-        lp = torch.cat([o[0] for o in out])
-        return lp.logsumexp(1) - math.log(self.clusters), lp.argmax(1), torch.cat([o[1] for o in out])
-
+# ----------------------------------------------------------------------------- the classifiers
 
 class ClusterAidedHead(nn.Module):
     """CAC, input type "XZP": logits = Linear_x(x) + Linear_zp([z; P(x)]) with P(x) the cluster's class histogram."""
@@ -195,125 +49,6 @@ class RegularHead(nn.Module):
 
     def forward(self, x: torch.Tensor, z: torch.Tensor, p: torch.Tensor | None = None) -> torch.Tensor:
         return self.lin_x(x) + self.lin_z(z)  # (B, C)
-
-
-# ----------------------------------------------------------------------------- configuration
-
-# The reference's mixture means (spec section 3.2): randn(K, D) * 0.05, set for D = 2048 (ResNet-50 features).
-REFERENCE_CENTER_STD = 0.05
-REFERENCE_DIM = 2048
-
-
-def resolve_center_std(center_std: float | str, dim: int) -> float:
-    """The per-coordinate std of the mixture means for a flow on ``dim`` feature channels.
-
-    A number is used as given (reference: 0.05). ``auto`` is ``0.05 * sqrt(2048 / dim)``. Why: every flow
-    block ends in batch norm, so the latent u has unit variance per coordinate over the training set whatever
-    the scale of the features; what shapes the mixture is then how far apart its means are in those units.
-    ``||mu_k|| ~ center_std * sqrt(dim)`` and ``||mu_i - mu_j|| ~ center_std * sqrt(2 dim)``, and the log-odds
-    log p_i(u) - log p_j(u) of two components are of that order. Holding ``center_std * sqrt(dim)`` at the
-    reference's 0.05 * sqrt(2048) = 2.26 keeps the means' spread against the unit-variance latent (mean norm
-    ~2.26, distance between two means ~3.2) what it was for 2048-d features: 0.2 for 128 channels, 0.05 for
-    2048. A fixed 0.05 on 128-d features would put the means 0.8 apart, inside the noise of one component.
-    """
-    if center_std == "auto":
-        return REFERENCE_CENTER_STD * math.sqrt(REFERENCE_DIM / dim)
-    return float(center_std)
-
-
-@dataclass
-class DLSAConfig:
-    """DLSA options (defaults: the reference ImageNet-LT CE config, spec section 9).
-
-    Three options adapt DLSA to features unlike the reference's 2048-d ResNet-50 ones, all decided on
-    training data inside the method (defaults: off, as the reference): ``flow_lr`` as a list of candidates
-    chosen on training cluster purity, ``center_std: auto`` (see ``resolve_center_std``) and
-    ``dead_channel_tol`` (feature channels without training variance are left out of the flows).
-    """
-
-    max_depth: int = 1  # flow filters in the cascade; 0: only the regular (Balanced Softmax) classifier
-    filter_fraction: float = 0.3  # rho: share of each stage's remaining TRAIN samples taken out (llh_proportion)
-    clusters: int = 500  # K, mixture components (not one per class)
-    # mixture means: randn(K, D_flow) * center_std, fixed; auto: 0.05 * sqrt(2048 / D_flow) (resolve_center_std)
-    center_std: float | str = 0.05
-    flow_blocks: int = 2  # MADE + batch-norm blocks
-    flow_hidden: int = 0  # MADE hidden width; 0: the flow's input dimension (reference: the feature dimension)
-    flow_hidden_layers: int = 2  # MADE hidden layers (reference "n_hidden 1" = D->H->H->2D, two hidden layers)
-    flow_batch_norm: bool = True
-    flow_epochs: int = 50
-    flow_batch_size: int = 1024  # pairs per step (x+ and x- each)
-    # plain SGD, momentum 0, constant. A list: candidates, each trains the stage's flow from the same start; the
-    # one whose selected epoch has the most pure clusters (then the higher overall purity) is kept, per stage.
-    flow_lr: float | list[float] = 0.2
-    flow_grad_clip: float = 0.0  # 0: none (the reference's clip call does nothing: X8)
-    # > 0: channels whose training variance is <= this x the mean channel variance are left out of the flows
-    # (dead ReLU channels: zero variance, log(var) ~ log(eps) in batch norm); 0: every channel (reference)
-    dead_channel_tol: float = 0.0
-    weight_q: float = 2.0  # class weight w_c ~ (n_max / n_c)^q in the likelihood loss
-    lambda_lh: float = 2.0
-    lambda_bal: float = 1.0
-    lambda_pur: float = 0.02
-    posterior_momentum: float = 0.7  # EMA of the mean cluster posterior in the balance loss
-    min_purity: float = 0.7  # flow-epoch (and flow_lr) selection only (section 4.3): clusters purer than this...
-    min_size: int = 10  # ...and larger than this count
-    max_cluster_size: int = 5000  # epochs whose largest cluster reaches this are not kept
-    z_source: str = "feature"  # feature (reference code: z = x) | flow_latent (the paper's figure)
-    cac_prior: str = "subset"  # Balanced-Softmax counts of the CACs: subset (reference) | full
-    regular_prior: str = "full"  # ... of the regular classifier: full (reference) | subset
-    head_epochs: int = 150
-    head_batch_size: int = 128
-    head_lr: float = 0.01  # SGD, momentum 0, constant; 1e-4 with head_init=stage1 (PaCo features)
-    head_init: str = "random"  # random | stage1: Linear_x of every head from the stage-1 linear head (checked)
-    head_select: str = "auto"  # auto: best on the val samples routed to the head (if val exists), else last | last
-    eval_every: int = 5  # head epochs between val evaluations (head_select=auto with a val split)
-    normalize_features: bool = False  # L2-normalise features first (PaCo's head acts on normalised features)
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        choices = {
-            "z_source": ("feature", "flow_latent"),
-            "cac_prior": ("subset", "full"),
-            "regular_prior": ("subset", "full"),
-            "head_init": ("random", "stage1"),
-            "head_select": ("auto", "last"),
-        }
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"{key} must be one of {', '.join(allowed)}, got '{getattr(self, key)}'")
-        if self.max_depth < 0:
-            raise ValueError(f"max_depth must be >= 0, got {self.max_depth}")
-        if not 0 < self.filter_fraction < 1:
-            raise ValueError(f"filter_fraction must be in (0, 1), got {self.filter_fraction}")
-        for key in ("clusters", "flow_blocks", "flow_epochs", "flow_batch_size", "head_batch_size", "eval_every"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-        if self.head_epochs < 0 or self.flow_hidden < 0 or self.flow_hidden_layers < 1:
-            raise ValueError("head_epochs and flow_hidden must be >= 0, flow_hidden_layers >= 1")
-        if isinstance(self.center_std, str):
-            if self.center_std != "auto":
-                raise ValueError(f"center_std must be a positive number or auto, got '{self.center_std}'")
-            if not self.flow_batch_norm:
-                raise ValueError(
-                    "center_std=auto assumes the unit-variance latent of flow_batch_norm=true; "
-                    "set center_std to a number"
-                )
-        elif not (math.isfinite(self.center_std) and self.center_std > 0):
-            raise ValueError(f"center_std must be a positive number or auto, got {self.center_std}")
-        lrs = self.flow_lrs
-        if not lrs or not all(math.isfinite(v) and v > 0 for v in lrs) or len(set(lrs)) != len(lrs):
-            raise ValueError(
-                f"flow_lr must be a positive number or a non-empty list of distinct ones, got {self.flow_lr}"
-            )
-        if not 0 <= self.dead_channel_tol < 1:
-            raise ValueError(
-                f"dead_channel_tol must be in [0, 1) (a share of the mean channel variance), "
-                f"got {self.dead_channel_tol}"
-            )
-
-    @property
-    def flow_lrs(self) -> list[float]:
-        """The flow learning rates to try (one: no selection)."""
-        return [float(v) for v in self.flow_lr] if isinstance(self.flow_lr, list | tuple) else [float(self.flow_lr)]
 
 
 # ----------------------------------------------------------------------------- the cascade (pure tensors)
@@ -543,6 +278,7 @@ class DLSACascade(nn.Module):
         labels: torch.Tensor,
         val: tuple[torch.Tensor, torch.Tensor] | None = None,
         stage1_head: nn.Linear | None = None,
+        control: FitControl | None = None,
     ) -> dict:
         """Train the whole cascade on (N, D) training features and (N,) labels; returns (and keeps as
         ``report``) a summary: the channels the flows model, and per stage the chosen flow lr and epoch with
@@ -551,6 +287,7 @@ class DLSACascade(nn.Module):
 
         ``val`` (features, labels) selects each head's epoch on the val samples routed to it; never test.
         ``stage1_head``: the stage-1 linear layer to initialise every head's Linear_x from (head_init=stage1).
+        ``control``: told the end of every flow and head epoch (a log line; where a run stops: ``FitControl``).
         """
         cfg = self.cfg
         gen = torch.Generator().manual_seed(cfg.seed)
@@ -574,7 +311,7 @@ class DLSACascade(nn.Module):
             n_act = int(active.sum())
             if n_act < 2:
                 raise DataError(f"DLSA stage {d + 1}: only {n_act} training samples left; lower max_depth")
-            flow_info = self._fit_flow(d, x[active], y[active], gen)
+            flow_info = self._fit_flow(d, x[active], y[active], gen, control)
             flow.eval()
             s, c, u = self.score_stage(d, x)
             tau = torch.sort(s[active]).values[int(n_act * (1 - cfg.filter_fraction))]
@@ -598,7 +335,8 @@ class DLSACascade(nn.Module):
                 v_active = v_active & ~v_take
                 zv_all = zv
             head_info = self._train_head(
-                self.cacs[d], (x[take], z[take], self.cluster_priors[d][c[take]]), y[take], counts, val_sub, gen
+                self.cacs[d], (x[take], z[take], self.cluster_priors[d][c[take]]), y[take], counts, val_sub, gen,
+                control, f"CAC_{d + 1} head",
             )
             self.stage_train_counts[d] = int(take.sum())
             grid = flow_info.pop("flow_lr_grid")
@@ -640,7 +378,9 @@ class DLSACascade(nn.Module):
         if xv is not None:
             val_sub = (xv[v_active], (zv_all if cfg.z_source == "flow_latent" else xv)[v_active], None, yv[v_active])
         zr = z_all if cfg.z_source == "flow_latent" else x
-        head_info = self._train_head(self.regular, (x[rest], zr[rest], None), y[rest], counts, val_sub, gen)
+        head_info = self._train_head(
+            self.regular, (x[rest], zr[rest], None), y[rest], counts, val_sub, gen, control, "regular head"
+        )
         summary["stages"].append(
             {
                 "stage": "regular",
@@ -674,7 +414,9 @@ class DLSACascade(nn.Module):
                 f"prepared features, the stage-1 model {100 * ref:.2f}%: check normalize_features"
             )
 
-    def _fit_flow(self, d: int, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> dict:
+    def _fit_flow(
+        self, d: int, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, control: FitControl | None = None
+    ) -> dict:
         """Train flow d on the (N, dim) active training features once per ``flow_lr`` candidate and keep one.
 
         Every candidate starts from the same initial weights and draws the same pair stream (a copy of
@@ -699,7 +441,7 @@ class DLSACascade(nn.Module):
             g = torch.Generator()
             g.set_state(start)
             try:
-                info = self._train_flow(flow, xf, y, g, lr)
+                info = self._train_flow(flow, xf, y, g, lr, control, f"flow {d + 1} lr {lr:g}")
             except _FlowDiverged as e:
                 if not many:
                     raise
@@ -757,7 +499,16 @@ class DLSACascade(nn.Module):
             "flow_lr_grid": rows,
         }
 
-    def _train_flow(self, flow: FlowGMM, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, lr: float) -> dict:
+    def _train_flow(
+        self,
+        flow: FlowGMM,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        gen: torch.Generator,
+        lr: float,
+        control: FitControl | None = None,
+        what: str = "flow",
+    ) -> dict:
         """Three losses over class-balanced pairs (spec section 4) on (N, D_flow) flow inputs; keeps the epoch with
         the most pure clusters. Returns that epoch, its pure-cluster count and overall purity, whether any epoch
         met max_cluster_size (``qualified``), and per epoch the mean loss, the median training log-likelihood
@@ -845,6 +596,9 @@ class DLSACascade(nn.Module):
                     "purity": round(overall, 4),
                     "state": copy.deepcopy(flow.state_dict()),
                 }
+            if control is not None:
+                control.epoch(what, epoch + 1, cfg.flow_epochs, loss=hist["loss"][-1],
+                              train_llh=hist["train_llh"][-1], pure_clusters=pure, purity=round(overall, 4))
         qualified = best["state"] is not None
         if not qualified:
             log.warning(
@@ -870,6 +624,8 @@ class DLSACascade(nn.Module):
         counts: torch.Tensor,
         val: tuple | None,
         gen: torch.Generator,
+        control: FitControl | None = None,
+        what: str = "head",
     ) -> dict:
         """Balanced Softmax CE(logits + log(n_c + 1e-6), y), SGD momentum 0, constant lr; the epoch is chosen on
         the val samples routed to this head (head_select=auto with a val split) or is the last one."""
@@ -889,6 +645,7 @@ class DLSACascade(nn.Module):
 
         for epoch in range(cfg.head_epochs):
             perm = torch.randperm(n, generator=gen).to(y.device)
+            loss_sum = torch.zeros((), device=y.device)  # the epoch's summed batch losses, read once (logging)
             for i in range(0, n, cfg.head_batch_size):
                 idx = perm[i : i + cfg.head_batch_size]
                 logits = head(*(t[idx] if t is not None else None for t in inputs))
@@ -896,12 +653,17 @@ class DLSACascade(nn.Module):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                loss_sum += loss.detach()
             last = epoch + 1 == cfg.head_epochs
+            acc = None
             if use_val and ((epoch + 1) % cfg.eval_every == 0 or last):
                 acc = val_acc()
                 if best["val_top1"] is None or acc > best["val_top1"]:
                     best = {"head_epoch": epoch + 1, "val_top1": acc}
                     best_state = copy.deepcopy(head.state_dict())
+            if control is not None:
+                batches = -(-n // cfg.head_batch_size)
+                control.epoch(what, epoch + 1, cfg.head_epochs, loss=_r(float(loss_sum) / batches), val_top1=acc)
         if best_state is not None:
             head.load_state_dict(best_state)
         return best
@@ -911,80 +673,6 @@ def _val_text(info: dict) -> str:
     if info.get("val_top1") is None:
         return f" (head: epoch {info.get('head_epoch')})"
     return f" (head: epoch {info['head_epoch']} by val top1 {info['val_top1']:.2f} on its routed val samples)"
-
-
-# ----------------------------------------------------------------------------- the method
-
-
-@METHODS.register("dlsa")
-class DLSA(_FrozenBackbone):
-    """DLSA: flow-filter cascade with cluster-aided Balanced-Softmax classifiers on frozen features (stage 2)."""
-
-    requires_head = None  # any stage-1 head: DLSA uses only the backbone's features (head_init=stage1: linear)
-    trains = False  # a stage of epochs 0: flows and heads train inside on_stage_start, on extracted features
-    Config = DLSAConfig
-
-    def __init__(self, model: Classifier, cfg: DLSAConfig, ctx: MethodContext) -> None:
-        super().__init__(model, cfg, ctx)
-        # forward() stays the base one (the stage-1 model's CE) for the Method contract; the fit loop never
-        # steps it (a dlsa stage has epochs 0 and no parameter groups), so the stage-1 head is left as it was.
-        dev = next(model.backbone.parameters()).device
-        self.cascade = DLSACascade(model.feature_dim, ctx.num_classes, cfg, ctx.train_counts).to(dev)
-
-    def param_groups(self) -> list[ParamGroup]:
-        return []  # trained inside on_stage_start, on features
-
-    def on_stage_start(self, ctx: MethodContext) -> None:
-        if ctx.epochs != 0:
-            raise ConfigError(
-                f"a dlsa stage trains on extracted features inside the stage: set its epochs to 0 "
-                f"(got {ctx.epochs}); its own epochs are method.flow_epochs and method.head_epochs"
-            )
-        if ctx.stage is not None and ctx.stage.init_from is None:
-            raise ConfigError(
-                "a dlsa stage works on a trained stage-1 backbone: set its init_from (an earlier stage, "
-                "or a stage-1 run folder / checkpoint)"
-            )
-        loader = ctx.loader
-        feats, labels = self.split_features(loader, "train")
-        val = None
-        if self.cfg.head_select == "auto" and "val" in loader.ds.splits:
-            val = self.split_features(loader, "val")
-        stage1 = None
-        if self.cfg.head_init == "stage1":
-            if not isinstance(self.model.head, LinearHead):
-                raise ConfigError("head_init=stage1 needs a stage-1 linear head (model.head=linear)")
-            stage1 = self.model.head.fc
-        log.info(
-            "DLSA: %d train features of dim %d%s",
-            len(feats),
-            feats.shape[1],
-            f", {len(val[0])} val" if val is not None else ", no val split: heads keep their last epoch",
-        )
-        self.summary = self.cascade.fit(feats, labels, val, stage1)
-        broadcast_from_main(self.cascade)  # DDP: every rank fitted on all features; keep rank 0's cascade
-        self.cascade.report = self.summary = object_from_main(self.summary)  # ...and the report that describes it
-
-    def report(self) -> dict:
-        """The cascade's fit summary (saved with the weights): dead channels, per stage the chosen flow lr and
-        epoch with every candidate's training purity, and the share of each class's training samples taken."""
-        return self.cascade.report
-
-    @property
-    def route_names(self) -> list[str]:
-        return [f"CAC_{d + 1}" for d in range(self.cfg.max_depth)] + ["regular"]
-
-    @torch.no_grad()
-    def routes(self, feats: torch.Tensor) -> torch.Tensor:
-        """(B,) the stage that answers each sample: 0..D-1 a cluster-aided classifier, D the regular one."""
-        return self.cascade.cascade(feats)[0]
-
-    @torch.no_grad()
-    def predict_features(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.cascade.cascade(feats)[1]
-
-    def inference_module(self) -> nn.Module:
-        return DenseCascade(self.model, self.cascade)
 
 
 class DenseCascade(nn.Module):
@@ -1025,102 +713,3 @@ class DenseCascade(nn.Module):
         for take, scores in reversed(stages):  # earlier stages win
             out = torch.where(take[:, None], scores, out)
         return out
-
-
-# ----------------------------------------------------------------------------- feature evaluation (section 8)
-
-
-def evaluate_features(
-    train_feats: torch.Tensor,
-    train_labels: torch.Tensor,
-    test_feats: torch.Tensor,
-    test_labels: torch.Tensor,
-    num_classes: int | None = None,
-    thresholds: Any = None,
-    cfg: DLSAConfig | None = None,
-) -> dict:
-    """Head-tail separability of a feature set (OUR interpretation of the paper's feature evaluation, spec
-    section 8; the paper's protocol was not available): one flow filter (depth 1) on the training features,
-    then
-
-    1. cluster purity on train: clusters with purity > 0.9 / 0.7 / 0.5, size quartiles, empty clusters;
-    2. the many / medium / few composition of the filtered 30 % (train and test) against the whole split;
-    3. accuracy (top1, many / medium / few, MCC, NMI) of the CAC on its filtered test subset and of the
-       regular classifier on the rest.
-
-    Features that separate head from tail well give purer clusters and a filtered subset the CAC classifies
-    accurately. Heads are kept at their last epoch (no test-based selection).
-    """
-    from sklearn.metrics import matthews_corrcoef, normalized_mutual_info_score
-
-    from longtail.evaluation.metrics import ShotThresholds, classification_metrics
-
-    thresholds = thresholds or ShotThresholds()
-    train_labels, test_labels = train_labels.long(), test_labels.long()
-    num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
-    counts = torch.bincount(train_labels.cpu(), minlength=num_classes)
-    cfg = replace(cfg or DLSAConfig(), max_depth=1, head_select="last")
-    casc = DLSACascade(train_feats.shape[1], num_classes, cfg, counts).to(train_feats.device)
-    summary = casc.fit(train_feats, train_labels)
-    casc.eval()
-    s_tr, c_tr, _ = casc.score_stage(0, casc.prepare(train_feats))
-    _, sizes, purity = cluster_purity(c_tr, train_labels.to(c_tr.device), cfg.clusters, num_classes)
-    nonempty = sizes > 0
-    q = torch.quantile(sizes[nonempty].double(), torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
-    groups = thresholds.groups(counts)  # name -> (C,) bool
-
-    def composition(labels: torch.Tensor) -> dict:
-        lab = labels.cpu()
-        return {g: round(100 * float(m[lab].double().mean()), 2) if len(lab) else None for g, m in groups.items()}
-
-    routes, scores = casc.cascade(test_feats)
-    routes, preds, tl = routes.cpu(), scores.argmax(1).cpu(), test_labels.cpu()
-    taken_tr = (s_tr >= casc.thresholds[0]).cpu()
-
-    def subset_metrics(mask: torch.Tensor) -> dict:
-        if not mask.any():
-            return {"num_samples": 0}
-        m = classification_metrics(preds[mask], tl[mask], counts, thresholds)
-        return {
-            "num_samples": int(mask.sum()),
-            **{k: m[k] for k in ("top1", "many", "medium", "few")},
-            "mcc": round(100 * float(matthews_corrcoef(tl[mask], preds[mask])), 2),
-            "nmi": round(100 * float(normalized_mutual_info_score(tl[mask], preds[mask])), 2),
-        }
-
-    return {
-        "protocol": "our interpretation of DLSA's feature evaluation (spec dlsa.md section 8): one flow filter, "
-        f"{cfg.clusters} clusters, filter_fraction {cfg.filter_fraction}",
-        "clusters": {
-            "purity_gt_0.9": int((purity[nonempty] > 0.9).sum()),
-            "purity_gt_0.7": int((purity[nonempty] > 0.7).sum()),
-            "purity_gt_0.5": int((purity[nonempty] > 0.5).sum()),
-            "empty": int((~nonempty).sum()),
-            "size_quartiles": [round(v, 1) for v in q],
-        },
-        "composition": {
-            "train_all": composition(train_labels),
-            "train_filtered": composition(train_labels[taken_tr]),
-            "test_all": composition(tl),
-            "test_filtered": composition(tl[routes == 0]),
-        },
-        "filtered": subset_metrics(routes == 0),
-        "rest": subset_metrics(routes == 1),
-        "all": subset_metrics(torch.ones_like(routes, dtype=torch.bool)),
-        "flow_epoch": summary["stages"][0]["flow_epoch"],
-        "flow_lr": summary["stages"][0]["flow_lr"],
-        "dead_channels": summary["dead_channels"],
-        "thresholds": thresholds.describe(),
-        "options": asdict(cfg),  # as used: max_depth 1, heads at their last epoch
-    }
-
-
-__all__ = ["DLSA", "DLSAConfig", "DLSACascade", "FlowGMM", "BatchNormFlow", "evaluate_features", "resolve_center_std"]
-
-
-@FEATURE_EVALUATIONS.register("flow_filter")
-class FlowFilterEvaluation:
-    """Head/tail separability of a run's features: one DLSA flow filter fitted on its training features."""
-
-    Config = DLSAConfig  # the options of the filter (a dlsa run's own, when the run being measured is one)
-    evaluate = staticmethod(evaluate_features)
