@@ -1,7 +1,8 @@
 """One small strict registry: names map to code in one place, filled at import time.
 
 A leaf module (no torch): the plugins register themselves with ``@METHODS.register("name")`` when their module is
-imported (``longtail.data``, ``longtail.models``, ``longtail.methods``; ``longtail.engine.build`` imports all three).
+imported (``longtail.data``, ``longtail.models``, ``longtail.losses``, ``longtail.methods``; ``longtail.engine.build``
+imports them all).
 ``catalogue`` reads the same decorators from the source without importing anything, for ``longtail list``.
 """
 
@@ -168,6 +169,9 @@ DATASETS: Registry = Registry("dataset")
 BACKBONES: Registry = Registry("backbone")
 HEADS: Registry = Registry("head")
 METHODS: Registry = Registry("method")
+# Losses (``longtail.losses``): modules of a loss function and its per-class constants, which the methods of the same
+# names train with and IFL / mixup take by name (``base:``).
+LOSSES: Registry = Registry("loss")
 SAMPLERS: Registry = Registry("sampler")
 # Measures of a trained run's features (``longtail eval RUN --feature-quality`` runs the default, DLSA's flow filter):
 # classes with a ``Config`` dataclass of options and

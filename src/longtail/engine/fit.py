@@ -63,7 +63,7 @@ from longtail.engine.evaluate import (
 from longtail.engine.feature_stage import fit_on_features
 from longtail.engine.record import inference_record
 from longtail.engine.run_log import RunLog, check_log_extras
-from longtail.engine.schedule import lr_at
+from longtail.engine.schedule import follows_schedule, lr_at, optimizer_groups
 from longtail.errors import (
     WRITE_ERRNOS,
     CheckpointError,
@@ -74,7 +74,7 @@ from longtail.errors import (
     write_error,
 )
 from longtail.evaluation.metrics import describe_class_groups
-from longtail.methods import Method, MethodContext, create_method
+from longtail.methods import BatchInfo, Method, MethodContext, create_method
 from longtail.models import Classifier, create_model
 from longtail.plugins import record_plugins
 from longtail.progress import progress_bars
@@ -195,13 +195,14 @@ def build_stage_method(
         stage=st,
         dataset=ds,
         loader=loader,
+        sampler_seed=_epoch_seed(cfg.seed, stage_idx, 0),
     )
     method = create_method(st.method, model, ctx).to(device)
     return method, ctx
 
 
 def _make_optimizer(method: Method, st: StageConfig) -> torch.optim.Optimizer:
-    groups = method.param_groups()
+    groups = optimizer_groups(method.param_groups(), f"stage '{st.name}': method '{st.method['name']}'")
     if not any(p.requires_grad for g in groups for p in g["params"]):
         raise ConfigError(
             f"stage '{st.name}': method '{st.method['name']}' has no trainable parameters, so "
@@ -223,7 +224,7 @@ def _make_optimizer(method: Method, st: StageConfig) -> torch.optim.Optimizer:
 def _set_lr(opt: torch.optim.Optimizer, st: StageConfig, t: float) -> float:
     lr = lr_at(st.optim.lr, st.schedule, st.epochs, t)
     for g in opt.param_groups:
-        if not g.get("fixed_lr", False):  # e.g. IFL's centres: their own constant lr
+        if follows_schedule(g):  # not a group with a constant lr of its own (IFL's centres)
             g["lr"] = lr
     return lr
 
@@ -626,7 +627,7 @@ class Trainer:
     ctx: MethodContext
     clip_params: list[torch.nn.Parameter] | None  # what optim.clip_grad_norm clips
     train_fn: torch.nn.Module  # what a step calls: the method, DDP-wrapped and / or compiled
-    sampler: Sampler  # the stage's, as the method adapted it
+    sampler: Sampler  # the method's own (Method.sampler) or the stage's configured one
     local_batch: int  # this rank's share of the global batch
     steps: int  # steps per epoch
     cut: int | None  # global samples per epoch with epoch_length=dataset
@@ -857,12 +858,14 @@ class Trainer:
         return train_fn
 
     def _build_sampler(self) -> None:
-        """The stage's sampler (as the method adapts it) and the steps of an epoch of it."""
+        """The stage's sampler (the method's own, or the configured one) and the steps of an epoch of it."""
         st, world = self.st, self.ctx.world_size
         self.local_batch = st.batch_size // self.dist.world_size
-        sampler = create_sampler(st.sampler, self.ds.train.targets, self.ds.num_classes,
-                                 seed=_epoch_seed(self.cfg.seed, self.si, 0), total_epochs=st.epochs)
-        self.sampler = self.method.train_sampler(sampler, st.batch_size)  # e.g. IFL's two environments
+        sampler = self.method.sampler(self.ds, self.ctx)  # e.g. IFL's two environments; None: the configured one
+        if sampler is None:
+            sampler = create_sampler(st.sampler, self.ds.train.targets, self.ds.num_classes,
+                                     seed=self.ctx.sampler_seed, total_epochs=st.epochs)
+        self.sampler = sampler
         # An epoch is the sampler's stream (n_max * C for class-aware sampling), this rank's share of it; with
         # epoch_length=dataset its first int(N / B) global batches (every rank the same number of steps).
         per_rank = -(-len(self.sampler) // world)
@@ -942,9 +945,9 @@ class Trainer:
         st, opt = self.st, self.opt
         if st.schedule.per_iteration:
             run.lr = _set_lr(opt, st, run.epoch + step / self.steps)
-        self.method.on_train_batch(step, run.indices[step * self.local_batch : (step + 1) * self.local_batch])
+        batch = BatchInfo(run.indices[step * self.local_batch : (step + 1) * self.local_batch], step)  # sample ids
         with autocast(self.device, self.cfg.amp):
-            out = self.train_fn(self.loader.normalize(x, self.channels_last), y)
+            out = self.train_fn(self.loader.normalize(x, self.channels_last), y, batch=batch)
         loss = out["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
