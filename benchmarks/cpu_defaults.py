@@ -27,8 +27,9 @@ Sections (``--only`` picks some):
 
 Numerics: every setting's runner trains the same steps from the same seed; the sha256 of its weights, buffers and
 loss sum after them (``digest``) equal to the baseline's means the setting trains bit for bit the same. One
-record, ``benchmarks/results/cpu_defaults_<device>.json`` (``--out``), with the command, the commit, the CPU model,
-torch, the seed and the load.
+record, ``benchmarks/results/cpu_defaults_cpu.json`` (``--out``), with the CPU model, torch and the seed, and per
+section its command, commit, threads, steps and load; a run with ``--only`` replaces those sections of the record
+and keeps the others.
 """
 
 from __future__ import annotations
@@ -134,14 +135,21 @@ def worker(spec: dict) -> dict:
             out["variants"][name]["rounds"].append({
                 "round": spec.get("round", k), "seconds": round(res["seconds"], 3),
                 "cpu_seconds": round(res["cpu_seconds"], 3), "images": res["images"],
+                "minor_faults_per_step": round(res["minor_faults"] / spec["steps"]),
                 "images_per_s": round(res["images"] / res["seconds"], 2),
                 "cpu_images_per_s": round(res["images"] / max(res["cpu_seconds"], 1e-9), 2)})
         after = load()
         for name in names:
             out["variants"][name]["rounds"][-1]["load_1min"] = {"before": before, "after": after}
+    first = next(iter(runners.values()))
+    ref = {k: v.detach().float() for k, v in first.method.state_dict().items() if v.is_floating_point()}
     for name, r in runners.items():
-        out["variants"][name]["steps_trained"] = r.images // r.cfg.stages[0].batch_size
-        out["variants"][name]["digest"] = r.digest()
+        v = out["variants"][name]
+        v["steps_trained"] = r.images // r.cfg.stages[0].batch_size
+        v["digest"] = r.digest()
+        v["loss_sum"] = float(r.loss_sum)  # of every step trained: how far a setting that moves numerics moved it
+        v[f"max_abs_weight_diff_vs_{names[0]}"] = max(
+            float((t.detach().float() - ref[k]).abs().max()) for k, t in r.method.state_dict().items() if k in ref)
     return out
 
 
@@ -268,27 +276,31 @@ def main() -> int:
     spec = {"recipe": args.recipe, "overrides": [*data, "amp=false", *args.set],
             "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup}
     t0 = time.time()
-    record: dict = {
+    out = Path(args.out) if args.out else HERE / "results" / "cpu_defaults_cpu.json"
+    # A section run alone (--only) replaces its own part of an existing record and keeps the others; each section
+    # says how it was run (command, commit, threads, steps, load).
+    record: dict = json.loads(out.read_text()) if out.exists() and args.only else {}
+    record.update({
         "question": "which CPU settings train the recipe fastest, and which leave its numerics bit for bit as they are",
-        "recipe": args.recipe, "overrides": spec["overrides"], "seed": 0, "threads": args.threads,
-        "rounds": args.rounds, "steps_per_round": args.steps, "warmup_steps": args.warmup,
-        "cpu_model": cpu_model(), "device": f"cpu ({platform.machine()}, {os.cpu_count()} cores)",
-        "torch": str(torch.__version__), "commit": git_commit(), "glibc": "-".join(platform.libc_ver()),
-        "command": " ".join(["python benchmarks/cpu_defaults.py", *sys.argv[1:]]),
-        "load_1min_start": load(),
-    }
+        "recipe": args.recipe, "seed": 0, "cpu_model": cpu_model(),
+        "device": f"cpu ({platform.machine()}, {os.cpu_count()} cores)", "torch": str(torch.__version__),
+        "glibc": "-".join(platform.libc_ver()),
+    })
+    how = {"command": " ".join(["python benchmarks/cpu_defaults.py", *sys.argv[1:]]), "commit": git_commit(),
+           "overrides": spec["overrides"], "threads": args.threads, "rounds": args.rounds,
+           "steps_per_round": args.steps, "warmup_steps": args.warmup}
     sections = {"layout": section_layout, "allocator": section_allocator, "compile": section_compile}
     for name in args.only or sections:
-        t = time.time()
+        t, start = time.time(), load()
         print(f"{name} ...", file=sys.stderr, flush=True)
-        record[name] = {**sections[name](args, spec), "wall_seconds": round(time.time() - t, 1)}
+        record[name] = {**how, **sections[name](args, spec)}
+        record[name].update({"wall_seconds": round(time.time() - t, 1),
+                             "load_1min": {"start": start, "end": load()}})
         for vname, v in record[name]["variants"].items():
             print(f"  {vname:26s} {v['median_images_per_s']:8.1f} images/s ({v['median_cpu_images_per_s']:7.1f} per "
                   f"CPU second)  x{v['speedup_vs_baseline']:.3f} (CPU x{v['cpu_speedup_vs_baseline']:.3f})  "
                   f"same numerics: {v['same_numerics_as_baseline']}", file=sys.stderr, flush=True)
-    record["load_1min_end"] = load()
-    record["wall_seconds"] = round(time.time() - t0, 1)
-    out = Path(args.out) if args.out else HERE / "results" / "cpu_defaults_cpu.json"
+    record["wall_seconds_of_last_command"] = round(time.time() - t0, 1)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}", file=sys.stderr)

@@ -156,14 +156,24 @@ def section_loading(args) -> dict:
                        "results": sorted(timed, key=lambda r: r["workers"])})
         print(f"  round {k}: " + ", ".join(f"{r['workers']} workers {r['images_per_s']:.0f}/s"
                                            for r in rounds[-1]["results"]), file=sys.stderr, flush=True)
-    medians = {}
-    for w in args.workers:
-        rates = [r["images_per_s"] for rnd in rounds for r in rnd["results"] if r["workers"] == w]
-        medians[str(w)] = round(statistics.median(rates), 1)
     return {"what": f"images/s of the file path (image_folder, data.in_memory=never, augment {args.augment}, "
                     f"image_size {args.image_size}, batch {args.batch_size}) against data.num_workers, no model",
-            "folder": {"path": str(folder), **made}, "batches_timed": args.batches,
-            "median_images_per_s_by_workers": medians, "rounds": rounds}
+            "folder": {"path": str(folder), **made}, "batches_timed": args.batches, **loading_medians(rounds),
+            "rounds": rounds}
+
+
+def loading_medians(rounds: list[dict]) -> dict:
+    """Median images/s per worker count; and with no workers, images per CPU second of the main process: what
+    one core decodes and transforms, whatever share of the cores it got (the steady figure on a busy machine)."""
+    workers = sorted({r["workers"] for rnd in rounds for r in rnd["results"]})
+    out = {"median_images_per_s_by_workers": {
+        str(w): round(statistics.median(r["images_per_s"] for rnd in rounds for r in rnd["results"]
+                                        if r["workers"] == w), 1) for w in workers}}
+    inline = [r["images"] / r["main_process_cpu_seconds"] for rnd in rounds for r in rnd["results"]
+              if r["workers"] == 0 and r["main_process_cpu_seconds"] > 0]
+    if inline:
+        out["one_core_images_per_cpu_second"] = round(statistics.median(inline), 1)
+    return out
 
 
 # ----------------------------------------------------------------------------- in-memory memory

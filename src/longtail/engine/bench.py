@@ -426,13 +426,15 @@ class StepRunner:
     def run(self, steps: int) -> dict:
         """Train ``steps`` more steps (across epoch ends as fit would); their ``seconds`` (wall, the device
         synchronised), ``cpu_seconds`` (this process's CPU time: on a shared CPU, the work a one-thread run did,
-        whatever share of the cores it got) and ``images``."""
+        whatever share of the cores it got), ``minor_faults`` (page faults without I/O: memory the allocator mapped
+        afresh) and ``images``."""
         from longtail.engine.evaluate import autocast
         from longtail.engine.fit import _set_lr
 
         st, cl = self.cfg.stages[0], self.cfg.model.channels_last
         _sync(self.device)
         t, cpu, images = time.time(), time.process_time(), self.images
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         for _ in range(steps):
             x, y = self._next_batch()
             if st.schedule.per_iteration:
@@ -453,7 +455,8 @@ class StepRunner:
             self.images += len(y)
             self.step += 1
         _sync(self.device)
-        return {"seconds": time.time() - t, "cpu_seconds": time.process_time() - cpu, "images": self.images - images}
+        return {"seconds": time.time() - t, "cpu_seconds": time.process_time() - cpu, "images": self.images - images,
+                "minor_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults}
 
     def digest(self) -> str:
         """sha256 of the method's state (weights, buffers) and the loss sum so far: equal digests, equal training."""
