@@ -148,9 +148,17 @@ def worker(spec: dict) -> dict:
         v["steps_trained"] = r.images // r.cfg.stages[0].batch_size
         v["digest"] = r.digest()
         v["loss_sum"] = float(r.loss_sum)  # of every step trained: how far a setting that moves numerics moved it
-        v[f"max_abs_weight_diff_vs_{names[0]}"] = max(
-            float((t.detach().float() - ref[k]).abs().max()) for k, t in r.method.state_dict().items() if k in ref)
+        v[f"max_abs_weight_diff_vs_{names[0]}"] = max(_max_diff(t.detach().float(), ref[k])
+                                                      for k, t in r.method.state_dict().items() if k in ref)
     return out
+
+
+def _max_diff(a, b) -> float:
+    """Largest |a - b|, where NaN equals NaN (an option not chosen yet, such as TDE's chosen_alpha, is NaN)."""
+    import torch
+
+    same = (a == b) | (a.isnan() & b.isnan())
+    return float(torch.where(same, torch.zeros_like(a), (a - b).abs()).max()) if a.numel() else 0.0
 
 
 def run_worker(spec: dict, env: dict | None = None, timeout: float = 3600) -> dict:
