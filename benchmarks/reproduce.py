@@ -175,6 +175,29 @@ class Campaign:
         """What a row's `longtail train` processes printed (appended on every resume)."""
         return self.runs / f"{row.name}.console.log"
 
+    def threads_path(self, row: Row) -> Path:
+        """The CPU thread count a row's run trains with, written when it starts (beside its folder, committed)."""
+        return self.runs / f"{row.name}.threads"
+
+    def row_threads(self, row: Row, default: int, explicit: bool, resumed: bool) -> tuple[int, str | None]:
+        """The thread count to train ``row`` with, and a note when it is not ``default``'s or its run's. The CPU
+        kernels round differently with another thread count (1 and 2 threads differ bit-wise after 3 steps,
+        results/cpu_defaults_cpu.json), so a resumed run keeps the count it started with, unless ``--threads``
+        says otherwise (then it trains on, but no longer bit-exact with an uninterrupted run)."""
+        path = self.threads_path(row)
+        if not resumed:  # a fresh run (a left-over file of a removed run folder says nothing)
+            return default, None
+        try:
+            before = int(path.read_text().split()[0]) if path.is_file() else None
+        except (ValueError, IndexError):
+            before = None
+        if before is None or before == default:
+            return default, None
+        if explicit:
+            return default, (f"{row.name} trained with {before} thread(s) so far; --threads {default} rounds "
+                             f"differently (the run goes on, not bit-exact with an uninterrupted one)")
+        return before, f"{row.name} keeps the {before} thread(s) it trained with (bit-exact resume)"
+
     def record_path(self, row: Row) -> Path:
         return self.results / f"repro_{row.name}.json"
 
@@ -277,6 +300,8 @@ class Campaign:
         log_text = RunDir(d).train_log.read_text()
         res["resumed"] = len(re.findall(r"resuming ", log_text))  # times it moved on (often to another machine)
         res["devices"] = sorted(set(re.findall(r"^\S+ \S+ INFO run .*, device (\S+)$", log_text, re.M)))
+        threads = self.threads_path(row)
+        res["threads"] = int(threads.read_text().split()[0]) if threads.is_file() else None  # CPU threads per run
         for key in ("investigation",):  # written by people: kept when a row is re-recorded
             if key in old:
                 res[key] = old[key]
@@ -457,8 +482,9 @@ class Runner:
     """Keeps up to ``parallel`` `longtail train` processes busy with the table's unfinished rows."""
 
     def __init__(self, campaign: Campaign, names: list[str], parallel: int, threads: int, hours: float | None,
-                 pid_file: Path | None) -> None:
+                 pid_file: Path | None, explicit_threads: bool = False) -> None:
         self.c, self.names, self.parallel, self.threads = campaign, names, parallel, threads
+        self.explicit_threads = explicit_threads  # --threads given: it overrides the count a row trained with
         self.deadline = time.time() + hours * 3600 if hours else None
         self.pid_file = pid_file
         self.procs: dict[str, subprocess.Popen] = {}
@@ -497,14 +523,18 @@ class Runner:
         console = open(path, "a")  # noqa: SIM115 (kept open for the child's lifetime)
         console.write(f"\n=== {datetime.now().isoformat(timespec='seconds')} longtail {' '.join(args)}\n")
         console.flush()
-        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}
+        threads, note = self.c.row_threads(row, self.threads, self.explicit_threads, resumed)
+        if note:
+            self.c.log(f"note: {note}")
+        self.c.threads_path(row).write_text(f"{threads}\n")
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         # Its own session: a terminal's Ctrl-C reaches the runner only, which forwards one SIGINT (a second
         # one would stop a run without its mid-epoch checkpoint).
         p = subprocess.Popen([sys.executable, "-m", "longtail", *args, "--quiet"], cwd=REPO, env=env, stdout=console,
                              stderr=subprocess.STDOUT, start_new_session=True)
         p.console = console
         self.procs[row.name] = p
-        self.c.log(f"{'resumed' if resumed else 'started'} {row.name} (pid {p.pid}, {self.threads} thread(s)): "
+        self.c.log(f"{'resumed' if resumed else 'started'} {row.name} (pid {p.pid}, {threads} thread(s)): "
                    f"longtail {' '.join(args)}")
 
     def _reap(self) -> None:
@@ -574,7 +604,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parallel", type=int, help="rows trained side by side (default on CPU: one 1-thread run "
                    "per core, unless results/repro_threads_cpu.json measured that more than 10%% slower than one "
                    "run with every core's thread; 2 on a GPU)")
-    p.add_argument("--threads", type=int, help="CPU threads per training process (default: cores / parallel)")
+    p.add_argument("--threads", type=int,
+                   help="CPU threads per training process (default: cores / parallel; a resumed row keeps the count it "
+                   "trained with, in runs/ROW.threads, since another count rounds differently: --threads overrides it)")
     p.add_argument("--status", action="store_true", help="print each row's progress and result, train nothing")
     p.add_argument("--readme", action="store_true", help="rebuild the README results table from the records, "
                    "train nothing")
@@ -626,7 +658,8 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or max(1, (os.cpu_count() or 1) // parallel)
     log(f"campaign: {len(names)} row(s), {parallel} at a time ({why}), {threads} thread(s) each"
         + (f", stopping after {args.hours:g} h" if args.hours else ""))
-    rc = Runner(campaign, names, parallel, threads, args.hours, pid_file).run()
+    rc = Runner(campaign, names, parallel, threads, args.hours, pid_file,
+                explicit_threads=args.threads is not None).run()
     print("\n".join(campaign.status_lines()), flush=True)
     return rc
 
