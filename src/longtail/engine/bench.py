@@ -36,6 +36,7 @@ from torchvision.transforms import v2
 
 from longtail.config import ConfigError, RunConfig
 from longtail.data import create_dataset
+from longtail.methods import BatchInfo
 from longtail.models import create_model
 from longtail.run_folder import RunDir
 from longtail.utils import device_name, environment_info, resolve_device, seed_everything
@@ -399,9 +400,11 @@ class StepRunner:
         self.ema = WeightEMA(self.method, st.ema.decay) if st.ema.decay > 0 else None
         self.clip = [p for g in self.opt.param_groups for p in g["params"]] if st.optim.clip_grad_norm else None
         self.train_fn = torch.compile(self.method) if cfg.compile else self.method
-        sampler = create_sampler(st.sampler, ds.train.targets, ds.num_classes, seed=_epoch_seed(cfg.seed, 0, 0),
-                                 total_epochs=st.epochs)
-        self.sampler = self.method.train_sampler(sampler, st.batch_size)
+        sampler = self.method.sampler(ds, self.ctx)  # as Trainer._build_sampler: the method's own, or the stage's
+        if sampler is None:
+            sampler = create_sampler(st.sampler, ds.train.targets, ds.num_classes, seed=self.ctx.sampler_seed,
+                                     total_epochs=st.epochs)
+        self.sampler = sampler
         self.steps_per_epoch = _epoch_steps(
             st, self.loader.steps_per_epoch(len(self.sampler), st.batch_size, st.drop_last), len(ds.train))
         self.ctx.steps_per_epoch = self.steps_per_epoch
@@ -449,9 +452,9 @@ class StepRunner:
             if st.schedule.per_iteration:
                 self.ctx.lr = _set_lr(self.opt, st, self.epoch + self.step / self.steps_per_epoch)
             b = st.batch_size
-            self.method.on_train_batch(self.step, self._indices[self.step * b : (self.step + 1) * b])
-            with autocast(self.device, self.cfg.amp):  # fit._train's step from here on
-                out = self.train_fn(self.loader.normalize(x, cl), y)
+            batch = BatchInfo(self._indices[self.step * b : (self.step + 1) * b], self.step)  # sample ids
+            with autocast(self.device, self.cfg.amp):  # Trainer.step from here on
+                out = self.train_fn(self.loader.normalize(x, cl), y, batch=batch)
             loss = out["loss"]
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
