@@ -476,27 +476,58 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+# What `longtail list NAME` shows options of: (registry, kind, the package that fills it, how an option is set).
+_OPTION_KINDS = (
+    ("METHODS", "method", "longtail.methods",
+     "method.OPTION=VALUE in a recipe stage, or e.g. stages.0.method.{opt}=... on the command line"),
+    ("HEADS", "head", "longtail.models",
+     "model: {{head: {{name: {name}, OPTION: VALUE}}}} in a recipe, or e.g. model.head.{opt}=... on the command "
+     "line"),
+    ("DATASETS", "dataset", "longtail.data",
+     "data: {{name: {name}, options: {{OPTION: VALUE}}}} in a recipe, or e.g. data.options.{opt}=... on the "
+     "command line"),
+)
+
+
 def _list_method(name: str) -> int:
+    """`longtail list NAME`: the options of the method, head or dataset NAME (each registry that has it)."""
+    import difflib
+    import importlib
     import shutil
     import textwrap
 
-    import longtail.methods  # noqa: F401  (fills the method registry)
-    from longtail.registry import METHODS, describe_options
+    from longtail import registry
+    from longtail.config import options_of
+    from longtail.registry import describe_options
 
-    cls = METHODS.get(name)  # an unknown name: one line with close matches
     width = max(80, min(120, shutil.get_terminal_size((100, 24)).columns))
-    doc = " ".join((cls.__doc__ or "").split())
-    print(textwrap.fill(f"{name}: {doc}" if doc else name, width))
-    options = describe_options(cls.Config) if hasattr(cls, "Config") else []
-    if not options:
-        print("\nno options")
-        return 0
-    print(f"\noptions (method.OPTION=VALUE in a recipe stage, or e.g. stages.0.method.{options[0][0]}=... on the "
-          f"command line):")
-    for opt, tp, default, doc in options:
-        print(f"  {opt}: {tp} = {default}")
-        if doc:
-            print(textwrap.fill(doc, width, initial_indent=" " * 6, subsequent_indent=" " * 6))
+    found, known = 0, []
+    for var, kind, package, usage in _OPTION_KINDS:
+        importlib.import_module(package)  # fills the registry
+        reg = getattr(registry, var)
+        known += list(reg)
+        if name not in reg:
+            continue
+        obj = reg.get(name)
+        found += 1
+        if found > 1:
+            print()
+        doc = " ".join((obj.__doc__ or "").split())
+        print(textwrap.fill(f"{name} ({kind}): {doc}" if doc else f"{name} ({kind})", width))
+        cls = obj.Config if kind == "method" and hasattr(obj, "Config") else options_of(obj)
+        options = describe_options(cls) if cls is not None else []
+        if not options:
+            print("\nno options")
+            continue
+        print(f"\noptions ({usage.format(name=name, opt=options[0][0])}):")
+        for opt, tp, default, text in options:
+            print(f"  {opt}: {tp} = {default}")
+            if text:
+                print(textwrap.fill(text, width, initial_indent=" " * 6, subsequent_indent=" " * 6))
+    if not found:
+        close = difflib.get_close_matches(name.strip().lower().replace("-", "_"), known, n=3, cutoff=0.5)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise registry.RegistryError(f"unknown method, head or dataset '{name}'{hint} (`longtail list` shows them)")
     return 0
 
 
@@ -689,10 +720,12 @@ def build_parser() -> argparse.ArgumentParser:
     dc.set_defaults(func=_cmd_data_coco_glt)
 
     ls = sub.add_parser("list", help="registered datasets, backbones, heads, methods, samplers and recipes",
-                        description="Without METHOD: every registered plugin and shipped recipe. With METHOD: its "
-                                    "options (method.OPTION=VALUE in a recipe or on the command line), their types, "
-                                    "defaults and what they do.")
-    ls.add_argument("method", nargs="?", help="a registered method, e.g. ldam_drw: print its options")
+                        description="Without NAME: every registered plugin and shipped recipe. With NAME, a method, "
+                                    "head or dataset: its options (method.OPTION, model.head.OPTION, "
+                                    "data.options.OPTION in a recipe or on the command line), their types, defaults "
+                                    "and what they do.")
+    ls.add_argument("method", nargs="?", metavar="NAME",
+                    help="a registered method, head or dataset, e.g. ldam_drw, causal_norm, shapes_glt: its options")
     ls.set_defaults(func=_cmd_list)
     # `--debug` also after the command (`longtail train ... --debug`); SUPPRESS keeps the main parser's value
     # when a sub-command does not see it.

@@ -80,6 +80,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if isinstance(self.head, str):  # ModelConfig(head="linear"), as a recipe's `head: linear`
             self.head = {"name": self.head}
+        elif "name" not in self.head:  # `head: {bias: false}`: options of the default head, as model.head.bias=false
+            self.head = {"name": "linear", **self.head}
 
 
 @dataclass
@@ -674,7 +676,6 @@ def validate(cfg: RunConfig) -> None:
     check(not any(c in cfg.name for c in "/\\\0"),
           f"name '{cfg.name}' names the run folder runs/<name>-<time>, so it cannot hold '/' or '\\'; pass "
           f"--out to train somewhere else")
-    check("name" in cfg.model.head, "model.head needs a name: `head: linear` or `head: {name: cosine, scale: 30}`")
     check(cfg.eval.batch_size >= 1, f"eval.batch_size must be >= 1, got {cfg.eval.batch_size}")
     check(cfg.eval.many_above >= 0 and cfg.eval.few_below >= 0, "eval.many_above and eval.few_below must be >= 0")
     check(len(cfg.stages) >= 1, "a recipe needs at least one stage")
