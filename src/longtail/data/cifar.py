@@ -204,8 +204,8 @@ def _unused_val(targets: np.ndarray, images: torch.Tensor, keep: np.ndarray, cfg
     says so and ``info['val_counts']`` records the per-class counts. Selection by mean per-class accuracy then
     averages over the classes present only, so a choice never pays for what it costs the head class: on
     CIFAR-10-LT it leans towards tail-favouring values (a larger tau-norm or logit-adjustment tau) than a
-    complete balanced val would pick. Read the chosen value with that in mind, or lower data.options.max_per_class (which
-    changes train) for a val that has every class.
+    complete balanced val would pick. Read the chosen value with that in mind, or lower
+    data.options.max_per_class (which changes train) for a val that has every class.
     """
     k = cfg.val_per_class
     idx, got = draw_unused(targets, keep, k, len(classes), cfg.subset_seed)

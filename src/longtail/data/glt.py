@@ -118,8 +118,8 @@ def read_glt_annotations(path: str | Path, root: str | Path, path_prefix: str | 
         outside = [(p, q) for (p, *_), q in zip(es, paths, strict=True) if not inside_root(q, root)]
         if outside and not allow_outside_root:
             raise DataError(f"{path} [{name}]: {len(outside)} image path(s) lie outside data.root {root}, e.g. "
-                            f"{outside[0][0]!r} -> {outside[0][1]}; set data.options.path_prefix / data.root so they land "
-                            f"inside it, or data.allow_outside_root=true to allow it")
+                            f"{outside[0][0]!r} -> {outside[0][1]}; set data.options.path_prefix / data.root so they "
+                            f"land inside it, or data.allow_outside_root=true to allow it")
         if check_files:
             missing += [p for p in tqdm(paths, desc=f"checking {name} files", unit="file", leave=False,
                                         mininterval=1.0, disable=bars_off()) if not Path(p).is_file()][:5]

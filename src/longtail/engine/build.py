@@ -4,8 +4,8 @@
 registered names (dataset, backbone, head, sampler, each stage's method; plugins imported first), a method's
 ``requires_head``, and the own options of the dataset (``data.options``), the head (``model.head``) and each
 method (``stages[].method``) against that plugin's ``Config`` dataclass, and returns a copy that holds every option
-with its default filled in: the resolved config a run saves in ``config.yaml`` and embeds in every checkpoint. ``train``, ``load_trained``, ``load_model``,
-``longtail.load_config`` and the CLI go through it.
+with its default filled in: the resolved config a run saves in ``config.yaml`` and embeds in every checkpoint.
+``train``, ``load_trained``, ``load_model``, ``longtail.load_config`` and the CLI go through it.
 """
 
 from __future__ import annotations
