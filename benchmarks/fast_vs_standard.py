@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 from longtail import load_config, train
+from longtail.run_folder import RunDir
 from longtail.utils import atomic_write_json, resolve_device
 
 KEYS = ("top1", "many", "medium", "few")
@@ -49,7 +50,7 @@ def main() -> int:
             for fast in (True, False):
                 cfg = load_config(args.config, [*args.overrides, f"seed={seed}", f"data.fast_path={fast}"])
                 run = train(cfg, out=Path(tmp) / f"s{seed}_{fast}", progress=False)
-                m = json.loads((run / "metrics.json").read_text())
+                m = json.loads(RunDir(run).metrics.read_text())
                 split = m["splits"]["test"] if "test" in m["splits"] else next(iter(m["splits"].values()))
                 rows.append({"seed": seed, "fast_path": fast, **{k: split[k] for k in KEYS},
                              "train_seconds": m.get("train_seconds")})

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from longtail.run_folder import RunDir
 from longtail.utils import atomic_write_json
 
 METRICS = ("top1", "precision", "many", "medium", "few")
@@ -39,8 +40,8 @@ def summarise(root: Path, methods: list[str], seeds: list[int]) -> dict:
         for variant in ("lt", "cbl"):
             for s in seeds:
                 run = root / f"{m}_{variant}_s{s}"
-                metrics = json.loads((run / "metrics.json").read_text())
-                cfg = yaml.safe_load((run / "config.yaml").read_text())
+                metrics = json.loads(RunDir(run).metrics.read_text())
+                cfg = yaml.safe_load(RunDir(run).config.read_text())
                 meta = cfg.get("meta", {})
                 runs.append({"run": run.name, "command": meta.get("command"), "commit": meta.get("commit"),
                              "device": meta.get("device"), "train_seconds": metrics.get("train_seconds")})

@@ -101,13 +101,14 @@ class Check:
     def train(self, name: str, overrides: list[str]) -> tuple[Path, dict, float]:
         """Train in this process; the run folder, its metrics.json and its wall time (start-up included)."""
         from longtail.engine.fit import train
+        from longtail.run_folder import RunDir
 
         out = self.work / name
         self.peak_reset()
         t = time.time()
         train(self.config(overrides), out=out, progress=not self.args.quiet)
         wall = time.time() - t
-        return out, json.loads((out / "metrics.json").read_text()), wall
+        return out, json.loads(RunDir(out).metrics.read_text()), wall
 
     def test_metrics(self, run_dir: Path, overrides: list[str]) -> dict:
         """Test split metrics of a finished run with prediction-time overrides (TDE at alpha 0)."""
@@ -134,6 +135,8 @@ class Check:
     def step_ddp(self) -> dict:
         import torch
 
+        from longtail.run_folder import RunDir
+
         n = torch.cuda.device_count() if self.cuda else 2
         out = self.work / "ddp"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
@@ -145,7 +148,7 @@ class Check:
         wall = time.time() - t
         if proc.returncode != 0:
             raise RuntimeError(f"torchrun exited {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
-        metrics = json.loads((out / "metrics.json").read_text())
+        metrics = json.loads(RunDir(out).metrics.read_text())
         test = metrics["splits"]["test"]
         res = {"backend": "nccl" if self.cuda else "gloo", "processes": n, "world_size": metrics.get("world_size"),
                "wall_s": round(wall, 1), "images_per_s": _rate(metrics.get("epoch_timing", [])),

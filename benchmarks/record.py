@@ -15,13 +15,14 @@ from pathlib import Path
 
 import yaml
 
+from longtail.run_folder import RunDir
 from longtail.utils import atomic_write_json
 
 
 def record(run_dir: Path, name: str, command: str | None, split: str | None, note: str | None,
            out_dir: Path | None = None) -> dict:
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    cfg = yaml.safe_load(RunDir(run_dir).config.read_text())
+    metrics = json.loads(RunDir(run_dir).metrics.read_text())
     meta = cfg.get("meta", {})
     splits = metrics["splits"]
     split = split or [s for s in splits if s != "val"][0]

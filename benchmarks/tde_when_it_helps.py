@@ -26,6 +26,8 @@ from pathlib import Path
 
 import yaml
 
+from longtail.run_folder import RunDir
+
 ROOT = Path(__file__).resolve().parents[1]
 SHORT = ["stages.0.schedule.warmup_epochs=2", "amp=false", "seed=0"]
 RUNS = {
@@ -64,8 +66,8 @@ def measure(run_dir: Path) -> dict:
 
     run = load_trained(run_dir, device="cpu")
     m, ds = run.method, run.dataset
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    metrics = json.loads(RunDir(run_dir).metrics.read_text())
+    cfg = yaml.safe_load(RunDir(run_dir).config.read_text())
     head = m.model.head
     chosen = m.alpha()
     out = {

@@ -62,13 +62,13 @@ def interrupt_method():
         calls = 0
         fired = False
 
-        def forward(self, images, targets):
+        def forward(self, images, targets, batch=None):
             cls = type(self)
             cls.calls += 1
             if cls.calls == self.cfg.at_step and not cls.fired:
                 cls.fired = True
                 os.kill(os.getpid(), signal.SIGINT)
-            return super().forward(images, targets)
+            return super().forward(images, targets, batch)
 
     with METHODS.temporarily("interrupt_test", InterruptOnce, help="test only: CE that sends itself SIGINT once"):
         yield InterruptOnce

@@ -104,7 +104,7 @@ def test_list_prints_whole_descriptions(capsys):
     assert summary("First line\n    goes on.\n\n    Details.") == "First line goes on."
     assert main(["list"]) == 0
     flat = " ".join(capsys.readouterr().out.split())
-    assert "with l the loss of method ``base`` at its defaults." in flat  # mixup: two docstring lines
+    assert "with l the loss ``base`` at its defaults." in flat  # mixup: two docstring lines
     assert "as the reference KNNClassifier defaults." in flat  # ncm
 
 

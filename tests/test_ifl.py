@@ -134,18 +134,19 @@ def test_centre_step_is_the_moving_average_of_the_spec():
 def test_resume_inside_a_scoring_epoch_matches_uninterrupted_run(image_folder, tmp_path, monkeypatch):
     ref = train(build_config(_ifl_raw(image_folder)), out=tmp_path / "ref", progress=False)
     calls = {"n": 0}
-    original = IFL.on_train_batch
+    original = IFL.forward
 
-    def interrupt_once(self, step, idx):
-        calls["n"] += 1
-        if calls["n"] == 3 * 9 + 4:  # epoch 3 (the first scoring epoch; 9 steps an epoch), mid-epoch
-            os.kill(os.getpid(), signal.SIGINT)
-        return original(self, step, idx)
+    def interrupt_once(self, images, targets, batch=None):
+        if batch is not None:  # a training step of the fit loop
+            calls["n"] += 1
+            if calls["n"] == 3 * 9 + 4:  # epoch 3 (the first scoring epoch; 9 steps an epoch), mid-epoch
+                os.kill(os.getpid(), signal.SIGINT)
+        return original(self, images, targets, batch)
 
-    monkeypatch.setattr(IFL, "on_train_batch", interrupt_once)
+    monkeypatch.setattr(IFL, "forward", interrupt_once)
     with pytest.raises(Interrupted):
         train(build_config(_ifl_raw(image_folder)), out=tmp_path / "int", progress=False)
-    monkeypatch.setattr(IFL, "on_train_batch", original)
+    monkeypatch.setattr(IFL, "forward", original)
     assert load_checkpoint(tmp_path / "int" / "checkpoints" / "last.pt")["state"]["epoch"] == 3
     resumed = train(out=tmp_path / "int", resume=True, progress=False)
     assert_same_state(final_weights(ref), final_weights(resumed))  # env weights and centres included
@@ -208,7 +209,7 @@ def test_ifl_passes_options_to_its_base_and_checks_its_head(image_folder, tmp_pa
 
     def spy(self, epoch, ctx):
         original(self, epoch, ctx)
-        seen.append((epoch, self._base.cfg.drw_epoch, self._base.reweight))
+        seen.append((epoch, self.criterion.cfg.drw_epoch, self.criterion.reweight))
 
     import unittest.mock
 

@@ -7,7 +7,8 @@ Layers, lowest first; a module may import its own layer and the ones below, neve
      plugins, progress                          environment info, the run-folder lock, the collectives, plugin
                                                 imports (modules, entry points) and their record in a run, the
                                                 progress-bar switch
-  2  data, models, evaluation                   datasets and samplers; backbones and heads; metrics, reports, plots
+  2  data, models, losses, evaluation           datasets and samplers; backbones and heads; loss functions and the
+                                                LOSSES modules; metrics, reports, plots
   3  methods                                    the Method plugins
   4  engine                                     build (names -> plugins), the fit loop, evaluation of a method,
                                                 checkpoints, inference, features, bench
@@ -43,6 +44,7 @@ LAYERS: dict[str, int] = {
     "longtail.progress": 1,
     "longtail.data": 2,
     "longtail.models": 2,
+    "longtail.losses": 2,  # above the leaves (registry, config), below the methods that train with them
     "longtail.evaluation": 2,
     "longtail.methods": 3,
     "longtail.engine": 4,
@@ -120,6 +122,16 @@ def test_a_lower_layer_never_imports_a_higher_one():
                 bad.append(f"{module}:{imp['line']} (layer {layer_of(module)}) has {kind} import of "
                            f"{imp['target']} (layer {layer_of(imp['target'])})")
     assert not bad, "imports that point up the layers:\n" + "\n".join(bad)
+
+
+def test_the_losses_stand_on_the_leaves_and_the_models_only():
+    """Losses sit above the leaf modules and beside the models, below the methods: no data, evaluation or method
+    code in a loss (a method trains with a loss; a loss never knows which method)."""
+    allowed = ("longtail.errors", "longtail.registry", "longtail.config", "longtail.models", "longtail.losses")
+    losses = [m for m in MODULES if m.startswith("longtail.losses")]
+    bad = [f"{m}:{i['line']} imports {i['target']}" for m in losses for i in imports_of(MODULES[m])
+           if not i["target"].startswith(allowed)]
+    assert len(losses) >= 2 and not bad, bad
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -218,7 +230,7 @@ def test_the_catalogue_longtail_list_prints_is_what_the_registries_hold():
     from longtail import registry
 
     static = registry.catalogue()
-    for var in ("DATASETS", "BACKBONES", "HEADS", "METHODS", "SAMPLERS"):
+    for var in ("DATASETS", "BACKBONES", "HEADS", "LOSSES", "METHODS", "SAMPLERS"):
         reg = getattr(registry, var)
         live = {n: d for n, d in reg.describe().items()  # a prefix family (timm/<name>) has no object of its own
                 if n.endswith("/<name>") or reg.get(n).__module__.startswith("longtail.")}

@@ -113,8 +113,8 @@ def test_ldam_margin_and_drw():
     m, ctx = _method("ldam_drw", head="cosine", drw_epoch=2)
     logits = torch.zeros(2, 3)
     z = logits.clone()
-    z[0, 0] -= 30 * m.margins[0]
-    z[1, 2] -= 30 * m.margins[2]
+    z[0, 0] -= 30 * m.criterion.margins[0]
+    z[1, 2] -= 30 * m.criterion.margins[2]
     m.on_epoch_start(1, ctx)
     assert m.loss(logits, TARGETS).item() == pytest.approx(F.cross_entropy(z, TARGETS).item(), rel=1e-6)
     m.on_epoch_start(2, ctx)  # deferred re-weighting switched on

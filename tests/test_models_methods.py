@@ -151,6 +151,7 @@ def test_every_method_runs_its_stage_hooks_evaluates_and_round_trips(name, tiny_
     from longtail.engine.evaluate import choose_on_val, evaluate_split, predict_split
     from longtail.engine.feature_stage import fit_on_features
     from longtail.engine.fit import _make_optimizer
+    from longtail.methods import BatchInfo
 
     if name in OPTIONAL:
         pytest.importorskip(OPTIONAL[name][0], reason=OPTIONAL[name][1])
@@ -163,15 +164,14 @@ def test_every_method_runs_its_stage_hooks_evaluates_and_round_trips(name, tiny_
     assert fit_on_features(method, ctx) == bool(method.feature_splits(ctx))
     if ctx.epochs:
         opt = _make_optimizer(method, ctx.stage)
-        sampler = method.train_sampler(create_sampler(ctx.stage.sampler, ds.train.targets, ds.num_classes, seed=0,
-                                                      total_epochs=1), ctx.stage.batch_size)
+        sampler = method.sampler(ds, ctx) or create_sampler(ctx.stage.sampler, ds.train.targets, ds.num_classes,
+                                                            seed=ctx.sampler_seed, total_epochs=1)
         indices = sampler.indices(0)
         before = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
         method.on_epoch_start(0, ctx)
         method.train()
         for step, (x, y) in enumerate(loader.train_batches(indices[:16], 8, True, torch.Generator().manual_seed(0))):
-            method.on_train_batch(step, indices[step * 8:(step + 1) * 8])
-            out = method(loader.normalize(x), y)
+            out = method(loader.normalize(x), y, batch=BatchInfo(indices[step * 8:(step + 1) * 8], step))
             assert out["logits"].shape == (8, 3) and out["loss"].ndim == 0 and torch.isfinite(out["loss"])
             opt.zero_grad(set_to_none=True)
             out["loss"].backward()

@@ -452,11 +452,11 @@ def _sigint_at(monkeypatch, at: int) -> None:
     """CE sends this process SIGINT inside its ``at``-th training step (once)."""
     calls, forward = [0], CrossEntropy.forward
 
-    def forward_then_interrupt(self, images, targets):
+    def forward_then_interrupt(self, images, targets, batch=None):
         calls[0] += 1
         if calls[0] == at:
             os.kill(os.getpid(), signal.SIGINT)
-        return forward(self, images, targets)
+        return forward(self, images, targets, batch)
 
     monkeypatch.setattr(CrossEntropy, "forward", forward_then_interrupt)
 

@@ -194,3 +194,21 @@ def test_table_shows_mean_and_spread_over_three_seeds(tmp_path):
         {"top1": 81.0, "many": 1.0, "medium": 2.0, "few": 3.0, "reproduction": {"met": True, "diff": 1.0,
                                                                               "variants": {}}}))
     assert "| 1 | A | 80.0 ± 1.0 (3 seeds) |" in camp.table_markdown()
+
+
+def test_a_resumed_row_keeps_its_thread_count(campaign_dir):
+    """Another CPU thread count rounds differently: a row resumes with the count it trained with (runs/ROW.threads),
+    unless --threads says otherwise; a fresh run takes the campaign's count."""
+    d = campaign_dir
+    write_table(d, rows_for(d)[:1])
+    camp = rp.Campaign(rp.load_table(d / "table.yaml"), d / "runs", d / "results", None)
+    row = camp.table.get("base")
+    assert camp.row_threads(row, 1, explicit=False, resumed=True) == (1, None)  # no file yet: the default
+    camp.runs.mkdir(parents=True)
+    camp.threads_path(row).write_text("2\n")
+    assert camp.row_threads(row, 1, explicit=False, resumed=False) == (1, None)  # a fresh run: the default
+    threads, note = camp.row_threads(row, 1, explicit=False, resumed=True)
+    assert threads == 2 and "keeps the 2 thread(s)" in note
+    threads, note = camp.row_threads(row, 1, explicit=True, resumed=True)
+    assert threads == 1 and "not bit-exact" in note
+    assert camp.row_threads(row, 2, explicit=True, resumed=True) == (2, None)

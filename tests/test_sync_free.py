@@ -64,10 +64,10 @@ def host_reads(monkeypatch):
     mode = _HostReads()
     forward = CrossEntropy.forward
 
-    def counted(self, images, targets):
+    def counted(self, images, targets, batch=None):
         if self.training and torch.is_grad_enabled():
             mode.step += 1
-        return forward(self, images, targets)
+        return forward(self, images, targets, batch)
 
     monkeypatch.setattr(CrossEntropy, "forward", counted)
     return mode
@@ -108,8 +108,8 @@ def test_epoch_loss_is_the_same_float64_sum_as_before(image_folder, tmp_path, mo
     losses: list[tuple[float, int]] = []
     forward = CrossEntropy.forward
 
-    def recorded(self, images, targets):
-        out = forward(self, images, targets)
+    def recorded(self, images, targets, batch=None):
+        out = forward(self, images, targets, batch)
         if self.training and torch.is_grad_enabled():
             losses.append((out["loss"].item(), len(targets)))
         return out
@@ -147,8 +147,8 @@ def nan_method():
 
         calls = 0
 
-        def forward(self, images, targets):
-            out = super().forward(images, targets)
+        def forward(self, images, targets, batch=None):
+            out = super().forward(images, targets, batch)
             if self.training and torch.is_grad_enabled():
                 cls = type(self)
                 cls.calls += 1

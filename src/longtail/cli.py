@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shlex
 import sys
 from pathlib import Path
@@ -84,7 +83,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print()
         print(results_table({**run["metrics"], "splits": run["metrics"]["splits_ema"]}, title="EMA of the weights"))
     _print_val_checks(run["metrics"])
-    print(f"\nrun folder: {run_dir}  (config.yaml, metrics.json, metrics.csv, train.log, checkpoints/, plots/)")
+    from longtail.run_folder import CHECKPOINTS, PLOTS, RUN_FILES
+
+    print(f"\nrun folder: {run_dir}  ({', '.join(RUN_FILES)}, {CHECKPOINTS}/, {PLOTS}/)")
     return 0
 
 
@@ -101,8 +102,8 @@ def _print_val_checks(metrics: dict) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from longtail.engine.fit import evaluate_run, write_metrics
     from longtail.engine.inference import load_trained
+    from longtail.engine.results import evaluate_trained, record_metrics
     from longtail.evaluation.report import results_table
 
     if args.feature_quality:
@@ -117,121 +118,32 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         splits = [protocol_split(run.dataset, p.strip()) for p in args.protocol.split(",")]
     elif args.split:
         splits = [s.strip() for s in args.split.split(",")]
-        unknown = [s for s in splits if s not in run.dataset.splits]
-        if unknown:
-            raise UsageError(f"no split {unknown[0]!r}; this run has {', '.join(run.dataset.splits)}")
-    metrics = evaluate_run(run.method, run.loader, run.cfg, splits=splits)
+    ev = evaluate_trained(run, splits)
     title = f"{Path(args.run_dir).name}" + (f" with {' '.join(args.set)}" if args.set else "")
-    print(results_table(metrics, title=title))
-    from longtail.engine.evaluate import check_off_values
-    from longtail.evaluation.report import read_metrics
-
-    path = Path(args.run_dir) / "metrics.json"
-    old = read_metrics(path) if path.is_file() else {}
-    # Options chosen on val when the run trained, or just now (--set method.X=val on a run that has no choice).
-    choices = run.choices or old.get("chosen_on_val", [])
-    checks = check_off_values(run.method, run.loader, run.cfg.eval, run.cfg.amp, choices=choices)
-    if checks:
-        metrics["off_value_check"] = checks
-    notes = []
-    if run.method.off_values and "val" not in run.dataset.splits:
-        from longtail.engine.fit import val_split_hint
-
-        options = ", ".join(f"method.{o}" for o in run.method.off_values)
-        notes.append(f"this run has no val split, so whether {options} helps is not checked (never on test); to "
-                     f"train one with a val split, {val_split_hint(run.dataset)}")
-    _print_val_checks({"chosen_on_val": run.choices, "off_value_check": checks, "notes": notes})
+    print(results_table(ev.metrics, title=title))
+    _print_val_checks({"chosen_on_val": ev.choices, "off_value_check": ev.checks, "notes": ev.notes})
     if not args.set and args.write:
-        # Merge into metrics.json: re-evaluating one split keeps the others.
-        merged = {**old, **{k: v for k, v in metrics.items() if k != "splits"},
-                  "splits": {**old.get("splits", {}), **metrics["splits"]}}
-        write_metrics(Path(args.run_dir), merged, run.cfg)
+        path = record_metrics(args.run_dir, ev.metrics, run.cfg)  # merged: re-evaluating one split keeps the others
         print(f"\nupdated {path}")
     return 0
 
 
-FEATURE_QUALITY = "flow_filter"  # the registered feature evaluation --feature-quality runs
-
-
 def _feature_quality(args: argparse.Namespace) -> int:
-    """DLSA's feature evaluation (our interpretation, spec dlsa.md section 8) of a run's train/test features."""
-    import numpy as np
-    import torch
-
-    from longtail.config import ConfigError, from_dict, parse_override
-    from longtail.engine.evaluate import thresholds_of
-    from longtail.engine.features import export_features, load_features
-    from longtail.engine.fit import write_metrics
-    from longtail.engine.inference import load_trained  # (it imports every plugin: the registries are full)
-    from longtail.registry import FEATURE_EVALUATIONS, METHODS
+    """The registered feature evaluation (FEATURE_EVALUATIONS' default) of a run's train/test features."""
+    from longtail.engine.inference import load_trained
+    from longtail.engine.results import feature_quality, record_metrics
+    from longtail.evaluation.report import feature_quality_table
 
     if args.sweep:
         raise UsageError("--feature-quality and --sweep are separate evaluations: pick one")
     run = load_trained(args.run_dir, device=args.device)
-    split = args.split or run.dataset.eval_splits[0]
-    if "," in split or split not in run.dataset.splits or split == "train":
-        raise UsageError(f"--feature-quality takes one evaluation split, got {split!r} "
-                         f"(this run has {', '.join(run.dataset.splits)})")
-    evaluation = FEATURE_EVALUATIONS.get(FEATURE_QUALITY)
-    # The evaluation's options: the run's own when its last method has the same options (it trained such a
-    # filter), else the defaults; --set method.X=V changes them (e.g. method.clusters=50 for a 10-class dataset).
-    last = run.cfg.stages[-1].method
-    same = METHODS.get(last["name"]).Config is evaluation.Config
-    opts = {k: v for k, v in last.items() if k != "name"} if same else {}
-    for o in args.set:
-        key, _, value = o.partition("=")
-        if not key.startswith("method."):
-            raise UsageError(f"with --feature-quality, --set takes method.OPTION=VALUE of the flow filter, got {o!r}")
-        opts[key.split(".", 1)[1]] = parse_override(o)[1]
-    try:
-        fq_cfg = from_dict(evaluation.Config, opts, "method")
-    except ConfigError as e:
-        raise UsageError(str(e)) from None
-    export_features(args.run_dir, ["train", split], device=args.device)
-    dev = run.loader.device
-    (tr_f, tr_y), (te_f, te_y) = load_features(args.run_dir, "train"), load_features(args.run_dir, split)
-    rep = evaluation.evaluate(torch.from_numpy(np.array(tr_f)).to(dev), torch.from_numpy(tr_y).to(dev),
-                              torch.from_numpy(np.array(te_f)).to(dev), torch.from_numpy(te_y).to(dev),
-                              run.dataset.num_classes, thresholds_of(run.cfg.eval, run.dataset.train_counts()),
-                              fq_cfg)
-    rep["split"] = split
+    rep = feature_quality(run, args.split, args.set, device=args.device)
+    split = rep["split"]
     print(f"{Path(args.run_dir).name}: feature quality on {split}\n\n{feature_quality_table(rep)}")
     if args.write:
-        from longtail.evaluation.report import read_metrics
-
-        path = Path(args.run_dir) / "metrics.json"
-        old = read_metrics(path) if path.is_file() else {}
-        old.setdefault("feature_quality", {})[split] = rep
-        write_metrics(Path(args.run_dir), old, run.cfg)
+        path = record_metrics(args.run_dir, {"feature_quality": {split: rep}}, run.cfg)
         print(f"\nupdated {path} (feature_quality.{split})")
     return 0
-
-
-def feature_quality_table(rep: dict) -> str:
-    """Markdown summary of ``evaluate_features``: class composition and accuracy of the filtered subset."""
-
-    def cell(v):
-        return "–" if v is None else f"{v:.1f}"
-
-    comp, split = rep["composition"], rep.get("split", "test")
-    lines = ["| subset | samples | % many | % medium | % few | top1 | many | medium | few | MCC | NMI |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, key, ckey in ((f"{split}: filtered (CAC)", "filtered", "test_filtered"),
-                            (f"{split}: rest (regular)", "rest", None), (f"{split}: all", "all", "test_all")):
-        m = rep[key]
-        c = comp[ckey] if ckey else {}
-        lines.append(f"| {name} | {m['num_samples']} | " + " | ".join(cell(c.get(g)) for g in ("many", "medium", "few"))
-                     + " | " + " | ".join(cell(m.get(k)) for k in ("top1", "many", "medium", "few", "mcc", "nmi"))
-                     + " |")
-    for name, ckey in (("train: filtered", "train_filtered"), ("train: all", "train_all")):
-        lines.append(f"| {name} | | " + " | ".join(cell(comp[ckey].get(g)) for g in ("many", "medium", "few"))
-                     + " |" + " |" * 6)
-    cl = rep["clusters"]
-    lines.append("")
-    lines.append(f"train clusters: purity > 0.9: {cl['purity_gt_0.9']}, > 0.7: {cl['purity_gt_0.7']}, > 0.5: "
-                 f"{cl['purity_gt_0.5']}; empty {cl['empty']}; size quartiles {cl['size_quartiles']}")
-    lines.append(f"({rep['protocol']}; shot groups {rep['thresholds']})")
-    return "\n".join(lines)
 
 
 def _cmd_features(args: argparse.Namespace) -> int:
@@ -247,51 +159,28 @@ def _cmd_features(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace, run) -> int:
-    from longtail.engine.evaluate import parse_sweep, sweep_option
-    from longtail.evaluation.plots import plot_sweep
-    from longtail.utils import atomic_write_json, atomic_write_text
+    from longtail.engine.results import save_sweep, sweep_trained
+    from longtail.evaluation.report import sweep_table
 
-    option, values = parse_sweep(args.sweep)
-    split = args.split or ("val" if "val" in run.dataset.splits else run.dataset.eval_splits[0])
-    if split not in run.dataset.splits:
-        raise UsageError(f"no split {split!r}; this run has {', '.join(run.dataset.splits)}")
-    rows = sweep_option(run.method, run.loader, split, option, values, run.cfg.eval, run.cfg.amp)
-
-    def cell(v):
-        return "–" if v is None else f"{v:.2f}"
-
-    lines = [f"| {option} | top1 | many | medium | few | precision |", "|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r[option]:g} | " + " | ".join(cell(r[k]) for k in ("top1", "many", "medium", "few", "precision"))
-              + " |" for r in rows]
-    table = "\n".join(lines)
-    print(f"{Path(args.run_dir).name}: {option} sweep on {split}\n\n{table}")
-    if split != "val":
-        print(f"\nnote: {split} is not a validation split: read this curve, do not choose {option} on it")
-    out = Path(args.run_dir) / "sweeps"
-    stem = f"{option}_{split}"
-    atomic_write_json(out / f"{stem}.json", {"option": option, "split": split, "rows": rows})
-    atomic_write_text(out / f"{stem}.md", table + "\n")
-    plot_sweep(rows, option, out / f"{stem}.png", title=f"{Path(args.run_dir).name}: {option} on {split}")
-    print(f"\nwritten: {out / stem}.json, .md, .png")
+    sweep = sweep_trained(run, args.sweep, args.split)
+    table = sweep_table(sweep.rows, sweep.option)
+    print(f"{Path(args.run_dir).name}: {sweep.option} sweep on {sweep.split}\n\n{table}")
+    if sweep.split != "val":
+        print(f"\nnote: {sweep.split} is not a validation split: read this curve, do not choose {sweep.option} on it")
+    stem = save_sweep(args.run_dir, sweep, table)
+    print(f"\nwritten: {stem}.json, .md, .png")
     return 0
 
 
-def _run_dirs(names: list[str]) -> list[str]:
-    """The run folders named, less a ``runs/latest`` link whose run is named too (``runs/*/`` matches both)."""
-    from longtail.run_folder import LATEST
-
-    targets = {Path(n).resolve() for n in names if not (Path(n).is_symlink() and Path(n).name == LATEST)}
-    return [n for n in names if not (Path(n).is_symlink() and Path(n).name == LATEST and Path(n).resolve() in targets)]
-
-
 def _cmd_report(args: argparse.Namespace) -> int:
-    from longtail.evaluation.report import load_runs, runs_table
+    from longtail.evaluation.report import common_split, load_runs, runs_table
+    from longtail.run_folder import drop_latest_duplicates
     from longtail.utils import atomic_write_text
 
     def skip(why: str) -> None:
         print(f"warning: skipped {why}", file=sys.stderr)
 
-    names = _run_dirs(args.run_dirs)
+    names = drop_latest_duplicates(args.run_dirs)
     table = runs_table(names, split=args.split, skip=skip)
     print(table)
     if args.out:
@@ -301,7 +190,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         from longtail.evaluation.plots import plot_compare
 
         runs = load_runs(names, skip=lambda why: None)  # (skipped ones were warned about above)
-        split = args.split or _common_split(runs)
+        split = args.split or common_split(runs)
         path = Path(args.out).with_suffix(".png") if args.out else Path("report.png")
         plot_compare({r["name"]: r["metrics"] for r in runs}, split, path,
                      title=f"{len(runs)} run(s) on {split}: many / medium / few and per-class accuracy")
@@ -309,16 +198,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _common_split(runs: list[dict]) -> str:
-    """The split a comparison figure draws: test when every run has it, else the first run's first non-val."""
-    splits = [list(r["metrics"].get("splits") or {}) for r in runs]
-    if all("test" in s for s in splits):
-        return "test"
-    return next((s for s in splits[0] if s != "val"), splits[0][0] if splits[0] else "test")
-
-
 def _cmd_predict(args: argparse.Namespace) -> int:
     from longtail.engine.inference import collect_inputs, load_model, predict_to
+    from longtail.evaluation.report import prediction_accuracy
 
     _at_least(args.topk, 1, "--topk")
     _at_least(args.batch_size, 1, "--batch-size")
@@ -334,14 +216,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                      progress=not args.quiet, echo=print)
     if args.out is not None:
         print(f"{res['count']} predictions written to {args.out}")
-    m = res["metrics"]
-    if m is not None:
-        def cell(v):
-            return "-" if v is None else f"{v:.2f}"
-
-        print(f"accuracy on the {res['labelled']} labelled images (labels from <class>/ folders or the list file): "
-              f"top1 {cell(m['top1'])}, many {cell(m['many'])}, medium {cell(m['medium'])}, few {cell(m['few'])} "
-              f"({m['thresholds']})")
+    accuracy = prediction_accuracy(res)
+    if accuracy is not None:
+        print(accuracy)
     return 0
 
 
@@ -358,7 +235,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from longtail.engine.bench import run_bench
+    from longtail.engine.bench import default_record_path, run_bench
     from longtail.engine.build import load_config
     from longtail.utils import atomic_write_json
 
@@ -384,8 +261,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
               f"of it; fp32 matmul peak {c['matmul_peak_gflops_fp32']:.0f} GFLOP/s, ours "
               f"{c['throughput']['ours']['pct_of_matmul_peak']:.1f}% of it")
     if args.json != "-":
-        device = re.sub(r"[^A-Za-z0-9]+", "_", record["device"].split(" (")[0]).strip("_")
-        path = Path(args.json or f"benchmarks/results/bench_{record['recipe']}_{device}.json")
+        path = Path(args.json) if args.json else default_record_path(record)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, record)
         print(f"\nwrote {path}")
@@ -439,44 +315,18 @@ def _cmd_data_coco_glt(args: argparse.Namespace) -> int:
 
 def _cmd_list(args: argparse.Namespace) -> int:
     import shutil
-    import textwrap
 
-    from longtail import registry
-    from longtail.config import shipped_configs
-    from longtail.plugins import provider
+    from longtail.evaluation.report import options_listing, plugin_listing
 
-    if args.method:
-        return _list_method(args.method)
-    # What the registries hold once longtail's own plugins are imported, read from their source: no torch to
-    # import. Then what --plugin modules and entry points (imported by main) registered: the live entries that
-    # longtail's source does not name.
-    registries = registry.catalogue()
     width = max(80, min(120, shutil.get_terminal_size((100, 24)).columns))
-
-    def entry(name: str, doc: str) -> None:
-        # Whole descriptions, wrapped under their column (a long name pushes its text to the next line).
-        head = f"  {name:<18} " if len(name) < 19 else f"  {name}\n" + " " * 21
-        print(textwrap.fill(doc, width, initial_indent=" " * 21, subsequent_indent=" " * 21).replace(
-            " " * 21, head, 1) if doc else head.rstrip())
-
-    for title, var, reg in (("datasets", "DATASETS", registry.DATASETS), ("backbones", "BACKBONES", registry.BACKBONES),
-                            ("heads", "HEADS", registry.HEADS), ("methods", "METHODS", registry.METHODS),
-                            ("samplers", "SAMPLERS", registry.SAMPLERS)):
-        print(f"{title}:")
-        static = registries.get(var, {})
-        for name, doc in static.items():
-            entry(name, doc)
-        for name, doc in reg.describe().items():
-            if name not in static:
-                module = None if name.endswith("<name>") else provider(reg.get(name))
-                entry(name, f"{doc}{f' (plugin {module})' if module else ''}")
-    print("configs (longtail train NAME):")
-    for name in shipped_configs():
-        print(f"  {name}")
+    if args.method:
+        print(options_listing(args.method, _registered_as(args.method), width))
+        return 0
+    print(plugin_listing(width))
     return 0
 
 
-# What `longtail list NAME` shows options of: (registry, kind, the package that fills it, how an option is set).
+# What `longtail list NAME` shows the options of: (registry, kind, the package that fills it, how an option is set).
 _OPTION_KINDS = (
     ("METHODS", "method", "longtail.methods",
      "method.OPTION=VALUE in a recipe stage, or e.g. stages.0.method.{opt}=... on the command line"),
@@ -489,46 +339,28 @@ _OPTION_KINDS = (
 )
 
 
-def _list_method(name: str) -> int:
-    """`longtail list NAME`: the options of the method, head or dataset NAME (each registry that has it)."""
+def _registered_as(name: str) -> list[tuple[str, object, type | None, str]]:
+    """``(kind, registered object, its options' Config or None, how an option is set)`` for each registry of
+    methods, heads and datasets that holds ``name``; a RegistryError with close matches when none does."""
     import difflib
     import importlib
-    import shutil
-    import textwrap
 
     from longtail import registry
     from longtail.config import options_of
-    from longtail.registry import describe_options
 
-    width = max(80, min(120, shutil.get_terminal_size((100, 24)).columns))
-    found, known = 0, []
+    found, known = [], []
     for var, kind, package, usage in _OPTION_KINDS:
         importlib.import_module(package)  # fills the registry
         reg = getattr(registry, var)
         known += list(reg)
-        if name not in reg:
-            continue
-        obj = reg.get(name)
-        found += 1
-        if found > 1:
-            print()
-        doc = " ".join((obj.__doc__ or "").split())
-        print(textwrap.fill(f"{name} ({kind}): {doc}" if doc else f"{name} ({kind})", width))
-        cls = obj.Config if kind == "method" and hasattr(obj, "Config") else options_of(obj)
-        options = describe_options(cls) if cls is not None else []
-        if not options:
-            print("\nno options")
-            continue
-        print(f"\noptions ({usage.format(name=name, opt=options[0][0])}):")
-        for opt, tp, default, text in options:
-            print(f"  {opt}: {tp} = {default}")
-            if text:
-                print(textwrap.fill(text, width, initial_indent=" " * 6, subsequent_indent=" " * 6))
+        if name in reg:
+            obj = reg.get(name)
+            found.append((kind, obj, options_of(obj), usage))  # a method's Config, or a head's / dataset's
     if not found:
         close = difflib.get_close_matches(name.strip().lower().replace("-", "_"), known, n=3, cutoff=0.5)
         hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
         raise registry.RegistryError(f"unknown method, head or dataset '{name}'{hint} (`longtail list` shows them)")
-    return 0
+    return found
 
 
 def build_parser() -> argparse.ArgumentParser:

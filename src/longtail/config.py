@@ -301,6 +301,15 @@ def from_dict(cls: type, data: dict, where: str = "") -> Any:
         raise ConfigError(f"{where}: {e}" if where else str(e)) from None
 
 
+def check_val_option(name: str, value: Any, grid: list[float]) -> None:
+    """Check of a prediction-time option that may be a number or ``"val"`` (chosen on the val split over the
+    Config field ``<name>_grid``; see ``Method.val_options``), for a Config's ``__post_init__``."""
+    if isinstance(value, str) and value != "val":
+        raise ValueError(f"{name} must be a number or 'val' (chosen on the val split over {name}_grid), got '{value}'")
+    if not grid:
+        raise ValueError(f"{name}_grid must hold at least one value (it is what {name}=val chooses from)")
+
+
 def to_dict(obj: Any) -> Any:
     """Plain (YAML-safe) dict of a dataclass config."""
     return dataclasses.asdict(obj)

@@ -1,7 +1,8 @@
 """One small strict registry: names map to code in one place, filled at import time.
 
 A leaf module (no torch): the plugins register themselves with ``@METHODS.register("name")`` when their module is
-imported (``longtail.data``, ``longtail.models``, ``longtail.methods``; ``longtail.engine.build`` imports all three).
+imported (``longtail.data``, ``longtail.models``, ``longtail.losses``, ``longtail.methods``; ``longtail.engine.build``
+imports them all).
 ``catalogue`` reads the same decorators from the source without importing anything, for ``longtail list``.
 """
 
@@ -82,10 +83,12 @@ class RegistryError(UserError, KeyError):
 
 
 class Registry(Generic[T]):
-    """Maps lower_snake names to factories. Duplicate names raise; unknown names suggest close matches."""
+    """Maps lower_snake names to factories. Duplicate names raise; unknown names suggest close matches.
+    ``default``: the name a caller uses when the user names none (``get_default``)."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, default: str | None = None) -> None:
         self.kind = kind
+        self.default = default
         self._items: dict[str, T] = {}
         self._help: dict[str, str] = {}
         self._prefixes: dict[str, tuple[Callable[[str], T], str]] = {}  # "timm/" -> (name -> factory, help)
@@ -140,6 +143,12 @@ class Registry(Generic[T]):
             )
         return self._items[key]
 
+    def get_default(self) -> T:
+        """The entry registered as ``default`` (RegistryError when there is none)."""
+        if self.default is None:
+            raise RegistryError(f"no default {self.kind}")
+        return self.get(self.default)
+
     def __contains__(self, name: str) -> bool:
         return _canonical(name) in self._items or self._prefixed(name) is not None
 
@@ -160,10 +169,14 @@ DATASETS: Registry = Registry("dataset")
 BACKBONES: Registry = Registry("backbone")
 HEADS: Registry = Registry("head")
 METHODS: Registry = Registry("method")
+# Losses (``longtail.losses``): modules of a loss function and its per-class constants, which the methods of the same
+# names train with and IFL / mixup take by name (``base:``).
+LOSSES: Registry = Registry("loss")
 SAMPLERS: Registry = Registry("sampler")
-# Measures of a trained run's features (``longtail eval RUN --feature-quality``): classes with a ``Config`` dataclass
-# of options and ``evaluate(train_feats, train_labels, test_feats, test_labels, num_classes, thresholds, cfg)``.
-FEATURE_EVALUATIONS: Registry = Registry("feature evaluation")
+# Measures of a trained run's features (``longtail eval RUN --feature-quality`` runs the default, DLSA's flow filter):
+# classes with a ``Config`` dataclass of options and
+# ``evaluate(train_feats, train_labels, test_feats, test_labels, num_classes, thresholds, cfg)``.
+FEATURE_EVALUATIONS: Registry = Registry("feature evaluation", default="flow_filter")
 
 
 def catalogue(root: Path | None = None) -> dict[str, dict[str, str]]:

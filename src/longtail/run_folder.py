@@ -14,6 +14,10 @@ The lock (``.lock`` in the run folder) is an exclusive ``flock`` held for as lon
 the file names the holder (pid, host, start time, command) for the error of a second process. The kernel
 drops the lock when its process dies however it dies, so a lock file that nobody holds is stale (its process
 was killed) and is taken over with a log line.
+
+This module is the one place that spells the layout of a run folder (``RunDir``: every file and sub-folder a run
+writes, by name); the rest of the package asks a ``RunDir`` for its paths (tests/test_run_dir.py checks that no
+other module spells them).
 """
 
 from __future__ import annotations
@@ -37,13 +41,124 @@ try:
 except ImportError:  # Windows: no flock; the lock falls back to an O_EXCL file and the holder's pid
     fcntl = None
 
+# The layout of a run folder: every name a run writes there (RunDir gives their paths).
+RUNS_ROOT = "runs"  # where a run without --out gets its folder (runs/<name>-<time>, and runs/latest)
 LOCK_NAME = ".lock"
-RUN_FILES = ("config.yaml", "metrics.json", "metrics.csv", "train.log")  # what a run writes at the top of its folder
-RUN_DIRS = ("checkpoints", "plots", "sweeps", "features", "export", "tensorboard")  # and its sub-folders
+CONFIG = "config.yaml"  # the resolved config (with ``meta``: versions, seed, command), written first
+METRICS = "metrics.json"  # the evaluation: per split, per class; written last, so it marks a finished run
+METRICS_CSV = "metrics.csv"  # one row per epoch (engine/run_log.py)
+TRAIN_LOG = "train.log"
+CHECKPOINTS = "checkpoints"  # last.pt, best.pt, stage_<name>.pt, final.pt (engine/checkpoint.py says what each holds)
+LAST, BEST, FINAL = "last.pt", "best.pt", "final.pt"
+PLOTS, SWEEPS, FEATURES, EXPORT, TENSORBOARD = "plots", "sweeps", "features", "export", "tensorboard"
+RUN_FILES = (CONFIG, METRICS, METRICS_CSV, TRAIN_LOG)  # what a run writes at the top of its folder
+RUN_DIRS = (CHECKPOINTS, PLOTS, SWEEPS, FEATURES, EXPORT, TENSORBOARD)  # and its sub-folders
 # The temporary files of atomic writes (utils._atomic: .NAME.XXXX.tmp, plots: .NAME.XXXX.tmp.png, features:
 # .NAME.PID.tmp). A process killed mid-write leaves one; nothing ever reads them.
 _TMP = re.compile(r"^\..+\.tmp(\.[A-Za-z0-9]+)?$")
 _COMMAND_LINE = re.compile(r"^\S+ \S+ INFO command: (.*)$", re.M)  # logged by train() as a run starts
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The paths of one run folder: ``RunDir(path).metrics`` is its metrics.json, ``.final`` its
+    checkpoints/final.pt, and so on. Only names: nothing is read, created or checked here."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))  # a str is accepted
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def config(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def metrics_csv(self) -> Path:
+        return self.path / METRICS_CSV
+
+    @property
+    def train_log(self) -> Path:
+        return self.path / TRAIN_LOG
+
+    @property
+    def lock(self) -> Path:
+        return self.path / LOCK_NAME
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    @property
+    def last(self) -> Path:
+        """The rolling resume point."""
+        return self.checkpoints / LAST
+
+    @property
+    def best(self) -> Path:
+        """The best weights on val (``eval.select: best_val``)."""
+        return self.checkpoints / BEST
+
+    @property
+    def final(self) -> Path:
+        """The weights that were evaluated: what eval / predict / export / features load."""
+        return self.checkpoints / FINAL
+
+    @property
+    def final_name(self) -> str:
+        """``final`` relative to the run folder, as a stable string (``checkpoints/final.pt``) for records."""
+        return f"{CHECKPOINTS}/{FINAL}"
+
+    def stage_checkpoint(self, stage: str) -> Path:
+        """The method state at the end of stage ``stage`` (a stage's ``init_from`` loads its model part)."""
+        return self.checkpoints / f"stage_{stage}.pt"
+
+    @property
+    def plots(self) -> Path:
+        return self.path / PLOTS
+
+    @property
+    def sweeps(self) -> Path:
+        return self.path / SWEEPS
+
+    def sweep(self, option: str, split: str) -> Path:
+        """The stem of one sweep's files (``.json``, ``.md``, ``.png`` are added to it)."""
+        return self.sweeps / f"{option}_{split}"
+
+    @property
+    def features_dir(self) -> Path:
+        return self.path / FEATURES
+
+    def features(self, split: str) -> tuple[Path, Path, Path]:
+        """(features .npy, labels .npy, stamp .json) of a split (engine/features.py)."""
+        d = self.features_dir
+        return d / f"{split}.npy", d / f"{split}_labels.npy", d / f"{split}.json"
+
+    @property
+    def export_dir(self) -> Path:
+        return self.path / EXPORT
+
+    def export(self, suffix: str) -> Path:
+        """The default file ``longtail export`` writes, ``suffix`` its format's (``.pt``, ``.onnx``)."""
+        return self.export_dir / f"model{suffix}"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / TENSORBOARD
+
+    @staticmethod
+    def of_checkpoint(path: str | Path) -> RunDir | None:
+        """The run folder a checkpoint file lies in (``RUN/checkpoints/X.pt``), or None for a file elsewhere."""
+        path = Path(path)
+        return RunDir(path.parent.parent) if path.name.endswith(".pt") and path.parent.name == CHECKPOINTS else None
 
 
 @dataclass
@@ -78,14 +193,15 @@ def folder_state(run_dir: str | Path) -> FolderState:
                    if p.name != LOCK_NAME and not _is_tmp(p.name))
     if not names:
         return FolderState("empty")
-    ckpt = run_dir / "checkpoints"
+    rd = RunDir(run_dir)
+    ckpt = rd.checkpoints
     ckpts = sorted(p.name for p in ckpt.iterdir() if not _is_tmp(p.name)) if ckpt.is_dir() else []
-    ours = (run_dir / "config.yaml").is_file() and _longtail_config(run_dir / "config.yaml")
-    if ours and ((run_dir / "metrics.json").is_file() or "final.pt" in ckpts):
+    ours = rd.config.is_file() and _longtail_config(rd.config)
+    if ours and (rd.metrics.is_file() or FINAL in ckpts):
         return FolderState("finished", names)
     if ours and any(n.endswith(".pt") for n in ckpts):
         return FolderState("unfinished", names)
-    started = {"train.log", "checkpoints/"} | ({"config.yaml"} if ours else set())
+    started = {TRAIN_LOG, f"{CHECKPOINTS}/"} | ({CONFIG} if ours else set())
     if set(names) <= started and not ckpts:
         return FolderState("unsaved" if ours else "leftovers", names)
     return FolderState("foreign", names)
@@ -140,7 +256,7 @@ def check_resumable(run_dir: Path) -> None:
     if not run_dir.is_dir():
         raise MissingFileError(f"--resume: no run folder {run_dir}; start the run with longtail train CONFIG "
                                f"--out {run_dir}")
-    if (run_dir / "config.yaml").is_file():
+    if RunDir(run_dir).config.is_file():
         return
     command = startup_command(run_dir)
     if command is not None:
@@ -152,7 +268,7 @@ def check_resumable(run_dir: Path) -> None:
 def startup_command(run_dir: Path) -> str | None:
     """The command that last started a run in ``run_dir``, from its train.log."""
     try:
-        found = _COMMAND_LINE.findall((run_dir / "train.log").read_text(errors="replace"))
+        found = _COMMAND_LINE.findall(RunDir(run_dir).train_log.read_text(errors="replace"))
     except OSError:
         return None
     return found[-1].strip() if found else None
@@ -213,6 +329,16 @@ def point_latest(run_dir: Path) -> Path | None:
             pass
         return None
     return link
+
+
+def drop_latest_duplicates(names: list[str]) -> list[str]:
+    """The run folders ``names``, less a ``latest`` link whose run is named too (``runs/*/`` matches both)."""
+
+    def is_latest(n: str) -> bool:
+        return Path(n).is_symlink() and Path(n).name == LATEST
+
+    targets = {Path(n).resolve() for n in names if not is_latest(n)}
+    return [n for n in names if not (is_latest(n) and Path(n).resolve() in targets)]
 
 
 def unfinished_reason(run_dir: Path) -> str | None:

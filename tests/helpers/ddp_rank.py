@@ -32,11 +32,11 @@ if os.environ.get("LT_TEST_SIGINT"):
     rank, at = (int(v) for v in os.environ["LT_TEST_SIGINT"].split(":"))
     _forward, _calls = Deconfound.forward, [0]
 
-    def _forward_then_interrupt(self, images, targets):
+    def _forward_then_interrupt(self, images, targets, batch=None):
         _calls[0] += 1
         if _calls[0] == at and int(os.environ["RANK"]) == rank:
             os.kill(os.getpid(), signal.SIGINT)
-        return _forward(self, images, targets)
+        return _forward(self, images, targets, batch)
 
     Deconfound.forward = _forward_then_interrupt
 

@@ -21,6 +21,7 @@ loops are interleaved (ours, plain, reference-style, ceiling; again ...) and eac
 from __future__ import annotations
 
 import copy
+import re
 import resource
 import statistics
 import tempfile
@@ -36,6 +37,7 @@ from torchvision.transforms import v2
 from longtail.config import ConfigError, RunConfig
 from longtail.data import create_dataset
 from longtail.models import create_model
+from longtail.run_folder import RunDir
 from longtail.utils import device_name, environment_info, resolve_device, seed_everything
 
 
@@ -270,6 +272,13 @@ def _median(values: list[float | None]) -> float | None:
     return statistics.median(vals) if vals else None
 
 
+def default_record_path(record: dict) -> Path:
+    """Where ``longtail bench`` writes ``record`` without --json: benchmarks/results/bench_<recipe>_<device>.json
+    (the device's name, e.g. ``NVIDIA_H200``, without its details in parentheses)."""
+    device = re.sub(r"[^A-Za-z0-9]+", "_", record["device"].split(" (")[0]).strip("_")
+    return Path(f"benchmarks/results/bench_{record['recipe']}_{device}.json")
+
+
 def run_bench(cfg: RunConfig, epochs: int = 2, reference: bool = True, ceiling_too: bool = True,
               rounds: int = 1) -> tuple[BenchResult, dict]:
     """Time our fit loop, the two anchors (``reference``) and the ceiling (``ceiling_too``), interleaved over
@@ -288,7 +297,7 @@ def run_bench(cfg: RunConfig, epochs: int = 2, reference: bool = True, ceiling_t
     for _ in range(rounds):
         with tempfile.TemporaryDirectory(prefix="longtail-bench-") as tmp:
             run_dir = train(bcfg, out=Path(tmp) / "run", progress=False)
-            metrics = json.loads((run_dir / "metrics.json").read_text())
+            metrics = json.loads(RunDir(run_dir).metrics.read_text())
         ours_r.append(_rate(metrics["epoch_timing"]))
         if ours_mem is None:
             ours_mem = _peak_memory_mb(device)  # measured before any other loop ran in this process
@@ -355,3 +364,117 @@ def run_bench(cfg: RunConfig, epochs: int = 2, reference: bool = True, ceiling_t
         **{k: v for k, v in environment_info(device).items() if k != "device"},
     }
     return res, record
+
+
+class StepRunner:
+    """The fit loop's training step, step by step: what ``longtail.engine.fit._train`` builds for the recipe's first
+    stage (dataset, loader, model in ``model.channels_last``, method, optimiser, ``torch.compile`` when
+    ``cfg.compile``, sampler, per-epoch generator and learning rate) and the body of its inner loop, without the run
+    folder, check points, checkpoints or evaluation. Made for timing a setting over a few steps instead of whole
+    epochs (``benchmarks/cpu_defaults.py``) and for checking bit for bit whether a setting moves the numerics
+    (``digest``): after the same steps it trains the same weights as ``train`` (tested), so two runners that differ
+    in one setting and agree in ``digest`` train identically."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        from longtail.data.loaders import Loader
+        from longtail.data.samplers import create_sampler
+        from longtail.engine.build import resolve
+        from longtail.engine.ema import WeightEMA
+        from longtail.engine.fit import _epoch_seed, _epoch_steps, _loss_dtype, _make_optimizer, build_stage_method
+
+        cfg = resolve(bench_config(cfg, cfg.stages[0].epochs))
+        self.cfg, st = cfg, cfg.stages[0]
+        self.device = device = resolve_device(cfg.device)
+        seed_everything(cfg.seed)  # the order of fit._train's set-up, so the same random draws build the same run
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        ds = create_dataset(cfg.data)
+        self.loader = Loader(ds, device, cfg.data.augment, cfg.data.num_workers, cfg.data.fast_path)
+        model = create_model(cfg.model, ds.num_classes).to(device)
+        if cfg.model.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.method, self.ctx = build_stage_method(cfg, 0, model, ds, self.loader, device)
+        self.method.on_stage_start(self.ctx)
+        self.opt = _make_optimizer(self.method, st)
+        self.ema = WeightEMA(self.method, st.ema.decay) if st.ema.decay > 0 else None
+        self.clip = [p for g in self.opt.param_groups for p in g["params"]] if st.optim.clip_grad_norm else None
+        self.train_fn = torch.compile(self.method) if cfg.compile else self.method
+        sampler = create_sampler(st.sampler, ds.train.targets, ds.num_classes, seed=_epoch_seed(cfg.seed, 0, 0),
+                                 total_epochs=st.epochs)
+        self.sampler = self.method.train_sampler(sampler, st.batch_size)
+        self.steps_per_epoch = _epoch_steps(
+            st, self.loader.steps_per_epoch(len(self.sampler), st.batch_size, st.drop_last), len(ds.train))
+        self.ctx.steps_per_epoch = self.steps_per_epoch
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"an epoch of batch {st.batch_size} has no training step; use a smaller batch_size")
+        self._epoch_seed = _epoch_seed
+        self.epoch, self.step, self._batches = 0, 0, None
+        self.loss_sum = torch.zeros((), dtype=_loss_dtype(device), device=device)
+        self.images = 0
+
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        from longtail.engine.fit import _set_lr
+
+        st = self.cfg.stages[0]
+        if self._batches is None:  # an epoch starts, as in fit: its generator, lr, the method's hook, its indices
+            gen = torch.Generator().manual_seed(self._epoch_seed(self.cfg.seed, 0, self.epoch) ^ 0x5EED)
+            self.ctx.lr = _set_lr(self.opt, st, self.epoch)
+            self.method.on_epoch_start(self.epoch, self.ctx)
+            self.method.train()
+            indices = self.sampler.indices(self.epoch)
+            if st.epoch_length == "dataset":
+                indices = indices[: self.steps_per_epoch * st.batch_size]
+            self._indices = indices
+            self._batches = iter(self.loader.train_batches(indices, st.batch_size, st.drop_last, gen))
+        batch = next(self._batches, None)
+        if batch is None:  # the epoch's last batch was trained
+            self.epoch, self.step, self._batches = self.epoch + 1, 0, None
+            return self._next_batch()
+        return batch
+
+    def run(self, steps: int) -> dict:
+        """Train ``steps`` more steps (across epoch ends as fit would); their ``seconds`` (wall, the device
+        synchronised), ``cpu_seconds`` (this process's CPU time: on a shared CPU, the work a one-thread run did,
+        whatever share of the cores it got), ``minor_faults`` (page faults without I/O: memory the allocator mapped
+        afresh) and ``images``."""
+        from longtail.engine.evaluate import autocast
+        from longtail.engine.fit import _set_lr
+
+        st, cl = self.cfg.stages[0], self.cfg.model.channels_last
+        _sync(self.device)
+        t, cpu, images = time.time(), time.process_time(), self.images
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(steps):
+            x, y = self._next_batch()
+            if st.schedule.per_iteration:
+                self.ctx.lr = _set_lr(self.opt, st, self.epoch + self.step / self.steps_per_epoch)
+            b = st.batch_size
+            self.method.on_train_batch(self.step, self._indices[self.step * b : (self.step + 1) * b])
+            with autocast(self.device, self.cfg.amp):  # fit._train's step from here on
+                out = self.train_fn(self.loader.normalize(x, cl), y)
+            loss = out["loss"]
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.clip, st.optim.clip_grad_norm)
+            self.opt.step()
+            if self.ema is not None:
+                self.ema.update()
+            self.loss_sum += loss.detach().to(self.loss_sum.dtype) * len(y)
+            self.images += len(y)
+            self.step += 1
+        _sync(self.device)
+        return {"seconds": time.time() - t, "cpu_seconds": time.process_time() - cpu, "images": self.images - images,
+                "minor_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults}
+
+    def digest(self) -> str:
+        """sha256 of the method's state (weights, buffers) and the loss sum so far: equal digests, equal training."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for k, v in sorted(self.method.state_dict().items()):
+            if isinstance(v, torch.Tensor):
+                h.update(k.encode())
+                h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        h.update(self.loss_sum.cpu().numpy().tobytes())
+        return h.hexdigest()

@@ -14,12 +14,14 @@ import copy
 from pathlib import Path
 
 import longtail.data  # noqa: F401  (fill the registries: datasets, samplers)
+import longtail.losses  # noqa: F401  (losses)
 import longtail.methods  # noqa: F401  (methods)
 import longtail.models  # noqa: F401  (backbones, heads)
 from longtail import config
 from longtail.config import RunConfig, from_dict, plugin_options, to_dict
 from longtail.data.loaders import parse_augment
 from longtail.errors import ConfigError
+from longtail.methods.base import check_contract
 from longtail.plugins import load_entry_points, load_plugins
 from longtail.registry import BACKBONES, DATASETS, HEADS, METHODS, SAMPLERS, Registry, RegistryError
 
@@ -62,6 +64,7 @@ def resolve(cfg: RunConfig) -> RunConfig:
         _known(SAMPLERS, st.sampler, f"{where}.sampler")
         _known(METHODS, st.method["name"], f"{where}.method")
         method_cls = METHODS.get(st.method["name"])
+        check_contract(st.method["name"], method_cls)  # a plugin written to an old Method contract
         opts = {k: v for k, v in st.method.items() if k != "name"}
         need = method_cls.head_needed(opts)  # a wrapper (ifl, mixup) answers for its base
         if need is not None and need != head:

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from longtail.errors import UsageError, UserError
+from longtail.run_folder import RunDir
 from longtail.utils import atomic_write_bytes, atomic_write_json
 
 if TYPE_CHECKING:
@@ -184,7 +185,7 @@ def export_model(model: TrainedModel, format: str = "torchscript", out: str | Pa
         raise UsageError(f"unknown export format {format!r}: {' or '.join(FORMATS)}")
     if input not in INPUTS:
         raise UsageError(f"unknown export input {input!r}: {', '.join(INPUTS)}")
-    out = Path(out) if out is not None else model.run_dir / "export" / f"model{FORMATS[format]}"
+    out = Path(out) if out is not None else RunDir(model.run_dir).export(FORMATS[format])
     if out.is_dir():
         raise UsageError(f"--out {out} is a folder; name the file to write (e.g. {out / ('model' + FORMATS[format])})")
     device = model.device

@@ -18,21 +18,20 @@ import torch
 from tqdm import tqdm
 
 from longtail.errors import WRITE_ERRNOS, MissingFileError, UsageError, write_error
+from longtail.run_folder import RunDir
 from longtail.utils import atomic_write_json
 
 
 def _stamp(run_dir: Path, split: str) -> dict:
-    final = run_dir / "checkpoints" / "final.pt"
-    st = final.stat()
-    return {"split": split, "checkpoint": {"path": "checkpoints/final.pt", "mtime_ns": st.st_mtime_ns,
-                                           "size": st.st_size},
-            "config_sha256": hashlib.sha256((run_dir / "config.yaml").read_bytes()).hexdigest()}
+    rd = RunDir(run_dir)
+    st = rd.final.stat()
+    return {"split": split, "checkpoint": {"path": rd.final_name, "mtime_ns": st.st_mtime_ns, "size": st.st_size},
+            "config_sha256": hashlib.sha256(rd.config.read_bytes()).hexdigest()}
 
 
 def feature_paths(run_dir: str | Path, split: str) -> tuple[Path, Path, Path]:
     """(features .npy, labels .npy, stamp .json) of a split."""
-    d = Path(run_dir) / "features"
-    return d / f"{split}.npy", d / f"{split}_labels.npy", d / f"{split}.json"
+    return RunDir(run_dir).features(split)
 
 
 def is_current(run_dir: str | Path, split: str) -> bool:
@@ -51,7 +50,7 @@ def load_features(run_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarr
     """(N, D) memory-mapped float32 features and (N,) labels of a split written by ``export_features``."""
     feats, labels, _ = feature_paths(run_dir, split)
     if not feats.is_file():
-        raise MissingFileError(f"no features for split {split!r} in {Path(run_dir) / 'features'}: "
+        raise MissingFileError(f"no features for split {split!r} in {RunDir(run_dir).features_dir}: "
                                 f"run longtail features {run_dir} --split {split}")
     return np.load(feats, mmap_mode="r"), np.load(labels)
 
@@ -81,7 +80,7 @@ def export_features(run_dir: str | Path, splits: list[str] | None = None, batch_
             out[split] = _write_split(run, run_dir, split, batch_size, progress)
         except OSError as e:
             if e.errno in WRITE_ERRNOS:  # a full or read-only disk: one line, naming the folder
-                raise write_error(run_dir / "features", e) from None
+                raise write_error(RunDir(run_dir).features_dir, e) from None
             raise
     return out
 

@@ -63,7 +63,7 @@ from longtail.engine.evaluate import (
 from longtail.engine.feature_stage import fit_on_features
 from longtail.engine.record import inference_record
 from longtail.engine.run_log import RunLog, check_log_extras
-from longtail.engine.schedule import lr_at
+from longtail.engine.schedule import follows_schedule, lr_at, optimizer_groups
 from longtail.errors import (
     WRITE_ERRNOS,
     CheckpointError,
@@ -74,12 +74,14 @@ from longtail.errors import (
     write_error,
 )
 from longtail.evaluation.metrics import describe_class_groups
-from longtail.methods import Method, MethodContext, create_method
+from longtail.methods import BatchInfo, Method, MethodContext, create_method
 from longtail.models import Classifier, create_model
 from longtail.plugins import record_plugins
 from longtail.progress import progress_bars
 from longtail.registry import METHODS
 from longtail.run_folder import (
+    RUNS_ROOT,
+    RunDir,
     RunLock,
     check_new_run_folder,
     check_resumable,
@@ -98,43 +100,6 @@ from longtail.utils import (
 )
 
 log = logging.getLogger("longtail")
-
-
-# The run folder's paths this module names, each spelled once here.
-def _runs_root() -> Path:
-    return Path("runs")  # where a run without --out gets its folder
-
-
-def _config_path(run_dir: Path) -> Path:
-    return run_dir / "config.yaml"
-
-
-def _log_path(run_dir: Path) -> Path:
-    return run_dir / "train.log"
-
-
-def _metrics_path(run_dir: Path) -> Path:
-    return run_dir / "metrics.json"
-
-
-def _checkpoints_dir(run_dir: Path) -> Path:
-    return run_dir / "checkpoints"
-
-
-def _last_path(run_dir: Path) -> Path:
-    return _checkpoints_dir(run_dir) / "last.pt"  # the resume point
-
-
-def _best_path(run_dir: Path) -> Path:
-    return _checkpoints_dir(run_dir) / "best.pt"
-
-
-def _final_path(run_dir: Path) -> Path:
-    return _checkpoints_dir(run_dir) / "final.pt"
-
-
-def _stage_path(run_dir: Path, stage: str) -> Path:
-    return _checkpoints_dir(run_dir) / f"stage_{stage}.pt"
 
 
 class Interrupted(RuntimeError):
@@ -185,17 +150,17 @@ def new_run_dir(cfg: RunConfig, out: str | Path | None) -> Path:
     if out is not None:
         return Path(out)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = unique_run_dir(_runs_root(), f"{cfg.name}-{stamp}")
+    run_dir = unique_run_dir(Path(RUNS_ROOT), f"{cfg.name}-{stamp}")
     point_latest(run_dir)
     return run_dir
 
 
 def _setup_logging(run_dir: Path) -> logging.Handler:
     try:
-        handler = logging.FileHandler(_log_path(run_dir))
+        handler = logging.FileHandler(RunDir(run_dir).train_log)
     except OSError as e:
         if e.errno in WRITE_ERRNOS:
-            raise write_error(_log_path(run_dir), e) from None
+            raise write_error(RunDir(run_dir).train_log, e) from None
         raise
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
@@ -230,13 +195,14 @@ def build_stage_method(
         stage=st,
         dataset=ds,
         loader=loader,
+        sampler_seed=_epoch_seed(cfg.seed, stage_idx, 0),
     )
     method = create_method(st.method, model, ctx).to(device)
     return method, ctx
 
 
 def _make_optimizer(method: Method, st: StageConfig) -> torch.optim.Optimizer:
-    groups = method.param_groups()
+    groups = optimizer_groups(method.param_groups(), f"stage '{st.name}': method '{st.method['name']}'")
     if not any(p.requires_grad for g in groups for p in g["params"]):
         raise ConfigError(
             f"stage '{st.name}': method '{st.method['name']}' has no trainable parameters, so "
@@ -258,7 +224,7 @@ def _make_optimizer(method: Method, st: StageConfig) -> torch.optim.Optimizer:
 def _set_lr(opt: torch.optim.Optimizer, st: StageConfig, t: float) -> float:
     lr = lr_at(st.optim.lr, st.schedule, st.epochs, t)
     for g in opt.param_groups:
-        if not g.get("fixed_lr", False):  # e.g. IFL's centres: their own constant lr
+        if follows_schedule(g):  # not a group with a constant lr of its own (IFL's centres)
             g["lr"] = lr
     return lr
 
@@ -336,7 +302,7 @@ def _init_checkpoint(init_from: str) -> Path:
     """The checkpoint an ``init_from`` path names: a run folder's evaluated weights, or a ``.pt`` file."""
     p = Path(init_from).expanduser()
     if p.is_dir():
-        final = _final_path(p)
+        final = RunDir(p).final
         if not final.is_file():
             raise MissingFileError(
                 f"init_from {init_from}: a folder without checkpoints/final.pt (is it a "
@@ -372,7 +338,7 @@ def _resolve_init_paths(cfg: RunConfig) -> None:
 
 def _load_init(model: torch.nn.Module, st: StageConfig, run_dir: Path, earlier: list[str]) -> None:
     """The model's weights from ``init_from``: an earlier stage's stage_<name>.pt in this run, or another run's."""
-    path = _stage_path(run_dir, st.init_from) if st.init_from in earlier else _init_checkpoint(st.init_from)
+    path = RunDir(run_dir).stage_checkpoint(st.init_from) if st.init_from in earlier else _init_checkpoint(st.init_from)
     weights = model_state(load_checkpoint(path)["method"])
     try:
         model.load_state_dict(weights)
@@ -556,7 +522,7 @@ def _run_config(
             raise UsageError("--resume continues the run in --out, --overwrite starts a new one there: pick one")
         run_dir = Path(out)
         check_resumable(run_dir)
-        saved = load_raw(_config_path(run_dir))
+        saved = load_raw(RunDir(run_dir).config)
         saved.pop("meta", None)
         return build_config(saved), run_dir
     cfg = resolve(cfg) if cfg is not None else build_config({})  # a copy: the caller's config is left as it is
@@ -661,7 +627,7 @@ class Trainer:
     ctx: MethodContext
     clip_params: list[torch.nn.Parameter] | None  # what optim.clip_grad_norm clips
     train_fn: torch.nn.Module  # what a step calls: the method, DDP-wrapped and / or compiled
-    sampler: Sampler  # the stage's, as the method adapted it
+    sampler: Sampler  # the method's own (Method.sampler) or the stage's configured one
     local_batch: int  # this rank's share of the global batch
     steps: int  # steps per epoch
     cut: int | None  # global samples per epoch with epoch_length=dataset
@@ -709,8 +675,8 @@ class Trainer:
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
-        _checkpoints_dir(self.run_dir).mkdir(exist_ok=True)
-        self.point = ResumePoint.read(_last_path(self.run_dir)) if self.resume else None
+        RunDir(self.run_dir).checkpoints.mkdir(exist_ok=True)
+        self.point = ResumePoint.read(RunDir(self.run_dir).last) if self.resume else None
         if self.resume:
             log.info("resuming %s from %s", self.run_dir,
                      "its last checkpoint" if self.point is not None else "the start (no checkpoint yet)")
@@ -749,7 +715,7 @@ class Trainer:
             "dataset": {k: v for k, v in ds.info.items() if k != "counts"},
             "train_counts": ds.train_counts().tolist(),
         }
-        save_yaml({**to_dict(self.cfg), "meta": meta}, _config_path(self.run_dir))
+        save_yaml({**to_dict(self.cfg), "meta": meta}, RunDir(self.run_dir).config)
 
     def _restore_run(self) -> None:
         """A resumed run's model as the earlier stages left it, its best val and choices; and metrics.csv (a
@@ -792,7 +758,7 @@ class Trainer:
         if not self.main:
             return
         save_checkpoint(
-            _last_path(self.run_dir),
+            RunDir(self.run_dir).last,
             state=vars(state),
             method=method_state if method_state is not None else self.method.state_dict(),
             optimizer=self.opt.state_dict() if self.opt is not None else {},
@@ -892,12 +858,14 @@ class Trainer:
         return train_fn
 
     def _build_sampler(self) -> None:
-        """The stage's sampler (as the method adapts it) and the steps of an epoch of it."""
+        """The stage's sampler (the method's own, or the configured one) and the steps of an epoch of it."""
         st, world = self.st, self.ctx.world_size
         self.local_batch = st.batch_size // self.dist.world_size
-        sampler = create_sampler(st.sampler, self.ds.train.targets, self.ds.num_classes,
-                                 seed=_epoch_seed(self.cfg.seed, self.si, 0), total_epochs=st.epochs)
-        self.sampler = self.method.train_sampler(sampler, st.batch_size)  # e.g. IFL's two environments
+        sampler = self.method.sampler(self.ds, self.ctx)  # e.g. IFL's two environments; None: the configured one
+        if sampler is None:
+            sampler = create_sampler(st.sampler, self.ds.train.targets, self.ds.num_classes,
+                                     seed=self.ctx.sampler_seed, total_epochs=st.epochs)
+        self.sampler = sampler
         # An epoch is the sampler's stream (n_max * C for class-aware sampling), this rank's share of it; with
         # epoch_length=dataset its first int(N / B) global batches (every rank the same number of steps).
         per_rank = -(-len(self.sampler) // world)
@@ -931,7 +899,7 @@ class Trainer:
         self.choices = [c for c in self.choices if c["stage"] != st.name]
         self.choices += _choose_options(self.method, st, self.loader, self.cfg, self.channels_last, self.dist)
         if self.main:
-            save_checkpoint(_stage_path(self.run_dir, st.name), method=self.method.state_dict(),
+            save_checkpoint(RunDir(self.run_dir).stage_checkpoint(st.name), method=self.method.state_dict(),
                             config=to_dict(self.cfg))
         # The next stage starts at its epoch 0; record that so a resume lands there (with the model's weights
         # from `method`; the next stage builds its own method and optimiser).
@@ -977,9 +945,9 @@ class Trainer:
         st, opt = self.st, self.opt
         if st.schedule.per_iteration:
             run.lr = _set_lr(opt, st, run.epoch + step / self.steps)
-        self.method.on_train_batch(step, run.indices[step * self.local_batch : (step + 1) * self.local_batch])
+        batch = BatchInfo(run.indices[step * self.local_batch : (step + 1) * self.local_batch], step)  # sample ids
         with autocast(self.device, self.cfg.amp):
-            out = self.train_fn(self.loader.normalize(x, self.channels_last), y)
+            out = self.train_fn(self.loader.normalize(x, self.channels_last), y, batch=batch)
         loss = out["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -1077,7 +1045,7 @@ class Trainer:
             self.best = {"top1": val["top1"], "metric": self.select_metric, "score": score, "epoch": epoch + 1,
                          "stage": self.st.name}
             if self.main:
-                save_checkpoint(_best_path(self.run_dir), method=self.method.state_dict(), best=self.best,
+                save_checkpoint(RunDir(self.run_dir).best, method=self.method.state_dict(), best=self.best,
                                 config=to_dict(self.cfg))
 
     def _end_epoch(self, epoch: int) -> None:
@@ -1112,7 +1080,7 @@ class Trainer:
         cfg, last = self.cfg, self.cfg.stages[-1]
         self.method, _ = build_stage_method(cfg, len(cfg.stages) - 1, self.model, self.ds, self.loader, self.device,
                                             self.dist)
-        stage_path = _stage_path(self.run_dir, last.name)
+        stage_path = RunDir(self.run_dir).stage_checkpoint(last.name)
         _load_method_state(self.method, load_checkpoint(stage_path)["method"], stage_path)
         if last.ema.decay > 0 and self.point is not None and self.point.ema is not None:
             self.ema = WeightEMA(self.method, last.ema.decay)
@@ -1121,7 +1089,7 @@ class Trainer:
     def _select_weights(self) -> str:
         """Load best.pt's weights under eval.select=best_val (and choose the last stage's options for them);
         returns what was selected, in words."""
-        best_path = _best_path(self.run_dir)
+        best_path = RunDir(self.run_dir).best
         if self.cfg.eval.select != "best_val" or not best_path.exists():
             return "last epoch"
         b = load_checkpoint(best_path)
@@ -1140,7 +1108,7 @@ class Trainer:
         ema = {"ema": self.ema.state_dict()} if self.ema is not None else {}
         # With what prediction needs besides the weights (class names, input size, normalisation, counts), so
         # load_model / predict / export never read the training data.
-        save_checkpoint(_final_path(self.run_dir), method=self.method.state_dict(), config=to_dict(self.cfg),
+        save_checkpoint(RunDir(self.run_dir).final, method=self.method.state_dict(), config=to_dict(self.cfg),
                         selected=selected, inference=inference_record(self.ds), **ema)
         metrics["selected"] = selected
         if self.select_metric:
@@ -1222,7 +1190,7 @@ def evaluate_run(
 
 def write_metrics(run_dir: Path, metrics: dict, cfg: RunConfig) -> None:
     """metrics.json (atomic) and, when configured, the plots."""
-    atomic_write_json(_metrics_path(run_dir), metrics)
+    atomic_write_json(RunDir(run_dir).metrics, metrics)
     if cfg.eval.plots:
         from longtail.evaluation.plots import save_run_plots
 

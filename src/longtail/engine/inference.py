@@ -33,7 +33,7 @@ from longtail.errors import CheckpointError, ConfigError, DataError, MissingFile
 from longtail.methods import Method, MethodContext, create_method
 from longtail.models import create_model
 from longtail.plugins import load_plugins
-from longtail.run_folder import lock_holder
+from longtail.run_folder import RunDir, lock_holder
 from longtail.utils import display_name, resolve_device
 
 log = logging.getLogger("longtail")
@@ -45,9 +45,10 @@ LIST_EXTENSIONS = (".txt", ".lst", ".list")  # list files: an image path per lin
 
 
 def _final_checkpoint(run_dir: Path) -> Path:
-    if not (run_dir / "config.yaml").is_file():
+    rd = RunDir(run_dir)
+    if not rd.config.is_file():
         raise MissingFileError(f"{run_dir} is not a longtail run folder (no config.yaml)")
-    final = run_dir / "checkpoints" / "final.pt"
+    final = rd.final
     if not final.is_file():
         holder = lock_holder(run_dir)
         if holder is not None:
@@ -62,7 +63,7 @@ def run_config(run_dir: str | Path, overrides: list[str] | None = None, device: 
     """The config a run was trained with (its config.yaml), its plugins imported; ``overrides`` ``method.X=V``
     address the last stage's method, the one that predicts."""
     run_dir = Path(run_dir)
-    raw = load_raw(run_dir / "config.yaml")
+    raw = load_raw(RunDir(run_dir).config)
     raw.pop("meta", None)
     plugins = raw.get("plugins") or []
     if isinstance(plugins, list):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from longtail.errors import CheckpointError
+from longtail.run_folder import FINAL
 
 # How a run's own evaluation images reach the network, and so how any other image must:
 #   resize_square  in-memory datasets (decoded once at the input size): resize the short side to image_size and
@@ -58,7 +59,7 @@ class InferenceInfo:
         )
 
     @classmethod
-    def from_dict(cls, data: dict, where: str = "final.pt") -> InferenceInfo:
+    def from_dict(cls, data: dict, where: str = FINAL) -> InferenceInfo:
         names = {f.name for f in dataclasses.fields(cls)}
         try:
             info = cls(**{k: v for k, v in data.items() if k in names})  # newer keys: ignored by older code

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from longtail.config import RunConfig, to_dict
 from longtail.errors import ConfigError
+from longtail.run_folder import RunDir
 from longtail.utils import atomic_write_text
 
 log = logging.getLogger("longtail")
@@ -46,7 +47,7 @@ class RunLog:
     the checkpoint a resumed run starts from: rows from there on are dropped (they are trained again)."""
 
     def __init__(self, run_dir: Path, cfg: RunConfig, resume_at: tuple[int, int] | None = None) -> None:
-        self.path = run_dir / "metrics.csv"
+        self.path = RunDir(run_dir).metrics_csv
         self.cfg = cfg
         self._stage_index = {st.name: i for i, st in enumerate(cfg.stages)}
         self._offsets = [sum(st.epochs for st in cfg.stages[:i]) for i in range(len(cfg.stages))]
@@ -60,7 +61,7 @@ class RunLog:
         self.tb = None
         self.wandb = None
         if cfg.log.tensorboard:
-            self.tb = _tensorboard_writer(run_dir / "tensorboard", self._global_step(*resume_at) + 1
+            self.tb = _tensorboard_writer(RunDir(run_dir).tensorboard, self._global_step(*resume_at) + 1
                                           if resume_at is not None else None)
         if cfg.log.wandb:
             self.wandb = _wandb_run(cfg, run_dir, resume_at is not None)

@@ -1,10 +1,43 @@
-"""Learning rate as a pure function of (fractional) epoch: warm-up, then multistep or cosine."""
+"""Learning rate as a pure function of (fractional) epoch: warm-up, then multistep or cosine; and the optimiser's
+parameter groups of a method's typed ``ParamGroup``s (which follow the schedule, which keep an lr of their own)."""
 
 from __future__ import annotations
 
 import math
 
 from longtail.config import ScheduleConfig
+from longtail.errors import ConfigError
+from longtail.methods.base import ParamGroup
+
+# The optimiser-group key that marks a group with a constant lr of its own (``ParamGroup.lr``): ``set_lr`` leaves it.
+# It is the key methods once wrote themselves, so the optimiser state of checkpoints written before ParamGroup
+# existed (IFL's centres) resumes unchanged, and so does the state written now.
+CONSTANT_LR = "fixed_lr"
+
+
+def optimizer_groups(groups: list[ParamGroup], where: str) -> list[dict]:
+    """The ``torch.optim`` parameter-group dicts of a method's ``param_groups()``: a setting a group leaves None is
+    the optimiser's default (the stage's ``optim``), and a group with an lr of its own is marked ``CONSTANT_LR``."""
+    out = []
+    for g in groups:
+        if not isinstance(g, ParamGroup):
+            raise ConfigError(f"{where}: param_groups() returned a {type(g).__name__}, not a ParamGroup (the Method "
+                              f"contract changed: return longtail.methods.base.ParamGroup(params, lr=...), whose lr "
+                              f"is constant, instead of dicts with fixed_lr / lr_scale)")
+        d: dict = {"params": list(g.params)}
+        if not g.scheduled:
+            d["lr"] = g.lr
+            d[CONSTANT_LR] = True
+        for key in ("momentum", "weight_decay", "nesterov"):
+            if getattr(g, key) is not None:
+                d[key] = getattr(g, key)
+        out.append(d)
+    return out
+
+
+def follows_schedule(group: dict) -> bool:
+    """Whether an optimiser group's lr is the stage's scheduled one (not a ``ParamGroup`` lr of its own)."""
+    return not group.get(CONSTANT_LR, False)
 
 
 def lr_at(base_lr: float, cfg: ScheduleConfig, epochs: int, t: float) -> float:

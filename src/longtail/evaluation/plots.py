@@ -26,6 +26,7 @@ from matplotlib.ticker import MaxNLocator
 from matplotlib.transforms import blended_transform_factory
 
 from longtail.errors import WRITE_ERRNOS, write_error
+from longtail.run_folder import RunDir
 from longtail.utils import display_name
 
 DPI = 120
@@ -456,7 +457,7 @@ def save_run_plots(run_dir: str | Path, metrics: dict) -> list[Path]:
     Returns the written paths.
     """
     run_dir = Path(run_dir)
-    out_dir = run_dir / "plots"
+    out_dir = RunDir(run_dir).plots
     splits: dict[str, dict] = metrics.get("splits") or {}
     train_counts = metrics.get("train_counts")
     class_names = metrics.get("class_names")

@@ -1,16 +1,19 @@
-"""Markdown tables of results: one run's splits, or several run folders side by side."""
+"""Markdown tables of results (one run's splits, several run folders side by side, a sweep, a feature evaluation,
+predictions), the listings of ``longtail list``, and the one merge of new results into a run's metrics.json.
+Everything the CLI prints as a table is made here; nothing here imports torch (``longtail list`` stays quick)."""
 
 from __future__ import annotations
 
 import json
 import math
+import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import yaml
 
 from longtail.errors import CorruptFileError, MissingFileError
-from longtail.run_folder import lock_holder, unfinished_reason
+from longtail.run_folder import RunDir, lock_holder, unfinished_reason
 
 DASH = "–"  # shown for a missing value (an empty shot group, a split a run lacks)
 
@@ -24,7 +27,8 @@ def load_run(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise MissingFileError(f"{run_dir} is not a longtail run folder: no such folder")
-    metrics_path = run_dir / "metrics.json"
+    rd = RunDir(run_dir)
+    metrics_path = rd.metrics
     if not metrics_path.is_file():
         holder = lock_holder(run_dir)
         if holder is not None:
@@ -33,14 +37,14 @@ def load_run(run_dir: str | Path) -> dict:
         why = unfinished_reason(run_dir)
         if why is not None:
             raise MissingFileError(why)
-        if (run_dir / "checkpoints" / "final.pt").is_file():
+        if rd.final.is_file():
             raise MissingFileError(f"{run_dir} has final weights but no metrics.json; `longtail eval {run_dir}` "
                                    f"re-creates it")
         raise MissingFileError(
             f"{run_dir} is not a longtail run folder: no metrics.json; did the run finish? "
             f"`longtail eval {run_dir}` re-creates it from checkpoints/final.pt"
         )
-    config_path = run_dir / "config.yaml"
+    config_path = rd.config
     if not config_path.is_file():
         raise MissingFileError(f"{run_dir} is not a longtail run folder: no config.yaml")
     try:
@@ -78,6 +82,29 @@ def read_metrics(path: str | Path) -> dict:
     if not isinstance(metrics, dict):
         raise CorruptFileError(f"{path.parent}: config.yaml and metrics.json must each hold a mapping")
     return metrics
+
+
+MERGED_BY_KEY = ("splits", "feature_quality")  # metrics.json entries merged key by key (split by split)
+
+
+def merge_metrics(old: dict, new: dict) -> dict:
+    """A run's metrics.json ``old`` updated with the results of a later evaluation ``new`` (``longtail eval``):
+    ``new``'s entries replace ``old``'s, except those of MERGED_BY_KEY, which are merged key by key, so that
+    re-evaluating one split (or the feature quality on one split) keeps the others. Keys keep their order."""
+    merged = {**old, **{k: v for k, v in new.items() if k not in MERGED_BY_KEY}}
+    for key in MERGED_BY_KEY:
+        if key in new:
+            merged[key] = {**old.get(key, {}), **new[key]}
+    return merged
+
+
+def common_split(runs: list[dict]) -> str:
+    """The split a comparison figure of ``runs`` (``load_runs``) draws: test when every run has it, else the first
+    run's first split that is not val."""
+    splits = [list(r["metrics"].get("splits") or {}) for r in runs]
+    if all("test" in s for s in splits):
+        return "test"
+    return next((s for s in splits[0] if s != "val"), splits[0][0] if splits[0] else "test")
 
 
 # --------------------------------------------------------------------------------------------- formatting
@@ -156,7 +183,8 @@ def _method(config: dict) -> str:
         src = st.get("init_from")
         if isinstance(src, str) and ("/" in src or "\\" in src):  # started from another run's weights
             p = Path(src)
-            run = p.parent.parent.name if p.name.endswith(".pt") and p.parent.name == "checkpoints" else p.name
+            of = RunDir.of_checkpoint(p)
+            run = of.name if of is not None else p.name
             name = f"{name or '?'} (from {run})"
         names.append(str(name) if name else "?")
     return " -> ".join(names) if any(n != "?" for n in names) else DASH
@@ -256,3 +284,117 @@ def results_table(metrics: dict, title: str | None = None) -> str:
             lines.append(f"Routes on {s}: " + ", ".join(
                 f"{r['route']} {r['num_samples']} ({_fmt(r['top1'])})" for r in m["routes"]) + " [samples (top1)].")
     return "\n".join(lines)
+
+
+def sweep_table(rows: list[dict], option: str) -> str:
+    """Markdown table of a prediction-time option's sweep (``sweep_option``'s rows): one row per value."""
+
+    def cell(v):
+        return DASH if v is None else f"{v:.2f}"
+
+    lines = [f"| {option} | top1 | many | medium | few | precision |", "|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r[option]:g} | " + " | ".join(cell(r[k]) for k in ("top1", "many", "medium", "few", "precision"))
+              + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def feature_quality_table(rep: dict) -> str:
+    """Markdown summary of a feature evaluation (``feature_quality``): class composition and accuracy of the
+    filtered subset."""
+
+    def cell(v):
+        return DASH if v is None else f"{v:.1f}"
+
+    comp, split = rep["composition"], rep.get("split", "test")
+    lines = ["| subset | samples | % many | % medium | % few | top1 | many | medium | few | MCC | NMI |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, key, ckey in ((f"{split}: filtered (CAC)", "filtered", "test_filtered"),
+                            (f"{split}: rest (regular)", "rest", None), (f"{split}: all", "all", "test_all")):
+        m = rep[key]
+        c = comp[ckey] if ckey else {}
+        lines.append(f"| {name} | {m['num_samples']} | " + " | ".join(cell(c.get(g)) for g in ("many", "medium", "few"))
+                     + " | " + " | ".join(cell(m.get(k)) for k in ("top1", "many", "medium", "few", "mcc", "nmi"))
+                     + " |")
+    for name, ckey in (("train: filtered", "train_filtered"), ("train: all", "train_all")):
+        lines.append(f"| {name} | | " + " | ".join(cell(comp[ckey].get(g)) for g in ("many", "medium", "few"))
+                     + " |" + " |" * 6)
+    cl = rep["clusters"]
+    lines.append("")
+    lines.append(f"train clusters: purity > 0.9: {cl['purity_gt_0.9']}, > 0.7: {cl['purity_gt_0.7']}, > 0.5: "
+                 f"{cl['purity_gt_0.5']}; empty {cl['empty']}; size quartiles {cl['size_quartiles']}")
+    lines.append(f"({rep['protocol']}; shot groups {rep['thresholds']})")
+    return "\n".join(lines)
+
+
+def prediction_accuracy(res: dict) -> str | None:
+    """The accuracy line of ``predict_to``'s result on its labelled images, or None without labels."""
+    m = res["metrics"]
+    if m is None:
+        return None
+
+    def cell(v):
+        return "-" if v is None else f"{v:.2f}"
+
+    return (f"accuracy on the {res['labelled']} labelled images (labels from <class>/ folders or the list file): "
+            f"top1 {cell(m['top1'])}, many {cell(m['many'])}, medium {cell(m['medium'])}, few {cell(m['few'])} "
+            f"({m['thresholds']})")
+
+
+# --------------------------------------------------------------------------------------------- longtail list
+
+
+def _entry(name: str, doc: str, width: int) -> str:
+    # Whole descriptions, wrapped under their column (a long name pushes its text to the next line).
+    head = f"  {name:<18} " if len(name) < 19 else f"  {name}\n" + " " * 21
+    return textwrap.fill(doc, width, initial_indent=" " * 21, subsequent_indent=" " * 21).replace(
+        " " * 21, head, 1) if doc else head.rstrip()
+
+
+def plugin_listing(width: int) -> str:
+    """What ``longtail list`` prints: every registered dataset, backbone, head, method and sampler with its
+    description, then the shipped recipes. longtail's own plugins are read from their source (``catalogue``: no
+    torch to import); then come the live entries that the source does not name (``--plugin`` modules and entry
+    points, imported before), each with the module that registered it."""
+    from longtail import registry
+    from longtail.config import shipped_configs
+    from longtail.plugins import provider
+
+    registries = registry.catalogue()
+    lines = []
+    for title, var, reg in (("datasets", "DATASETS", registry.DATASETS), ("backbones", "BACKBONES", registry.BACKBONES),
+                            ("heads", "HEADS", registry.HEADS), ("methods", "METHODS", registry.METHODS),
+                            ("samplers", "SAMPLERS", registry.SAMPLERS)):
+        lines.append(f"{title}:")
+        static = registries.get(var, {})
+        for name, doc in static.items():
+            lines.append(_entry(name, doc, width))
+        for name, doc in reg.describe().items():
+            if name not in static:
+                module = None if name.endswith("<name>") else provider(reg.get(name))
+                lines.append(_entry(name, f"{doc}{f' (plugin {module})' if module else ''}", width))
+    lines.append("configs (longtail train NAME):")
+    lines += [f"  {name}" for name in shipped_configs()]
+    return "\n".join(lines)
+
+
+def options_listing(name: str, found: list[tuple[str, object, type | None, str]], width: int) -> str:
+    """What ``longtail list NAME`` prints for a method, head or dataset: for each ``(kind, registered object, its
+    options' Config dataclass or None, how an option is set)`` in ``found``, its description and each option of
+    that Config with type, default and the comment that documents it."""
+    from longtail.registry import describe_options
+
+    blocks = []
+    for kind, obj, config_cls, usage in found:
+        doc = " ".join((obj.__doc__ or "").split())
+        lines = [textwrap.fill(f"{name} ({kind}): {doc}" if doc else f"{name} ({kind})", width)]
+        options = describe_options(config_cls) if config_cls is not None else []
+        if not options:
+            lines.append("\nno options")
+        else:
+            lines.append(f"\noptions ({usage.format(name=name, opt=options[0][0])}):")
+            for opt, tp, default, text in options:
+                lines.append(f"  {opt}: {tp} = {default}")
+                if text:
+                    lines.append(textwrap.fill(text, width, initial_indent=" " * 6, subsequent_indent=" " * 6))
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)

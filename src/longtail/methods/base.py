@@ -10,9 +10,11 @@ The contract (what the engine calls; everything has a default, a method override
 - class attributes ``requires_head`` (a head the method needs; checked by ``engine.build``), ``trains`` (whether
   its stage's epochs optimise ``param_groups()``), ``val_options`` (prediction-time options chosen on val),
   ``metrics_on_features`` (whether evaluation hands ``extra_metrics`` the split's features).
-- training: ``forward(images, targets) -> {'loss', 'logits'}`` (with ``loss``), ``param_groups()``,
-  ``train_sampler(sampler, batch_size)`` and ``on_train_batch(step, sample_ids)`` (a method that resamples or
-  tracks samples: IFL).
+- training: ``forward(images, targets, batch=None) -> {'loss', 'logits'}``, where ``batch`` is the step's
+  ``BatchInfo`` (its sample ids and step: what a method that tracks samples reads, IFL; None outside the fit loop);
+  ``param_groups() -> list[ParamGroup]`` (a group's own constant lr, momentum, weight decay: typed, converted by the
+  engine); ``sampler(dataset, ctx) -> Sampler | None`` (None: the stage's configured ``stages[].sampler``; IFL
+  returns its two-environment sampler). A method's loss comes from ``longtail.losses`` (``LOSSES``).
 - the stage: ``on_stage_start(ctx)``, ``on_epoch_start(epoch, ctx)``, ``on_stage_end(ctx)``; ``ctx`` is a
   ``MethodContext``, whose typed ``dataset`` and ``loader`` give a method the run's data (no untyped extras).
 - fitting on features (a post-hoc stage of epochs 0: NCM's centroids, DLSA's flows and heads): a method names the
@@ -31,26 +33,39 @@ Changes to this contract stay small and are listed here: ``MethodContext.extras`
 trains with its configured sampler); ``routes`` / ``route_names`` (DLSA's alone, with a special case in the
 evaluation) became the generic ``extra_metrics`` with ``metrics_on_features``; fitting on extracted features
 inside ``on_stage_start`` (with a loop of its own, where Ctrl-C was ignored) became ``feature_splits`` /
-``fit_features``; ``inference_module`` was added for export (default: ``predict``).
+``fit_features``; ``inference_module`` was added for export (default: ``predict``); ``train_sampler(sampler,
+batch_size)`` became ``sampler(dataset, ctx)`` (``ctx.sampler_seed`` seeds a method's own sampler as the configured
+one is); ``on_train_batch(step, sample_ids)`` became ``forward``'s ``batch`` argument; ``param_groups`` returns
+``ParamGroup``s instead of dicts with the keys ``fixed_lr`` / ``lr_scale``; the re-balancing losses moved to
+``longtail.losses`` (the methods of their names stay), which IFL and mixup hold as their ``criterion`` submodule
+instead of a hidden base method. A plugin written to the old contract is refused with a one-line error naming the
+new hook (``check_contract``), never trained silently the old way.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from longtail.config import StageConfig
-from longtail.errors import CheckpointError
+import longtail.losses  # noqa: F401  (fills LOSSES, which LossMethod and why_not_a_loss read)
+from longtail.config import StageConfig, check_val_option
+from longtail.errors import CheckpointError, ConfigError
 from longtail.models import Classifier
+from longtail.registry import LOSSES, METHODS
 
 if TYPE_CHECKING:  # annotations only: the loader module imports torchvision
     from longtail.data.base import LTDataset
     from longtail.data.loaders import Loader
+    from longtail.data.samplers import Sampler
     from longtail.evaluation.metrics import ShotThresholds
+
+__all__ = ["BatchInfo", "FeatureSet", "FitControl", "LossMethod", "Method", "MethodContext", "ParamGroup",
+           "check_contract", "check_val_option", "why_not_a_loss"]
 
 
 @dataclass
@@ -72,6 +87,17 @@ class MethodContext:
     # split on the run's device (methods that fit on features).
     dataset: LTDataset | None = None
     loader: Loader | None = None
+    # The seed of this stage's sampler (the engine's, from the run's seed and the stage index): a method's own
+    # sampler (``Method.sampler``) takes it, so that its stream is as reproducible and resumable as the configured one.
+    sampler_seed: int = 0
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    """Which training samples a step's batch holds: what the engine passes to ``Method.forward`` as ``batch``."""
+
+    sample_ids: torch.Tensor  # (B,) int64 training-set indices of this rank's batch, in batch order, on the host
+    step: int  # the batch's 0-based step in its epoch (a resumed epoch starts at its saved step); the same on all ranks
 
 
 @dataclass
@@ -106,29 +132,71 @@ class FitControl(Protocol):
         progress and nothing else (the run resumes at this stage's start)."""
 
 
-def check_val_option(name: str, value: Any, grid: list[float]) -> None:
-    """Config check of a prediction-time option that may be a number or ``"val"`` (see ``Method.val_options``)."""
-    if isinstance(value, str) and value != "val":
-        raise ValueError(f"{name} must be a number or 'val' (chosen on the val split over {name}_grid), got '{value}'")
-    if not grid:
-        raise ValueError(f"{name}_grid must hold at least one value (it is what {name}=val chooses from)")
+@dataclass
+class ParamGroup:
+    """A group of parameters the optimiser updates, with the settings it does not take from the stage's ``optim``.
+
+    ``lr`` None (the default): the stage's lr, following its schedule; a number: this lr, constant for the whole
+    stage (IFL's centres: plain SGD at ``center_lr``). ``momentum`` / ``weight_decay`` / ``nesterov`` None: the stage's
+    (``momentum`` and ``nesterov`` are SGD's: AdamW ignores them). The engine converts the groups to the optimiser's
+    dicts (``engine.schedule.optimizer_groups``).
+    """
+
+    params: list[nn.Parameter]
+    lr: float | None = None
+    momentum: float | None = None
+    weight_decay: float | None = None
+    nesterov: bool | None = None
+
+    @property
+    def scheduled(self) -> bool:
+        """Whether the group's lr follows the stage's schedule (no lr of its own)."""
+        return self.lr is None
 
 
-def why_not_a_loss(name: str, cls: type) -> str | None:
-    """Why method ``name`` (class ``cls``) cannot be the loss inside a wrapper such as IFL or mixup, which call only
-    its ``loss``, ``on_epoch_start`` and ``predict_features``; None if it can. A method that trains its own way
-    would be silently replaced by plain training of its loss."""
+def why_not_a_loss(name: str) -> str | None:
+    """Why ``name`` cannot be the loss inside a wrapper such as IFL or mixup, which train with a registered loss
+    (``LOSSES``); None if it can. A method that trains its own way would be silently replaced by plain training."""
+    if name in LOSSES:
+        return None
+    if name not in METHODS:
+        return f"must be a registered loss ({', '.join(LOSSES)}), got '{name}'"
+    cls = METHODS.get(name)
     if cls.stage_two:
         return (f"'{name}' is a stage-2 method (it freezes a trained backbone and re-fits the classifier): train the "
                 f"wrapper as stage 1 and '{name}' as stage 2 with init_from (e.g. configs/imagenet_glt/ifl_crt.yaml)")
     if not cls.trains:
         return f"'{name}' trains nothing (a post-hoc stage of epochs 0)"
-    own = [hook for hook in ("forward", "on_stage_start", "fit_features", "param_groups", "train_sampler")
-           if getattr(cls, hook) is not getattr(Method, hook)]
-    if own:
-        return (f"'{name}' has its own training step or stage set-up ({', '.join(own)}), which the wrapper would "
-                f"silently replace by plain training of its loss")
-    return None
+    return (f"'{name}' is a method with its own training step or stage set-up, not a registered loss: the "
+            f"wrapper would silently replace it by plain training of a loss")
+
+
+# Hooks of the old contract, which the engine no longer calls: a plugin overriding one would train the old way
+# silently wrong (its sampler or sample tracking ignored), so check_contract refuses it, naming the new hook.
+_REMOVED_HOOKS = {
+    "train_sampler": "override sampler(dataset, ctx) -> Sampler | None (the seed is ctx.sampler_seed, the batch "
+                     "size ctx.stage.batch_size)",
+    "on_train_batch": "read forward(images, targets, batch=None)'s batch.sample_ids and batch.step",
+    "sampler_name": "set the stage's sampler in the recipe (stages[].sampler), or override sampler(dataset, ctx)",
+}
+
+
+def check_contract(name: str, cls: type) -> None:
+    """ConfigError (one line) if the registered method ``name`` (class ``cls``) is written to an old Method contract:
+    it overrides a hook the engine no longer calls, or its ``forward`` takes no ``batch``. ``engine.build`` checks
+    every stage's method with it before a run starts, and ``create_method`` every method it builds."""
+    where = f"method '{name}' ({cls.__module__}.{cls.__qualname__})"
+    for hook, instead in _REMOVED_HOOKS.items():
+        if hasattr(cls, hook):
+            raise ConfigError(f"{where} defines {hook}(), which the Method contract no longer has: {instead} "
+                              f"(see longtail.methods.base)")
+    try:
+        params = inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError):  # a forward without a signature (a C function): nothing to check
+        return
+    if "batch" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        raise ConfigError(f"{where}: forward(images, targets) must also take batch=None (the step's BatchInfo: its "
+                          f"sample ids), which the fit loop passes to every training step (see longtail.methods.base)")
 
 
 class Method(nn.Module):
@@ -228,8 +296,10 @@ class Method(nn.Module):
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, targets)
 
-    def forward(self, images: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Training step outputs: at least 'loss' (scalar) and 'logits' (B, C)."""
+    def forward(self, images: torch.Tensor, targets: torch.Tensor,
+                batch: BatchInfo | None = None) -> dict[str, torch.Tensor]:
+        """Training step outputs: at least 'loss' (scalar) and 'logits' (B, C). ``batch``: which samples the batch
+        holds (the fit loop passes it to every training step; None elsewhere), for a method that tracks samples."""
         logits = self.model(images)
         return {"loss": self.loss(logits, targets), "logits": logits}
 
@@ -304,17 +374,15 @@ class Method(nn.Module):
         returns in the method's state (a buffer, or ``get_extra_state``), so a reloaded run reports the same."""
         return {}
 
-    def param_groups(self) -> list[dict]:
-        """Parameters the optimiser updates; default: every trainable one."""
-        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+    def param_groups(self) -> list[ParamGroup]:
+        """Parameters the optimiser updates; default: every trainable one, at the stage's optimiser settings."""
+        return [ParamGroup([p for p in self.parameters() if p.requires_grad])]
 
-    def train_sampler(self, sampler: Any, batch_size: int) -> Any:
-        """The Sampler this stage trains with, given the configured one and the global batch size; default:
-        that one. IFL replaces it by its two-environment sampler."""
-        return sampler
-
-    def on_train_batch(self, step: int, batch_indices: torch.Tensor) -> None:
-        """Called before each training step with this rank's (B,) sample ids (e.g. IFL records confidences)."""
+    def sampler(self, dataset: LTDataset, ctx: MethodContext) -> Sampler | None:
+        """The Sampler this stage trains with (its global stream of sample ids per epoch, which the engine shards by
+        rank); None (the default): the stage's configured one (``stages[].sampler``). Called once per stage, after
+        ``on_stage_start``. IFL returns its two-environment sampler, seeded with ``ctx.sampler_seed``."""
+        return None
 
     def on_stage_start(self, ctx: MethodContext) -> None:
         """Freeze parts, re-initialise a head, build environments..."""
@@ -337,6 +405,24 @@ class Method(nn.Module):
 
     def on_stage_end(self, ctx: MethodContext) -> None:
         """Anything to finalise (e.g. class means)."""
+
+
+class LossMethod(Method):
+    """A method that trains the model's logits with the registered loss ``loss_name`` (its ``criterion``, built
+    from the method's own Config, which is the loss's) and predicts with the model's logits."""
+
+    loss_name: ClassVar[str] = "ce"
+
+    def __init__(self, model: Classifier, cfg, ctx: MethodContext) -> None:
+        super().__init__(model, cfg, ctx)
+        # A submodule whose constants are non-persistent buffers: it moves with the method, and saves nothing.
+        self.criterion = LOSSES.get(self.loss_name)(cfg, ctx.train_counts, model)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.criterion(logits, targets)
+
+    def on_epoch_start(self, epoch: int, ctx: MethodContext) -> None:
+        self.criterion.on_epoch_start(epoch)  # e.g. deferred re-weighting
 
 
 class _Predict(nn.Module):

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import torch
-import torch.nn.functional as F
-
-from longtail.methods.base import Method
+from longtail.losses.modules import CrossEntropyLoss
+from longtail.methods.base import LossMethod
 from longtail.registry import METHODS
 
 
 @METHODS.register("ce")
-class CrossEntropy(Method):
+class CrossEntropy(LossMethod):
     """Cross-entropy, L = -log softmax(z)_y (optionally label-smoothed)."""
 
-    @dataclass
-    class Config:
-        label_smoothing: float = 0.0  # 0: plain CE (every reference recipe)
-
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, targets, label_smoothing=self.cfg.label_smoothing)
+    loss_name = "ce"
+    Config = CrossEntropyLoss.Config

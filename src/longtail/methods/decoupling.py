@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from longtail.dist import broadcast_from_main
-from longtail.methods.base import FeatureSet, FitControl, Method, MethodContext, check_val_option
+from longtail.methods.base import BatchInfo, FeatureSet, FitControl, Method, MethodContext, ParamGroup, check_val_option
 from longtail.methods.losses import logit_adjusted_loss
 from longtail.models import Classifier
 from longtail.models.heads import LinearHead
@@ -80,8 +80,8 @@ class ClassifierRetraining(_FrozenBackbone):
             return logit_adjusted_loss(logits, targets, self.class_counts, 1.0)
         return F.cross_entropy(logits, targets)
 
-    def param_groups(self) -> list[dict]:
-        return [{"params": list(self.model.head.parameters())}]
+    def param_groups(self) -> list[ParamGroup]:
+        return [ParamGroup(list(self.model.head.parameters()))]
 
 
 @METHODS.register("lws")
@@ -101,12 +101,13 @@ class LearnableWeightScaling(_FrozenBackbone):
             p.requires_grad_(False)
         self.scales = nn.Parameter(torch.ones(ctx.num_classes))  # (C,) s_c, initialised to 1
 
-    def forward(self, images: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, targets: torch.Tensor,
+                batch: BatchInfo | None = None) -> dict[str, torch.Tensor]:
         logits = self.scales * self.model(images)
         return {"loss": F.cross_entropy(logits, targets), "logits": logits}
 
-    def param_groups(self) -> list[dict]:
-        return [{"params": [self.scales]}]
+    def param_groups(self) -> list[ParamGroup]:
+        return [ParamGroup([self.scales])]
 
     @torch.no_grad()
     def predict_features(self, feats: torch.Tensor) -> torch.Tensor:
@@ -178,7 +179,7 @@ class NearestClassMean(_FrozenBackbone):
         self.centroids.copy_(sums / counts)
         broadcast_from_main(self.feature_mean, self.centroids)  # DDP: kernels may differ by rank; keep rank 0's
 
-    def param_groups(self) -> list[dict]:
+    def param_groups(self) -> list[ParamGroup]:
         return []
 
     @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Invariant Feature Learning (Tang et al., ECCV 2022; spec glt_ifl.md 5-6) as a plug-in around a loss method.
+"""Invariant Feature Learning (Tang et al., ECCV 2022; spec glt_ifl.md 5-6) as a plug-in around a registered loss.
 
 Two training environments resample the same training set: env1 the natural distribution, env2 class-balanced
 with hard samples up-weighted (``intra_weights``), rebuilt from the ground-truth confidences recorded during the
@@ -30,11 +30,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from longtail.config import from_dict, to_dict
+from longtail.data.base import LTDataset
 from longtail.data.samplers import Sampler
 from longtail.errors import ConfigError
-from longtail.methods.base import Method, MethodContext, why_not_a_loss
+from longtail.losses import create_loss
+from longtail.methods.base import BatchInfo, Method, MethodContext, ParamGroup, why_not_a_loss
 from longtail.models import Classifier
-from longtail.registry import METHODS
+from longtail.registry import LOSSES, METHODS
 
 
 def intra_weights(scores: torch.Tensor, targets: torch.Tensor, recorded: torch.Tensor, num_classes: int,
@@ -127,7 +129,7 @@ def _running_stats_frozen(module: nn.Module):
 
 @METHODS.register("ifl")
 class IFL(Method):
-    """IFL around the loss of method ``base`` (Balanced Softmax by default, as the paper's ``center_dual``).
+    """IFL around the registered loss ``base`` (Balanced Softmax by default, as the paper's ``center_dual``).
 
     Milestones are fractions of the stage (the paper's epochs 60 and 80 of 100 -> 0.6, 0.8), so a recipe of
     any length keeps the schedule: centre weight ``center_weights[j]`` from milestone j on (weight [0] before
@@ -136,7 +138,7 @@ class IFL(Method):
 
     @dataclass
     class Config:
-        base: str = "balanced_softmax"  # the classification loss L_cls: a registered loss method (ce, focal, ...)
+        base: str = "balanced_softmax"  # the classification loss L_cls: a registered loss (longtail.losses: ce, ...)
         # The base's own options, checked against its Config (e.g. ldam_drw: {drw_epoch: 80} in a 100-epoch stage).
         base_options: dict[str, Any] = field(default_factory=dict)
         center_milestones: list[float] = field(default_factory=lambda: [0.6, 0.8])
@@ -154,16 +156,16 @@ class IFL(Method):
         per_half_bn: bool = False
 
         def __post_init__(self) -> None:
-            if self.base not in METHODS or self.base == "ifl":
-                raise ValueError(f"base must be a registered loss method other than ifl, got '{self.base}'")
-            base_cls = METHODS.get(self.base)
-            reason = why_not_a_loss(self.base, base_cls)
+            if (self.base not in METHODS and self.base not in LOSSES) or self.base == "ifl":
+                raise ValueError(f"base must be a registered loss other than ifl ({', '.join(LOSSES)}), got "
+                                 f"'{self.base}'")
+            reason = why_not_a_loss(self.base)
             if reason:
-                raise ValueError(f"base {reason}; IFL wraps loss methods (ce, focal, cb_loss, balanced_softmax, "
-                                 f"logit_adjust, logit_adjust_posthoc, ldam_drw)")
+                raise ValueError(f"base {reason}; IFL wraps a registered loss ({', '.join(LOSSES)})")
+            base_cls = LOSSES.get(self.base)
             if not isinstance(self.base_options, dict):
                 raise ValueError(f"base_options must be a mapping of the base's options, got {self.base_options!r}")
-            on_val = base_cls.options_on_val(self.base_options)
+            on_val = [name for name, value in self.base_options.items() if value == "val"]
             if on_val:
                 raise ValueError(f"base_options: {', '.join(on_val)}=val is chosen on val by a method of its own "
                                  f"stage; inside ifl give a number (or re-score later: longtail eval --sweep)")
@@ -185,14 +187,13 @@ class IFL(Method):
     @classmethod
     def head_needed(cls, opts: dict) -> str | None:
         base = opts.get("base", cls.Config.base)
-        return METHODS.get(base).head_needed(opts.get("base_options") or {}) if base in METHODS else None
+        return LOSSES.get(base).requires_head if base in LOSSES else None
 
     def __init__(self, model: Classifier, cfg, ctx: MethodContext) -> None:
         super().__init__(model, cfg, ctx)
-        base_cls = METHODS.get(cfg.base)
-        base_cfg = from_dict(base_cls.Config, cfg.base_options, f"method.base_options ({cfg.base})")
-        # The base shares the model; kept out of the module tree so its weights are not saved twice.
-        object.__setattr__(self, "_base", base_cls(model, base_cfg, ctx).to(ctx.device))
+        # L_cls with the base's options: a submodule that saves nothing (its constants are non-persistent buffers).
+        self.criterion = create_loss(cfg.base, cfg.base_options, ctx.train_counts, model,
+                                     f"method.base_options ({cfg.base})")
         ds = ctx.dataset  # the engine always passes it; a bare context (unit use) gets N = 0
         targets = ds.train.targets.clone() if ds is not None else torch.zeros(0, dtype=torch.int64)
         n = len(targets)
@@ -207,7 +208,6 @@ class IFL(Method):
         self.register_load_state_dict_pre_hook(_size_sample_buffers)
         self._weight = 0.0  # centre-loss weight a of the current epoch
         self._scoring = False  # whether this epoch records confidences (a host-side flag: no device sync per step)
-        self._batch: tuple[int, torch.Tensor] | None = None  # (step, (B,) sample ids) of the current batch
 
     # ------------------------------------------------------------------ schedule
     def _at(self, fractions: list[float], epochs: int) -> list[int]:
@@ -218,23 +218,26 @@ class IFL(Method):
         return float(self.cfg.center_weights[j])
 
     # ------------------------------------------------------------------ hooks
-    def param_groups(self) -> list[dict]:
+    def param_groups(self) -> list[ParamGroup]:
         rest = [p for n, p in self.named_parameters() if p.requires_grad and n != "centers"]
-        return [{"params": rest},
-                {"params": [self.centers], "lr": self.cfg.center_lr, "fixed_lr": True, "momentum": 0.0,
-                 "weight_decay": 0.0, "nesterov": False}]
+        # The centres: plain SGD at their own constant lr (no momentum, decay or schedule), as the reference.
+        return [ParamGroup(rest),
+                ParamGroup([self.centers], lr=self.cfg.center_lr, momentum=0.0, weight_decay=0.0, nesterov=False)]
 
-    def train_sampler(self, sampler: Sampler, batch_size: int) -> Sampler:
-        if len(self.train_targets) != len(sampler.targets):
+    def sampler(self, dataset: LTDataset, ctx: MethodContext) -> Sampler:
+        if len(self.train_targets) != len(dataset.train.targets):
             raise ValueError("ifl: built without the training set (MethodContext.dataset)")
+        if ctx.stage is None:
+            raise ValueError("ifl: its sampler needs the stage's batch size (MethodContext.stage)")
+        batch_size = ctx.stage.batch_size  # global
         if batch_size % 2:
             raise ConfigError(f"ifl: batch_size {batch_size} must be even (half env1, half env2)")
-        return EnvironmentSampler(sampler.targets, sampler.num_classes, sampler.seed, sampler.total_epochs,
+        return EnvironmentSampler(dataset.train.targets, dataset.num_classes, ctx.sampler_seed, ctx.epochs,
                                   self.env_weights, batch_size // 2)
 
     def on_epoch_start(self, epoch: int, ctx: MethodContext) -> None:
         self._ctx = ctx
-        self._base.on_epoch_start(epoch, ctx)
+        self.criterion.on_epoch_start(epoch)
         self._weight = self.center_weight(epoch, ctx.epochs)
         updates = self._at(self.cfg.update_milestones, ctx.epochs)
         if epoch - 1 in updates and int(self.record_epoch) == epoch - 1:
@@ -243,9 +246,6 @@ class IFL(Method):
             self.record_pos.fill_(-1)
             self.record_epoch.fill_(epoch)
         self._scoring = epoch in updates
-
-    def on_train_batch(self, step: int, batch_indices: torch.Tensor) -> None:
-        self._batch = (step, batch_indices)
 
     @torch.no_grad()
     def _rebuild(self) -> None:
@@ -267,7 +267,8 @@ class IFL(Method):
         move = ((zf.detach() - c) ** 2).sum(1).mean()
         return pull, move
 
-    def forward(self, images: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, targets: torch.Tensor,
+                batch: BatchInfo | None = None) -> dict[str, torch.Tensor]:
         mix = self.training and self.cfg.mixup_alpha > 0
         if mix:  # Mixup + IFL: one mix of the whole [env1 | env2] batch, as the reference's center_dual_mixup
             lam = float(torch.distributions.Beta(self.cfg.mixup_alpha, self.cfg.mixup_alpha).sample())
@@ -283,9 +284,9 @@ class IFL(Method):
             z = self.model.forward_features(images)  # (B, D)
         logits = self.model.forward_head(z)  # (B, C)
         if mix:
-            loss = lam * self._base.loss(logits, targets) + (1 - lam) * self._base.loss(logits, targets[perm])
+            loss = lam * self.criterion(logits, targets) + (1 - lam) * self.criterion(logits, targets[perm])
         else:
-            loss = self._base.loss(logits, targets)
+            loss = self.criterion(logits, targets)
         if not self.training:
             return {"loss": loss, "logits": logits}
         a = self._weight
@@ -297,15 +298,15 @@ class IFL(Method):
             pull, move = lam * pull + (1 - lam) * pull_b, lam * move + (1 - lam) * move_b
         move = (1.0 if a > 0 else 0.0) * (move - move.detach())  # value 0: the logged loss stays L_cls + a pull
         loss = loss + a * pull + move
-        if self._scoring and self._batch is not None:
-            self._record(logits.detach(), targets)  # mixup: the unmixed labels, as the reference
+        if self._scoring and batch is not None:
+            self._record(logits.detach(), targets, batch)  # mixup: the unmixed labels, as the reference
         return {"loss": loss, "logits": logits}
 
     @torch.no_grad()
-    def _record(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+    def _record(self, logits: torch.Tensor, targets: torch.Tensor, batch: BatchInfo) -> None:
         """Keep each sample's ground-truth probability from its LAST draw in the scoring epoch. Under DDP every
         rank gathers all ranks' draws, so the record (and the checkpoint rank 0 writes) is the global one."""
-        step, idx = self._batch
+        step, idx = batch.step, batch.sample_ids
         ctx = self._ctx
         idx = idx.to(self.record_pos.device)
         p = logits.float().softmax(1).gather(1, targets[:, None]).squeeze(1).to(self.record_score.dtype)  # (B,)
@@ -324,7 +325,4 @@ class IFL(Method):
     # ------------------------------------------------------------------ prediction
     @torch.no_grad()
     def predict_features(self, feats: torch.Tensor) -> torch.Tensor:
-        return self._base.predict_features(feats)  # e.g. post-hoc logit adjustment (Logit-Adj + IFL)
-
-    def on_stage_end(self, ctx: MethodContext) -> None:
-        self._base.on_stage_end(ctx)
+        return self.criterion.adjust_scores(self.model.forward_head(feats))  # e.g. post-hoc LA (Logit-Adj + IFL)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from longtail.dist import broadcast_from_main
 from longtail.errors import CheckpointError, ConfigError, DataError
-from longtail.methods.base import Method, MethodContext
+from longtail.methods.base import BatchInfo, Method, MethodContext
 from longtail.models import Classifier
 from longtail.models.heads import CausalNormHead
 from longtail.registry import METHODS
@@ -72,7 +72,8 @@ class Deconfound(Method):
         else:
             self.head_direction.mul_(self.mu).add_(mean)
 
-    def forward(self, images: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, targets: torch.Tensor,
+                batch: BatchInfo | None = None) -> dict[str, torch.Tensor]:
         feats = self.model.forward_features(images)  # (B, D)
         logits = self.model.forward_head(feats)  # (B, C)
         if self.training:

@@ -11,7 +11,7 @@ import torch.nn as nn
 from longtail.dist import broadcast_from_main, object_from_main
 from longtail.errors import ConfigError
 from longtail.evaluation.metrics import ShotThresholds, classification_metrics
-from longtail.methods.base import FeatureSet, FitControl, MethodContext
+from longtail.methods.base import FeatureSet, FitControl, MethodContext, ParamGroup
 from longtail.methods.decoupling import _FrozenBackbone
 from longtail.methods.dlsa.cascade import DenseCascade, DLSACascade
 from longtail.methods.dlsa.config import DLSAConfig
@@ -38,7 +38,7 @@ class DLSA(_FrozenBackbone):
         dev = next(model.backbone.parameters()).device
         self.cascade = DLSACascade(model.feature_dim, ctx.num_classes, cfg, ctx.train_counts).to(dev)
 
-    def param_groups(self) -> list[dict]:
+    def param_groups(self) -> list[ParamGroup]:
         return []  # trained in fit_features, on features
 
     def on_stage_start(self, ctx: MethodContext) -> None:
