@@ -206,9 +206,10 @@ def memory_worker(folder: Path, n: int, size: int) -> dict:
         test_list = Path(tmp) / "test.txt"
         tests = sorted((folder / "test").rglob("*.jpg"))[:10]
         test_list.write_text("".join(f"{p.relative_to(folder)} {classes.index(p.parent.name)}\n" for p in tests))
-        cfg = DataConfig(name="list_file", root=str(folder), train_list=str(train_list), test_list=str(test_list),
-                         num_classes=len(classes), image_size=size, in_memory="always", decode_check=0)
-        warm = DataConfig(**{**vars(cfg), "train_list": str(test_list), "num_classes": None})  # the imports and
+        lists = {"train_list": str(train_list), "test_list": str(test_list)}
+        cfg = DataConfig(name="list_file", root=str(folder), options={**lists, "num_classes": len(classes)},
+                         image_size=size, in_memory="always", decode_check=0)
+        warm = DataConfig(**{**vars(cfg), "options": {**lists, "train_list": str(test_list)}})  # the imports and
         create_dataset(warm)  # first allocations of the path, so that the growth below is the dataset's own
         before = rss_bytes()
         t = time.time()

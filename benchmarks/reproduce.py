@@ -221,11 +221,12 @@ class Campaign:
 
     def check_config(self, row: Row) -> None:
         """A partial run must have been started by this row as written: a changed value is an error."""
-        from longtail.config import to_dict
+        from longtail.config import migrate, to_dict
         from longtail.engine.build import load_config
 
         saved = yaml.safe_load(RunDir(self.run_dir(row)).config.read_text())
         saved.pop("meta", None)
+        migrate(saved)  # an older run's flat head / dataset keys, in today's layout: not a change of settings
         args = self.train_args(row)
         want = to_dict(load_config(args[1], [a for a in args[2:-2] if not a.startswith("init_from=")]))
         changed, moved = [], []

@@ -7,14 +7,27 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from longtail.config import DataConfig
+from longtail.config import ConfigError, DataConfig
 from longtail.data import builtin
 from longtail.data.base import DataError
-from longtail.data.builtin import attribute_split, digits_lt, digits_split_indices, shapes_glt
+from longtail.data.builtin import (
+    DigitsLTConfig,
+    ShapesGLTConfig,
+    attribute_split,
+    digits_lt,
+    digits_split_indices,
+    shapes_glt,
+)
 from longtail.data.profiles import class_counts
 from longtail.registry import DATASETS
 
 SMALL = dict(max_per_class=100, imbalance_ratio=20.0)  # 10 classes, 100 .. 5 training images
+
+
+def _shapes(cache, **kw):
+    """shapes_glt with DataConfig fields and its own options (ShapesGLTConfig) as keywords."""
+    own = {k: kw.pop(k) for k in ("num_classes", "max_per_class", "train_variant") if k in kw}
+    return shapes_glt(DataConfig(**kw), ShapesGLTConfig(**own), cache)
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +37,7 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def small(cache):
-    return shapes_glt(DataConfig(**SMALL), cache)
+    return _shapes(cache, **SMALL)
 
 
 def _groups(split, num_classes: int) -> np.ndarray:
@@ -89,12 +102,12 @@ def test_shapes_splits_do_not_share_images(small):
 
 
 def test_shapes_deterministic_and_seeded(small, tmp_path):
-    again = shapes_glt(DataConfig(**SMALL), tmp_path / "fresh")  # regenerated, not read from the cache
+    again = _shapes(tmp_path / "fresh", **SMALL)  # regenerated, not read from the cache
     for name, split in small.splits.items():
         assert torch.equal(split.images, again.splits[name].images), name
         assert torch.equal(split.targets, again.splits[name].targets)
         assert torch.equal(split.attributes, again.splits[name].attributes)
-    other = shapes_glt(DataConfig(**SMALL, subset_seed=1), tmp_path / "fresh")
+    other = _shapes(tmp_path / "fresh", **SMALL, subset_seed=1)
     assert not torch.equal(other.train.images, small.train.images)
     assert not torch.equal(other.splits["test_gbl"].images, small.splits["test_gbl"].images)
     assert len(list((tmp_path / "fresh" / "shapes_glt").glob("*.pt"))) == 2
@@ -109,7 +122,7 @@ def test_shapes_cache_is_used(small, cache, monkeypatch):
         raise AssertionError("regenerated although cached")
 
     monkeypatch.setattr(builtin, "render_split", fail)
-    again = shapes_glt(DataConfig(**SMALL), cache)
+    again = _shapes(cache, **SMALL)
     for name, split in small.splits.items():
         assert torch.equal(split.images, again.splits[name].images), name
         assert torch.equal(split.attributes, again.splits[name].attributes)
@@ -119,13 +132,13 @@ def test_shapes_corrupt_cache_is_regenerated(small, tmp_path):
     path = tmp_path / "shapes_glt" / f"{small.info['cache_key']}.pt"
     path.parent.mkdir(parents=True)
     path.write_bytes(b"not a torch file")
-    ds = shapes_glt(DataConfig(**SMALL), tmp_path)
+    ds = _shapes(tmp_path, **SMALL)
     assert torch.equal(ds.train.images, small.train.images)
     assert torch.load(path, weights_only=True)["train_images"].shape == small.train.images.shape
 
 
 def test_shapes_cbl_variant(small, cache):
-    ds = shapes_glt(DataConfig(**SMALL, train_variant="cbl"), cache)
+    ds = _shapes(cache, **SMALL, train_variant="cbl")
     n = sum(class_counts(10, 100, 20.0)) // 10  # the mean of the Train-GLT counts
     assert ds.train_counts().tolist() == [n] * 10
     assert _groups(ds.train, 10).tolist() == [attribute_split(n)] * 10  # attributes still long-tailed
@@ -135,18 +148,25 @@ def test_shapes_cbl_variant(small, cache):
 
 
 def test_shapes_step_profile_and_more_classes(cache):
-    ds = shapes_glt(DataConfig(num_classes=12, max_per_class=20, imbalance_ratio=10, profile="step"), cache)
+    ds = _shapes(cache, num_classes=12, max_per_class=20, imbalance_ratio=10, profile="step")
     assert ds.train_counts().tolist() == [20] * 6 + [2] * 6
     assert ds.class_names[-1] == "crescent" and len(ds.splits["test_gbl"]) == 12 * 60
 
 
 def test_shapes_errors(cache):
-    with pytest.raises(DataError, match="num_classes"):
-        shapes_glt(DataConfig(num_classes=len(builtin.SHAPE_NAMES) + 1), cache)
-    with pytest.raises(DataError, match="train_variant"):
-        shapes_glt(DataConfig(train_variant="bl"), cache)
+    from longtail.engine.build import build_config
+
+    # The dataset's own options are checked when the config is resolved, before anything is generated.
+    with pytest.raises(ConfigError, match=r"data.options: num_classes must be in 1..12"):
+        build_config({"data": {"options": {"num_classes": len(builtin.SHAPE_NAMES) + 1}}})
+    with pytest.raises(ConfigError, match="train_variant must be lt or cbl, got 'bl'"):
+        build_config({}, ["data.options.train_variant=bl"])
+    with pytest.raises(ConfigError, match="max_per_class must be >= 1"):
+        build_config({}, ["data.max_per_class=0"])  # the old flat key, moved to data.options
+    with pytest.raises(ValueError, match="train_variant"):
+        ShapesGLTConfig(train_variant="bl")
     with pytest.raises(DataError, match="profile"):
-        shapes_glt(DataConfig(profile="linear"), cache)
+        _shapes(cache, profile="linear")
 
 
 def _edge_features(images: torch.Tensor) -> np.ndarray:
@@ -193,7 +213,7 @@ def test_shapes_attribute_shift(small):
 
 
 def test_digits_lt(tmp_path):
-    ds = digits_lt(DataConfig(name="digits_lt", imbalance_ratio=20), tmp_path)
+    ds = digits_lt(DataConfig(name="digits_lt", imbalance_ratio=20), DigitsLTConfig(), tmp_path)
     assert ds.class_names == [str(i) for i in range(10)] and ds.eval_splits == ["test"]
     assert ds.train_counts().tolist() == class_counts(10, 124, 20.0) == ds.info["train_counts"]
     assert ds.splits["test"].class_counts(10).tolist() == [50] * 10
@@ -208,13 +228,20 @@ def test_digits_lt(tmp_path):
     train, test, counts, n_max = digits_split_indices(targets, None, 20.0, "exp", 0)
     assert n_max == 124 and not set(train) & set(test) and len(set(train)) == len(train)
     assert (targets[train] == ds.train.targets.numpy()).all()
-    other = digits_lt(DataConfig(name="digits_lt", imbalance_ratio=20, subset_seed=3), tmp_path)
+    other = digits_lt(DataConfig(name="digits_lt", imbalance_ratio=20, subset_seed=3), DigitsLTConfig(), tmp_path)
     assert torch.equal(other.splits["test"].images, ds.splits["test"].images)  # fixed test set
     assert not torch.equal(other.train.images, ds.train.images)  # seeded training subset
 
 
 def test_digits_errors(tmp_path):
     with pytest.raises(DataError, match="max_per_class"):
-        digits_lt(DataConfig(name="digits_lt", max_per_class=500), tmp_path)
-    with pytest.raises(DataError, match="10 classes"):
-        digits_lt(DataConfig(name="digits_lt", num_classes=5), tmp_path)
+        digits_lt(DataConfig(name="digits_lt"), DigitsLTConfig(max_per_class=500), tmp_path)
+    from longtail.engine.build import build_config
+
+    # digits_lt has 10 classes and one training variant: those shapes_glt options are not its own.
+    with pytest.raises(ConfigError, match=r"data.options.num_classes: dataset 'digits_lt' has no option 'num_classes'; "
+                                          r"its options: max_per_class"):
+        build_config({"data": {"name": "digits_lt", "options": {"num_classes": 5}}})
+    with pytest.raises(ConfigError, match=r"data.train_variant: dataset 'digits_lt' has no option train_variant "
+                                          r"\(its options: max_per_class"):
+        build_config({"data": {"name": "digits_lt"}}, ["data.train_variant=cbl"])

@@ -62,11 +62,27 @@ def test_unknown_options_still_fail_with_the_subcommand_usage(capsys):
 def test_list_method_prints_options_defaults_and_docs(capsys):
     assert main(["list", "ldam_drw"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("ldam_drw: LDAM margins")
+    assert out.startswith("ldam_drw (method): LDAM margins")
     assert "  drw_epoch: int = 160\n" in out and "0-based epoch from which class-balanced weights apply" in out
     assert "  max_margin: float = 0.5\n" in out
     assert main(["list", "ldam"]) == 2
-    assert "unknown method 'ldam'; did you mean 'ldam_drw'" in capsys.readouterr().err
+    assert "unknown method, head or dataset 'ldam'; did you mean 'ldam_drw'" in capsys.readouterr().err
+
+
+def test_list_head_and_dataset_print_their_options(capsys):
+    assert main(["list", "causal_norm"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("causal_norm (head): De-confound (TDE) classifier")
+    assert "model.head.tau=..." in out and "  tau: float = 16.0\n" in out and "split as tau / K" in out
+    assert "  num_heads: int = 2\n" in out and "  gamma: float = 0.03125\n" in out
+    assert main(["list", "shapes-glt"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("shapes-glt (dataset): Generated shapes") and "data.options.num_classes=..." in out
+    assert "  train_variant: str = 'lt'\n" in out and "Train-CBL" in out
+    assert main(["list", "image_folder"]) == 0
+    assert "no options" in capsys.readouterr().out
+    assert main(["list", "cosin"]) == 2
+    assert "did you mean 'cosine'" in capsys.readouterr().err
 
 
 def test_describe_options_reads_comments_above_and_beside_fields():

@@ -77,21 +77,23 @@ def test_list_files(image_folder, gz):
     train = [f"train/ant/{i:04d}.png 0" for i in range(5)] + ["train/bee/0000.png 1", "train/cat/0000.png 2"]
     test = ["test/ant/0000.png 0", "test/bee/0000.png 1", "test/cat/0000.png 2"]
     tr, te = _write_lists(image_folder, train, test, gz)
-    ds = create_dataset(DataConfig(name="list_file", root=str(image_folder), train_list=str(tr), test_list=str(te)))
+    ds = create_dataset(DataConfig(name="list_file", root=str(image_folder),
+                                   options={"train_list": str(tr), "test_list": str(te)}))
     assert ds.num_classes == 3 and ds.train_counts().tolist() == [5, 1, 1]
 
 
 def test_list_file_label_out_of_range(image_folder):
     tr, te = _write_lists(image_folder, ["train/ant/0000.png 0", "train/bee/0000.png 1"], ["test/ant/0000.png 5"])
     with pytest.raises(DataError, match="label 5"):
-        create_dataset(DataConfig(name="list_file", root=str(image_folder), train_list=str(tr), test_list=str(te),
-                                  num_classes=2))
+        create_dataset(DataConfig(name="list_file", root=str(image_folder),
+                                  options={"train_list": str(tr), "test_list": str(te), "num_classes": 2}))
 
 
 def test_list_file_missing_image(image_folder):
     tr, te = _write_lists(image_folder, ["train/ant/9999.png 0"], ["test/ant/0000.png 0"])
     with pytest.raises(DataError, match="image not found: .*9999.png"):
-        create_dataset(DataConfig(name="list_file", root=str(image_folder), train_list=str(tr), test_list=str(te)))
+        create_dataset(DataConfig(name="list_file", root=str(image_folder),
+                                  options={"train_list": str(tr), "test_list": str(te)}))
 
 
 def test_list_file_bad_line(tmp_path):
@@ -104,13 +106,14 @@ def test_list_file_bad_line(tmp_path):
 def test_empty_class_in_list_file(image_folder):
     tr, te = _write_lists(image_folder, ["train/ant/0000.png 0", "train/cat/0000.png 2"], ["test/ant/0000.png 0"])
     with pytest.raises(DataError, match="no training image"):
-        create_dataset(DataConfig(name="list_file", root=str(image_folder), train_list=str(tr), test_list=str(te)))
+        create_dataset(DataConfig(name="list_file", root=str(image_folder),
+                                  options={"train_list": str(tr), "test_list": str(te)}))
 
 
 def test_imagenet_lt_checks_split_sizes(image_folder):
     tr, te = _write_lists(image_folder, ["train/ant/0000.png 0"], ["test/ant/0000.png 0"])
     with pytest.raises(DataError, match="imagenet_lt train has 115846"):
-        create_dataset(DataConfig(name="imagenet_lt", root=str(image_folder), train_list=str(tr)))
+        create_dataset(DataConfig(name="imagenet_lt", root=str(image_folder), options={"train_list": str(tr)}))
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "splits" / "Places_LT_train.txt.gz").exists(), reason="shared splits absent")
@@ -178,8 +181,8 @@ def test_cifar_val_per_class_from_the_images_the_subset_left_out(tmp_path, caplo
 def test_cifar_val_per_class_is_balanced_where_every_class_has_leftovers(tmp_path, caplog):
     zpath = _cifar_like_zip(tmp_path)
     with caplog.at_level("WARNING", logger="longtail"):
-        ds = create_dataset(DataConfig(name="cifar10_lt", root=str(zpath), imbalance_ratio=10, max_per_class=20,
-                                       val_per_class=5))
+        ds = create_dataset(DataConfig(name="cifar10_lt", root=str(zpath), imbalance_ratio=10, val_per_class=5,
+                                       options={"max_per_class": 20}))
     assert ds.splits["val"].class_counts(10).tolist() == [5] * 10 and "fewer" not in caplog.text
 
 
@@ -218,7 +221,7 @@ def test_shared_cifar10_lt_r100_exact_counts():
 
 
 def test_cifar_download_from_a_loopback_server(tmp_path, monkeypatch):
-    """data.download=true fetches and checks the archive (here a tiny one served on 127.0.0.1)."""
+    """data.options.download=true fetches and checks the archive (here a tiny one served on 127.0.0.1)."""
     import hashlib
     import http.server
     import pickle
@@ -257,9 +260,10 @@ def test_cifar_download_from_a_loopback_server(tmp_path, monkeypatch):
         monkeypatch.setattr(CIFAR10, "meta", {"filename": "batches.meta", "key": "label_names",
                                               "md5": hashlib.md5((src / "batches.meta").read_bytes()).hexdigest()})
         root = tmp_path / "downloaded"
-        with pytest.raises(DataError, match="data.download=true"):
+        with pytest.raises(DataError, match="data.options.download=true"):
             create_dataset(DataConfig(name="cifar10_lt", root=str(root), imbalance_ratio=4))
-        ds = create_dataset(DataConfig(name="cifar10_lt", root=str(root), imbalance_ratio=4, download=True))
+        ds = create_dataset(DataConfig(name="cifar10_lt", root=str(root), imbalance_ratio=4,
+                                       options={"download": True}))
     finally:
         server.shutdown()
     assert ds.train_counts().tolist() == class_counts(10, 12, 4)

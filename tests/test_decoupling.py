@@ -202,7 +202,7 @@ def _tau_case():
     from longtail.methods import MethodContext, create_method
     from longtail.models import create_model
 
-    model = create_model(ModelConfig(backbone="tiny", head="linear", head_bias=False), 3)
+    model = create_model(ModelConfig(backbone="tiny", head={"name": "linear", "bias": False}), 3)
     with torch.no_grad():
         model.head.fc.weight.zero_()
         model.head.fc.weight[0, 0], model.head.fc.weight[1, 1] = 10.0, 1.0

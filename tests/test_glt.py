@@ -144,10 +144,10 @@ def test_reader_reads_the_authors_mscoco_glt_layout_and_trains(tmp_path):
 
 
 def test_imagenet_glt_dataset_needs_its_annotation(tmp_path):
-    with pytest.raises(DataError, match="data.annotation"):
+    with pytest.raises(DataError, match="data.options.annotation"):
         create_dataset(DataConfig(name="imagenet_glt", root=str(tmp_path)))
     path, images, _ = _released(tmp_path)
-    ds = create_dataset(DataConfig(name="imagenet_glt", root=str(images), annotation=str(path)))
+    ds = create_dataset(DataConfig(name="imagenet_glt", root=str(images), options={"annotation": str(path)}))
     assert ds.eval_splits == ["test_lt", "test_cbl", "test_gbl"] and ds.image_size == 112
 
 

@@ -22,8 +22,8 @@ COUNTS = torch.tensor([100, 10, 1])
 
 
 def _method(name, counts=COUNTS, head="linear", **opts):
-    model = create_model(ModelConfig(backbone="tiny", head=head, head_scale=30.0 if head == "cosine" else 16.0),
-                         len(counts))
+    options = {"scale": 30.0} if head == "cosine" else {}
+    model = create_model(ModelConfig(backbone="tiny", head={"name": head, **options}), len(counts))
     ctx = MethodContext(len(counts), counts, epochs=1, steps_per_epoch=1, device=torch.device("cpu"))
     return create_method({"name": name, **opts}, model, ctx), ctx
 

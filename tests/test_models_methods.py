@@ -67,12 +67,12 @@ def test_every_head_gives_logits(head):
 
 
 def test_linear_head_bias_switch():
-    m = create_model(ModelConfig(backbone="tiny", head="linear", head_bias=False), 4)
+    m = create_model(ModelConfig(backbone="tiny", head={"name": "linear", "bias": False}), 4)
     assert m.head.fc.bias is None
 
 
 def test_cosine_head_is_scale_invariant_and_nan_free():
-    m = create_model(ModelConfig(backbone="tiny", head="cosine", head_scale=10.0), 4)
+    m = create_model(ModelConfig(backbone="tiny", head={"name": "cosine", "scale": 10.0}), 4)
     f = torch.randn(3, 32)
     torch.testing.assert_close(m.forward_head(f), m.forward_head(5 * f))
     assert m.forward_head(f).abs().max() <= 10.0 + 1e-5

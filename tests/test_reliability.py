@@ -164,8 +164,15 @@ BAD_INPUTS = [
     ("epochs_0_trainable", lambda c: c.train("stages.0.epochs=0"), "epochs=0 with method 'ce' trains nothing"),
     ("image_size_0", lambda c: c.train("data.image_size=0"), "data.image_size must be >= 1"),
     ("image_size_negative", lambda c: c.train("data.image_size=-5"), "data.image_size must be >= 1, got -5"),
-    ("max_per_class_0", lambda c: c.train("data.max_per_class=0"), "data.max_per_class must be >= 1"),
-    ("num_classes_0", lambda c: c.train("data.num_classes=0"), "data.num_classes must be >= 1"),
+    ("max_per_class_0", lambda c: c.train("data.name=digits_lt", "data.options.max_per_class=0"),
+     "data.options: max_per_class must be >= 1, got 0"),
+    ("num_classes_0", lambda c: c.train("data.name=list_file", "data.num_classes=0"),  # the old flat key
+     "data.options: num_classes must be >= 1, got 0"),
+    ("option_of_another_dataset", lambda c: c.train("data.options.max_per_class=5"),
+     "data.options: dataset 'image_folder' takes no options, got max_per_class"),
+    ("old_key_of_another_head", lambda c: c.train("model.head_scale=30"),
+     "model.head_scale: the linear head has no such option (its options: bias; `longtail list linear`); head options "
+     "are now model.head.OPTION, head_scale became model.head.scale (cosine); model.head.tau (causal_norm)"),
     ("warmup_negative", lambda c: c.train("stages.0.schedule.warmup_epochs=-2"), "warmup_epochs must be >= 0"),
     ("num_workers_negative", lambda c: c.train("data.num_workers=-1"), "data.num_workers must be >= 0"),
     ("eval_batch_0", lambda c: c.train("eval.batch_size=0"), "eval.batch_size must be >= 1"),

@@ -479,8 +479,8 @@ def test_config_paths_are_stored_absolute(tmp_path, monkeypatch):
                         "model": {"pretrained": "w/r.pth"}})
     absolute_paths(cfg)
     assert cfg.data.root == str(tmp_path / "imgs") and cfg.model.pretrained == str(tmp_path / "w" / "r.pth")
-    assert cfg.data.train_list == str(tmp_path / "lists" / "train.txt")
-    assert cfg.data.test_list == "test.txt"  # not here: a list under data.root
+    assert cfg.data.options["train_list"] == str(tmp_path / "lists" / "train.txt")
+    assert cfg.data.options["test_list"] == "test.txt"  # not here: a list under data.root
     assert not cfg.data.cache_dir.startswith("~")
 
 

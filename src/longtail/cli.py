@@ -316,17 +316,51 @@ def _cmd_data_coco_glt(args: argparse.Namespace) -> int:
 def _cmd_list(args: argparse.Namespace) -> int:
     import shutil
 
-    from longtail.evaluation.report import method_listing, plugin_listing
+    from longtail.evaluation.report import options_listing, plugin_listing
 
     width = max(80, min(120, shutil.get_terminal_size((100, 24)).columns))
     if args.method:
-        import longtail.methods  # noqa: F401  (fills the method registry)
-        from longtail.registry import METHODS
-
-        print(method_listing(args.method, METHODS.get(args.method), width))  # an unknown name: close matches
+        print(options_listing(args.method, _registered_as(args.method), width))
         return 0
     print(plugin_listing(width))
     return 0
+
+
+# What `longtail list NAME` shows the options of: (registry, kind, the package that fills it, how an option is set).
+_OPTION_KINDS = (
+    ("METHODS", "method", "longtail.methods",
+     "method.OPTION=VALUE in a recipe stage, or e.g. stages.0.method.{opt}=... on the command line"),
+    ("HEADS", "head", "longtail.models",
+     "model: {{head: {{name: {name}, OPTION: VALUE}}}} in a recipe, or e.g. model.head.{opt}=... on the command "
+     "line"),
+    ("DATASETS", "dataset", "longtail.data",
+     "data: {{name: {name}, options: {{OPTION: VALUE}}}} in a recipe, or e.g. data.options.{opt}=... on the "
+     "command line"),
+)
+
+
+def _registered_as(name: str) -> list[tuple[str, object, type | None, str]]:
+    """``(kind, registered object, its options' Config or None, how an option is set)`` for each registry of
+    methods, heads and datasets that holds ``name``; a RegistryError with close matches when none does."""
+    import difflib
+    import importlib
+
+    from longtail import registry
+    from longtail.config import options_of
+
+    found, known = [], []
+    for var, kind, package, usage in _OPTION_KINDS:
+        importlib.import_module(package)  # fills the registry
+        reg = getattr(registry, var)
+        known += list(reg)
+        if name in reg:
+            obj = reg.get(name)
+            found.append((kind, obj, options_of(obj), usage))  # a method's Config, or a head's / dataset's
+    if not found:
+        close = difflib.get_close_matches(name.strip().lower().replace("-", "_"), known, n=3, cutoff=0.5)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise registry.RegistryError(f"unknown method, head or dataset '{name}'{hint} (`longtail list` shows them)")
+    return found
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -518,10 +552,12 @@ def build_parser() -> argparse.ArgumentParser:
     dc.set_defaults(func=_cmd_data_coco_glt)
 
     ls = sub.add_parser("list", help="registered datasets, backbones, heads, methods, samplers and recipes",
-                        description="Without METHOD: every registered plugin and shipped recipe. With METHOD: its "
-                                    "options (method.OPTION=VALUE in a recipe or on the command line), their types, "
-                                    "defaults and what they do.")
-    ls.add_argument("method", nargs="?", help="a registered method, e.g. ldam_drw: print its options")
+                        description="Without NAME: every registered plugin and shipped recipe. With NAME, a method, "
+                                    "head or dataset: its options (method.OPTION, model.head.OPTION, "
+                                    "data.options.OPTION in a recipe or on the command line), their types, defaults "
+                                    "and what they do.")
+    ls.add_argument("method", nargs="?", metavar="NAME",
+                    help="a registered method, head or dataset, e.g. ldam_drw, causal_norm, shapes_glt: its options")
     ls.set_defaults(func=_cmd_list)
     # `--debug` also after the command (`longtail train ... --debug`); SUPPRESS keeps the main parser's value
     # when a sub-command does not see it.

@@ -2,8 +2,10 @@
 
 Unknown keys are errors with a "did you mean"; ``key.sub=value`` overrides are coerced to the
 field's type. A leaf module: it imports no plugin and looks nothing up in a registry. The names a config gives
-(dataset, backbone, head, sampler, method) and a method's own options, checked against that method's ``Config``
-dataclass, are resolved one layer up, by ``longtail.engine.build``.
+(dataset, backbone, head, sampler, method) and the own options of a dataset (``data.options``), a head
+(``model.head: {name, ...}``) and a method (``stages[].method: {name, ...}``), each checked against that plugin's
+``Config`` dataclass, are resolved one layer up, by ``longtail.engine.build``. ``migrate`` reads the flat head and
+dataset keys of older configs (every older run folder's config.yaml) into that layout.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,15 +38,10 @@ class DataConfig:
     # images the long-tailed subset left out, so train stays exactly as without it; 0: none. The head class keeps
     # all its images (n_max), so its val holds what is left (none at the default n_max): see data/cifar.py.
     val_per_class: int = 0
-    download: bool = False  # allow downloading standard datasets (never implicit)
-    num_classes: int | None = None  # generated datasets (shapes_glt): how many classes; None = default
-    max_per_class: int | None = None  # generated / digits datasets: n_max; None = default
-    train_variant: str = "lt"  # shapes_glt: lt (Train-GLT) or cbl (class-balanced, attributes LT; ALT)
-    train_list: str | None = None  # list-file datasets: `relative/path label` per line
-    val_list: str | None = None
-    test_list: str | None = None
-    annotation: str | None = None  # GLT datasets: the annotation JSON (released, or from `longtail data glt`)
-    path_prefix: str | None = None  # GLT datasets: prefix of the file's image paths to replace by data.root
+    # The dataset's own options, checked against its ``Config`` dataclass (``longtail list DATASET``) by
+    # ``longtail.engine.build`` and completed there with their defaults: e.g. shapes_glt {num_classes, max_per_class,
+    # train_variant}, list files {train_list, val_list, test_list}, GLT {annotation, path_prefix}.
+    options: dict[str, Any] = field(default_factory=dict)
     image_size: int | None = None  # network input side; None = the dataset's default
     in_memory: str = "auto"  # file datasets: auto | always | never: decode once into RAM and augment in batches
     # In-memory datasets (CIFAR-LT, shapes-glt, digits-lt, in_memory=always): true keeps the uint8 images on the
@@ -73,13 +71,17 @@ class ModelConfig:
     """Backbone + classifier head."""
 
     backbone: str = "resnet32"  # a registered backbone (`longtail list`)
-    head: str = "linear"  # a registered head
-    head_bias: bool = True  # linear head bias (TDE/GLT "Baseline" is bias-free)
-    head_scale: float = 16.0  # cosine head: logit scale s; causal_norm head: tau (split as tau / K over heads)
-    num_heads: int = 2  # causal_norm head: K heads, each a contiguous D/K chunk of the feature
-    head_gamma: float = 0.03125  # causal_norm head: weight-norm damping gamma in w / (||w|| + gamma)
+    # A registered head and its own options (``longtail list HEAD``): ``linear`` or ``{name: causal_norm, tau: 16}``;
+    # the options are checked against the head's ``Config`` dataclass and completed by ``longtail.engine.build``.
+    head: dict[str, Any] = field(default_factory=lambda: {"name": "linear"})
     pretrained: str | None = None  # local weights file for the backbone (never downloaded implicitly)
     channels_last: bool = True  # NHWC memory format (faster convolutions on GPU, ~10% on an AVX2 CPU)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.head, str):  # ModelConfig(head="linear"), as a recipe's `head: linear`
+            self.head = {"name": self.head}
+        elif "name" not in self.head:  # `head: {bias: false}`: options of the default head, as model.head.bias=false
+            self.head = {"name": "linear", **self.head}
 
 
 @dataclass
@@ -313,6 +315,152 @@ def to_dict(obj: Any) -> Any:
     return dataclasses.asdict(obj)
 
 
+def options(config_cls: type) -> Any:
+    """Decorator for a registered head or dataset factory: its own options are the fields of ``config_cls`` (a
+    dataclass, available as ``factory.Config``), given in a recipe as ``model.head: {name: HEAD, OPTION: ...}`` or
+    ``data.options: {OPTION: ...}``; ``longtail list NAME`` prints them with their comments. A factory without it
+    takes no options."""
+
+    def deco(factory: Any) -> Any:
+        factory.Config = config_cls
+        return factory
+
+    return deco
+
+
+def options_of(factory: Any) -> type | None:
+    """The ``Config`` dataclass of a registered head or dataset factory (see ``options``); None: it takes none."""
+    cls = getattr(factory, "Config", None)
+    return cls if dataclasses.is_dataclass(cls) else None
+
+
+def plugin_options(factory: Any, opts: dict, where: str, what: str) -> Any:
+    """``opts`` (a mapping of option -> value) as an instance of ``factory``'s ``Config``, defaults filled in; None
+    for a factory without one (and no options). ``where`` is the recipe key (``model.head``, ``data.options``),
+    ``what`` names the plugin in errors (``the cosine head``, ``dataset 'shapes_glt'``): an option it does not take
+    is a ConfigError naming it, with a "did you mean" and its options."""
+    cls = options_of(factory)
+    if cls is None:
+        if opts:
+            raise ConfigError(f"{where}: {what} takes no options, got {', '.join(map(str, opts))}")
+        return None
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in opts:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ConfigError(f"{where}.{key}: {what} has no option '{key}'; {hint}its options: "
+                              f"{', '.join(names) or 'none'}")
+    return from_dict(cls, opts, where)
+
+
+# ----------------------------------------------------------------------------- older configs
+
+# Before heads and datasets had their own ``Config`` dataclasses, their options were flat fields of ModelConfig and
+# DataConfig, each read by the heads / datasets it applied to and ignored by the others. Every config.yaml written
+# then holds all of them (with the defaults below where not set), so ``migrate`` moves each to the option it was
+# for, with its meaning: head_scale is the cosine head's s and the causal_norm head's tau.
+OLD_HEAD_KEYS: dict[str, Any] = {"head_bias": True, "head_scale": 16.0, "num_heads": 2, "head_gamma": 0.03125}
+OLD_DATA_KEYS: dict[str, Any] = {"num_classes": None, "max_per_class": None, "train_variant": "lt", "train_list": None,
+                                 "val_list": None, "test_list": None, "annotation": None, "path_prefix": None,
+                                 "download": False}
+# Built-in head -> {old key: its option}: the old keys each head read (an old key missing here had no effect).
+HEAD_OPTIONS_OF_OLD_KEYS: dict[str, dict[str, str]] = {
+    "linear": {"head_bias": "bias"},
+    "cosine": {"head_scale": "scale"},
+    "causal_norm": {"head_scale": "tau", "num_heads": "num_heads", "head_gamma": "gamma"},
+}
+_LISTS = ("train_list", "val_list", "test_list")
+_GLT = ("annotation", "path_prefix")
+# Built-in dataset -> the old keys it read; each is now the option of the same name.
+DATASET_OPTIONS_OF_OLD_KEYS: dict[str, tuple[str, ...]] = {
+    "shapes_glt": ("num_classes", "max_per_class", "train_variant"),
+    "digits_lt": ("max_per_class",),
+    "cifar10_lt": ("max_per_class", "download"),
+    "cifar100_lt": ("max_per_class", "download"),
+    "image_folder": (),
+    "list_file": ("num_classes", *_LISTS),
+    "imagenet_lt": _LISTS,
+    "places_lt": _LISTS,
+    "inat2018": _LISTS,
+    "imagenet_glt": _GLT,
+    "mscoco_glt": _GLT,
+    "glt": _GLT,
+}
+
+
+def _canonical_name(name: Any) -> str:
+    return str(name).strip().lower().replace("-", "_")  # as the registries spell names
+
+
+def migrate(raw: dict, overridden: Collection[str] = ()) -> dict:
+    """Move the flat head and dataset keys of an older config (``model.head_scale``, ``model.num_heads``,
+    ``model.head_gamma``, ``model.head_bias``; ``data.num_classes``, ``data.max_per_class``, ``data.train_variant``,
+    ``data.train_list`` / ``val_list`` / ``test_list``, ``data.annotation``, ``data.path_prefix``, ``data.download``)
+    into ``model.head: {name, OPTION: ...}`` and ``data.options``, in place; returns ``raw``. The one place that
+    knows the old layout: every run folder's config.yaml, old recipes and old ``key=value`` overrides go through it.
+
+    For a built-in head or dataset each old key becomes the option it was read as (tables above); an old key the
+    named head / dataset never read had no effect and is dropped, unless it is in ``overridden`` (dotted keys given
+    on the command line): then it is a ConfigError that names the new keys. For a plugin's head or dataset, old
+    keys not at their old defaults become options of the same name (checked against its ``Config`` later). An old
+    key wins over the same option written the new way (it is the later one: an old-style override or a child
+    recipe on a new-style base). Pure: no registry is looked at."""
+    model = raw.get("model")
+    if isinstance(model, dict) and any(k in model for k in OLD_HEAD_KEYS):
+        head = model.get("head", ModelConfig().head)
+        head = {"name": head} if isinstance(head, str) else dict(head) if isinstance(head, dict) else head
+        if isinstance(head, dict):
+            name = _canonical_name(head.get("name", ModelConfig().head["name"]))
+            table = HEAD_OPTIONS_OF_OLD_KEYS.get(name)
+            for old, default in OLD_HEAD_KEYS.items():
+                if old not in model:
+                    continue
+                value = model.pop(old)
+                if table is None:  # a plugin's head: it may have read any of them
+                    if value != default or f"model.{old}" in overridden:
+                        head[old] = value
+                elif old in table:
+                    head[table[old]] = value
+                elif f"model.{old}" in overridden:
+                    now = "; ".join(f"model.head.{t[old]} ({h})" for h, t in HEAD_OPTIONS_OF_OLD_KEYS.items()
+                                    if old in t)
+                    raise ConfigError(f"model.{old}: the {name} head has no such option (its options: "
+                                      f"{', '.join(table.values()) or 'none'}; `longtail list {name}`); head options "
+                                      f"are now model.head.OPTION, {old} became {now}")
+            model["head"] = head
+    data = raw.get("data")
+    if isinstance(data, dict) and any(k in data for k in OLD_DATA_KEYS):
+        opts = data.get("options")
+        opts = {} if opts is None else dict(opts) if isinstance(opts, dict) else opts
+        if isinstance(opts, dict):
+            name = _canonical_name(data.get("name", DataConfig().name))
+            takes = DATASET_OPTIONS_OF_OLD_KEYS.get(name)
+            for old, default in OLD_DATA_KEYS.items():
+                if old not in data:
+                    continue
+                value = data.pop(old)
+                if takes is None:  # a plugin's dataset
+                    if value != default or f"data.{old}" in overridden:
+                        opts[old] = value
+                elif old in takes:
+                    opts[old] = value
+                elif f"data.{old}" in overridden:
+                    raise ConfigError(f"data.{old}: dataset '{name}' has no option {old} (its options: "
+                                      f"{', '.join(takes) or 'none'}; `longtail list {name}`); a dataset's own "
+                                      f"options are now data.options.OPTION")
+            data["options"] = opts
+    return raw
+
+
+def _old_key(path: list[str]) -> str | None:
+    """``model.head_scale`` for an override of an old flat key (see ``migrate``), else None."""
+    if len(path) == 2 and ((path[0] == "model" and path[1] in OLD_HEAD_KEYS)
+                           or (path[0] == "data" and path[1] in OLD_DATA_KEYS)):
+        return ".".join(path)
+    return None
+
+
 # ----------------------------------------------------------------------------- overrides
 
 
@@ -360,13 +508,16 @@ def apply_override(raw: dict, path: list[str], value: Any) -> None:
                 raise ConfigError(f"'{'.'.join(path)}': no list item '{part}' (have {len(node)})") from None
             continue
         nxt = node.get(part)
+        named = part == "method" or (i == 1 and path[0] == "model" and part == "head")  # {name, options}
         if nxt is None:
             # `stages` defaults to one stage: `stages.0.x=...` on a recipe without stages means that one.
             nxt = [{}] if (i == 0 and part == "stages") else {}
             if part == "method":  # a stage that had no method had the default one: keep its name
                 nxt = {"name": StageConfig().method["name"]}
+            elif named:  # the same for the head
+                nxt = {"name": ModelConfig().head["name"]}
             node[part] = nxt
-        elif isinstance(nxt, str) and path[i] == "method":
+        elif isinstance(nxt, str) and named:
             nxt = {"name": nxt}
             node[part] = nxt
         elif not isinstance(nxt, dict | list):
@@ -379,7 +530,14 @@ def apply_override(raw: dict, path: list[str], value: Any) -> None:
         except (ValueError, IndexError):
             raise ConfigError(f"'{'.'.join(path)}': no list item '{last}'") from None
     else:
+        if path == ["data", "name"] and _renames(node, value):
+            node.pop("options", None)  # a dataset's options are its own: another dataset starts from its defaults
         node[last] = value
+
+
+def _renames(data: dict, name: Any) -> bool:
+    """Whether setting ``data.name`` to ``name`` names another dataset than ``data`` does."""
+    return _canonical_name(data.get("name", DataConfig().name)) != _canonical_name(name)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -445,6 +603,11 @@ def load_raw(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
 def _deep_merge(dst: dict, src: dict) -> None:
     for k, v in src.items():
         if isinstance(v, dict) and isinstance(dst.get(k), dict) and k != "method":
+            if k == "data" and "name" in v and _renames(dst[k], v["name"]):
+                dst[k].pop("options", None)  # another dataset than the base's: the base's dataset options do not apply
+            if k == "head" and "name" in v and _canonical_name(v["name"]) != _canonical_name(dst[k].get("name")):
+                dst[k] = v  # another head than the base's: nor do its head options
+                continue
             _deep_merge(dst[k], v)
         else:
             dst[k] = v
@@ -453,10 +616,14 @@ def _deep_merge(dst: dict, src: dict) -> None:
 def build_config(raw: dict, overrides: list[str] | None = None) -> RunConfig:
     """Apply ``key=value`` overrides to a raw dict, validate it strictly (schema, ranges, stage references), return
     a RunConfig. Plugin names and method options are checked by ``longtail.engine.build.build_config``."""
-    raw = yaml.safe_load(yaml.safe_dump(raw))  # deep copy of plain data
+    raw = migrate(yaml.safe_load(yaml.safe_dump(raw)))  # deep copy of plain data; an older config's layout moved
+    old_keys = []
     for text in overrides or []:
         path, value = parse_override(text)
         apply_override(raw, path, value)
+        if (key := _old_key(path)) is not None:
+            old_keys.append(key)
+    migrate(raw, old_keys)  # old-style overrides (model.head_scale=30): after all of them, so their order is free
     cfg = from_dict(RunConfig, raw)
     validate(cfg)
     return cfg
@@ -477,8 +644,8 @@ def _looks_like_path(text: str) -> bool:
 def validate(cfg: RunConfig) -> None:
     """Semantic checks beyond types: ranges, choices, stage references. Reads ``cfg`` and never changes it.
 
-    The schema knows no plugin: registered names (dataset, backbone, head, sampler, method) and a method's own
-    options are checked, and the options completed with their defaults, by ``longtail.engine.build.resolve``,
+    The schema knows no plugin: registered names (dataset, backbone, head, sampler, method) and the options of a
+    dataset, head and method are checked, and completed with their defaults, by ``longtail.engine.build.resolve``,
     which ``longtail.load_config``, ``train``, ``load_trained`` and the CLI apply.
     """
 
@@ -493,7 +660,6 @@ def validate(cfg: RunConfig) -> None:
     check(not (cfg.data.val_per_class and cfg.data.val_fraction),
           "data.val_per_class and data.val_fraction both make a val split: set only one")
     check(cfg.data.in_memory in ("auto", "always", "never"), "data.in_memory must be auto, always or never")
-    check(cfg.data.train_variant in ("lt", "cbl"), "data.train_variant must be lt or cbl")
     check(cfg.eval.select in ("last", "best_val"), "eval.select must be last or best_val")
     check(cfg.eval.select_metric in SELECT_METRICS,
           f"eval.select_metric must be one of {', '.join(SELECT_METRICS)}, got '{cfg.eval.select_metric}'")
@@ -506,11 +672,9 @@ def validate(cfg: RunConfig) -> None:
         from longtail.utils import parse_device
 
         parse_device(cfg.device)  # its syntax now; whether it is present, when the run starts
-    # Sizes where 0 or a negative number used to fall back silently to the dataset's default (`x or default`).
-    for key in ("image_size", "max_per_class", "num_classes"):
-        value = getattr(cfg.data, key)
-        check(value is None or value >= 1, f"data.{key} must be >= 1, got {value}; drop it (or null) for the "
-                                           f"dataset's default")
+    # 0 or a negative size used to fall back silently to the dataset's default (`x or default`).
+    check(cfg.data.image_size is None or cfg.data.image_size >= 1,
+          f"data.image_size must be >= 1, got {cfg.data.image_size}; drop it (or null) for the dataset's default")
     check(cfg.data.num_workers >= 0, f"data.num_workers must be >= 0 (0: load in this process), "
                                      f"got {cfg.data.num_workers}")
     check(cfg.data.decode_check >= 0, f"data.decode_check must be >= 0 (0: no decoding check at load time), "
@@ -521,9 +685,6 @@ def validate(cfg: RunConfig) -> None:
     check(not any(c in cfg.name for c in "/\\\0"),
           f"name '{cfg.name}' names the run folder runs/<name>-<time>, so it cannot hold '/' or '\\'; pass "
           f"--out to train somewhere else")
-    check(cfg.model.num_heads >= 1, f"model.num_heads must be >= 1, got {cfg.model.num_heads}")
-    check(cfg.model.head_scale > 0, f"model.head_scale must be > 0, got {cfg.model.head_scale}")
-    check(cfg.model.head_gamma >= 0, f"model.head_gamma must be >= 0, got {cfg.model.head_gamma}")
     check(cfg.eval.batch_size >= 1, f"eval.batch_size must be >= 1, got {cfg.eval.batch_size}")
     check(cfg.eval.many_above >= 0 and cfg.eval.few_below >= 0, "eval.many_above and eval.few_below must be >= 0")
     check(len(cfg.stages) >= 1, "a recipe needs at least one stage")
@@ -572,13 +733,16 @@ def absolute_paths(cfg: RunConfig) -> None:
     same files from any working directory. A list file that does not exist relative to the working directory stays
     as written: it is looked up under ``data.root``."""
     d = cfg.data
-    for key in ("root", "annotation", "cache_dir"):
+    for key in ("root", "cache_dir"):
         if getattr(d, key):
             setattr(d, key, str(Path(getattr(d, key)).expanduser().absolute()))
+    # The file options of the built-in datasets (GLT: annotation; list files: train_list, val_list, test_list).
+    if isinstance(d.options.get("annotation"), str) and d.options["annotation"]:
+        d.options["annotation"] = str(Path(d.options["annotation"]).expanduser().absolute())
     for key in ("train_list", "val_list", "test_list"):
-        value = getattr(d, key)
-        if value and Path(value).expanduser().is_file():
-            setattr(d, key, str(Path(value).expanduser().absolute()))
+        value = d.options.get(key)
+        if isinstance(value, str) and value and Path(value).expanduser().is_file():
+            d.options[key] = str(Path(value).expanduser().absolute())
     if cfg.model.pretrained:
         cfg.model.pretrained = str(Path(cfg.model.pretrained).expanduser().absolute())
 

@@ -110,7 +110,7 @@ def components(cfg: Any) -> list[tuple[str, str, Any]]:
 
     out = [("dataset", cfg.data.name, registry.DATASETS.get(cfg.data.name)),
            ("backbone", cfg.model.backbone, registry.BACKBONES.get(cfg.model.backbone)),
-           ("head", cfg.model.head, registry.HEADS.get(cfg.model.head))]
+           ("head", cfg.model.head["name"], registry.HEADS.get(cfg.model.head["name"]))]
     for st in cfg.stages:
         out.append(("method", st.method["name"], registry.METHODS.get(st.method["name"])))
         out.append(("sampler", st.sampler, registry.SAMPLERS.get(st.sampler)))

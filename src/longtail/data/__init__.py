@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from longtail.config import DataConfig
+from longtail.config import DataConfig, plugin_options
 from longtail.data import builtin, cifar, folder, glt, samplers  # noqa: F401  (fill the registries)
 from longtail.data.base import DataError, LTDataset, Split
 from longtail.data.images import ImageLimits
@@ -19,13 +19,17 @@ __all__ = ["DataError", "LTDataset", "Split", "class_counts", "create_dataset", 
 
 
 def create_dataset(cfg: DataConfig, seed: int = 0) -> LTDataset:
-    """Build the configured dataset; hold out ``cfg.val_fraction`` of train as val when asked.
+    """Build the configured dataset (``DATASETS[cfg.name](cfg, options, cache_dir)``, ``options`` the instance of
+    its ``Config`` that ``cfg.options`` gives, defaults filled in; None for a dataset without options); hold out
+    ``cfg.val_fraction`` of train as val when asked.
 
     The hold-out is seeded by ``cfg.subset_seed`` (the data, not the run seed) so that runs with
     different training seeds select on the same val split.
     """
     cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
-    ds: LTDataset = DATASETS.get(cfg.name)(cfg, cache_dir)
+    factory = DATASETS.get(cfg.name)
+    opts = plugin_options(factory, cfg.options, "data.options", f"dataset '{cfg.name}'")  # its Config, or None
+    ds: LTDataset = factory(cfg, opts, cache_dir)
     if cfg.in_memory == "never" and ds.train.in_memory:
         raise DataError(f"{ds.name} is always held in memory (small, decoded or generated once), so "
                         f"data.in_memory=never does not apply; for per-image DataLoader transforms instead of "

@@ -18,13 +18,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from longtail.config import DataConfig
+from longtail.config import DataConfig, options
 from longtail.data.base import DataError, LTDataset, Split
 from longtail.data.profiles import class_counts, index_hash, select_long_tailed
 from longtail.registry import DATASETS
@@ -44,7 +45,7 @@ _CHUNK = 256  # images rendered at once: bounds peak memory (~25 MB per (chunk, 
 ATTRIBUTE_NAMES = ["solid", "striped", "dotted"]
 ATTRIBUTE_RATIO = (7, 2, 1)  # intra-class attribute frequencies of every LT split (as ImageNet-GLT)
 DEFAULT_NUM_CLASSES = 10
-DEFAULT_MAX_PER_CLASS = 500  # n_max of the training split when data.max_per_class is None
+DEFAULT_MAX_PER_CLASS = 500  # n_max of the training split when data.options.max_per_class is None
 TEST_PER_CLASS = 60  # test_cbl: 42/12/6 per class; test_gbl: 20/20/20 per class (as ImageNet-GLT)
 VAL_FRACTION = 0.1  # val: about 10% of the training size, same class and attribute distribution
 
@@ -336,7 +337,7 @@ def shapes_glt_counts(num_classes: int, n_max: int, imbalance_ratio: float, prof
     elif train_variant == "cbl":
         train = [max(1, sum(lt) // num_classes)] * num_classes
     else:
-        raise DataError(f"shapes_glt: unknown data.train_variant '{train_variant}' (lt or cbl)")
+        raise DataError(f"shapes_glt: unknown data.options.train_variant '{train_variant}' (lt or cbl)")
     val = [max(1, int(math.floor(VAL_FRACTION * n + 0.5))) for n in train]
     return {
         "train": [attribute_split(n) for n in train],
@@ -357,31 +358,57 @@ def _load_cache(path: Path, splits: list[str]) -> dict[str, Split] | None:
         return None
 
 
+@dataclass
+class ShapesGLTConfig:
+    """Options of ``shapes_glt`` (``data.options``)."""
+
+    num_classes: int | None = None  # shape classes, 1..12 (the first ones of SHAPE_NAMES); None: 10
+    max_per_class: int | None = None  # n_max, the head class's training images; None: 500
+    # lt: Train-GLT, long-tailed over classes and attributes (scored under CLT and GLT); cbl: Train-CBL,
+    # class-balanced with long-tailed attributes, every class the mean of the lt counts (scored under ALT).
+    train_variant: str = "lt"
+
+    def __post_init__(self) -> None:
+        if self.num_classes is not None and not 1 <= self.num_classes <= len(SHAPE_NAMES):
+            raise ValueError(f"num_classes must be in 1..{len(SHAPE_NAMES)} (the shapes drawn: "
+                             f"{', '.join(SHAPE_NAMES)}), got {self.num_classes}; drop it (or null) for 10")
+        _check_n_max(self.max_per_class)
+        if self.train_variant not in ("lt", "cbl"):
+            raise ValueError(f"train_variant must be lt or cbl, got '{self.train_variant}'")
+
+
+def _check_n_max(n: int | None) -> None:
+    # 0 or a negative n_max used to fall back silently to the dataset's default (`x or default`).
+    if n is not None and n < 1:
+        raise ValueError(f"max_per_class must be >= 1, got {n}; drop it (or null) for the dataset's default")
+
+
 @DATASETS.register("shapes_glt")
-def shapes_glt(cfg: DataConfig, cache_dir: Path) -> LTDataset:
+@options(ShapesGLTConfig)
+def shapes_glt(cfg: DataConfig, opts: ShapesGLTConfig, cache_dir: Path) -> LTDataset:
     """Generated shapes, long-tailed over classes and attributes (GLT); CLT/GLT/ALT test sets; no download.
 
-    Classes are shapes (``data.num_classes``, default 10, at most 12); 3 attribute groups per class
-    (solid / striped / dotted, each with its own palette and background) at 7:2:1. ``data.max_per_class``
+    Classes are shapes (``data.options.num_classes``, default 10, at most 12); 3 attribute groups per class
+    (solid / striped / dotted, each with its own palette and background) at 7:2:1. ``data.options.max_per_class``
     is n_max (default 500), ``data.imbalance_ratio`` and ``data.profile`` shape the class tail,
-    ``data.train_variant`` picks Train-GLT (``lt``) or Train-CBL (``cbl``), ``data.subset_seed`` seeds the
+    ``data.options.train_variant`` picks Train-GLT (``lt``) or Train-CBL (``cbl``), ``data.subset_seed`` seeds the
     pixels. Generated once (a few seconds) and cached under ``cache_dir/shapes_glt``.
     """
-    num_classes = cfg.num_classes or DEFAULT_NUM_CLASSES
+    num_classes = opts.num_classes or DEFAULT_NUM_CLASSES
     if not 1 <= num_classes <= len(SHAPE_NAMES):
         raise DataError(f"shapes_glt draws {len(SHAPE_NAMES)} shapes ({', '.join(SHAPE_NAMES)}); "
-                        f"data.num_classes={num_classes} is out of range 1..{len(SHAPE_NAMES)}")
+                        f"data.options.num_classes={num_classes} is out of range 1..{len(SHAPE_NAMES)}")
     if cfg.image_size not in (None, IMAGE_SIZE):
         raise DataError(f"shapes_glt is rendered at {IMAGE_SIZE}x{IMAGE_SIZE}; drop data.image_size")
-    n_max = cfg.max_per_class or DEFAULT_MAX_PER_CLASS
+    n_max = opts.max_per_class or DEFAULT_MAX_PER_CLASS
     try:
-        counts = shapes_glt_counts(num_classes, n_max, cfg.imbalance_ratio, cfg.profile, cfg.train_variant)
+        counts = shapes_glt_counts(num_classes, n_max, cfg.imbalance_ratio, cfg.profile, opts.train_variant)
     except ValueError as e:  # bad ratio / profile / n_max from class_counts
         raise DataError(f"shapes_glt: {e}") from None
 
     params = {"version": GENERATOR_VERSION, "seed": cfg.subset_seed, "num_classes": num_classes,
               "n_max": n_max, "imbalance_ratio": float(cfg.imbalance_ratio), "profile": cfg.profile,
-              "train_variant": cfg.train_variant}
+              "train_variant": opts.train_variant}
     key = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir) / "shapes_glt" / f"{key}.pt"
     split_names = list(counts)
@@ -403,7 +430,7 @@ def shapes_glt(cfg: DataConfig, cache_dir: Path) -> LTDataset:
         "n_max": n_max,
         "imbalance_ratio": float(cfg.imbalance_ratio),
         "profile": cfg.profile,
-        "train_variant": cfg.train_variant,
+        "train_variant": opts.train_variant,
         "train_counts": [sum(g) for g in counts["train"]],
         "attribute_counts": {s: counts[s] for s in split_names},  # [class][group]
         "attribute_ratio": "7:2:1",
@@ -419,7 +446,7 @@ def shapes_glt(cfg: DataConfig, cache_dir: Path) -> LTDataset:
         mean=SHAPES_MEAN,
         std=SHAPES_STD,
         attribute_names=list(ATTRIBUTE_NAMES),
-        protocols=glt_protocols(cfg.train_variant, class_split="test_cbl", glt_split="test_gbl"),
+        protocols=glt_protocols(opts.train_variant, class_split="test_cbl", glt_split="test_gbl"),
         info=info,
     )
     ds.validate()
@@ -457,7 +484,7 @@ def digits_split_indices(targets: np.ndarray, max_per_class: int | None, imbalan
     pool_sizes = np.bincount(targets[pool], minlength=10)
     n_max = max_per_class or int(pool_sizes.min())
     if n_max > pool_sizes.min():
-        raise DataError(f"digits_lt: data.max_per_class={n_max} but the smallest class has only "
+        raise DataError(f"digits_lt: data.options.max_per_class={n_max} but the smallest class has only "
                         f"{int(pool_sizes.min())} training images left after the test split; use <= that")
     try:
         counts = class_counts(10, n_max, imbalance_ratio, profile)
@@ -465,31 +492,39 @@ def digits_split_indices(targets: np.ndarray, max_per_class: int | None, imbalan
         raise DataError(f"digits_lt: {e}") from None
     if min(counts) < 1:
         raise DataError(f"digits_lt: n_max={n_max} with imbalance_ratio={imbalance_ratio} leaves a class "
-                        f"with no image ({counts}); lower the ratio or raise data.max_per_class")
+                        f"with no image ({counts}); lower the ratio or raise data.options.max_per_class")
     train = pool[select_long_tailed(targets[pool], counts, seed)]  # (sum(counts),) grouped by class
     return train, test, counts, n_max
 
 
+@dataclass
+class DigitsLTConfig:
+    """Options of ``digits_lt`` (``data.options``)."""
+
+    # n_max, the head class's training images; None: the smallest class left after the test split (124).
+    max_per_class: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_n_max(self.max_per_class)
+
+
 @DATASETS.register("digits_lt")
-def digits_lt(cfg: DataConfig, cache_dir: Path) -> LTDataset:
+@options(DigitsLTConfig)
+def digits_lt(cfg: DataConfig, opts: DigitsLTConfig, cache_dir: Path) -> LTDataset:
     """scikit-learn's 8x8 handwritten digits (bundled, no download), class-wise long-tailed, 32x32.
 
     A fixed class-balanced test set (50 per class) is split off first; the training set is drawn from the
     rest with ``class_counts(10, n_max, ratio, profile)`` and ``select_long_tailed`` seeded by
-    ``data.subset_seed``. n_max is ``data.max_per_class`` or the smallest class left in the pool (124).
+    ``data.subset_seed``. n_max is ``data.options.max_per_class`` or the smallest class left in the pool (124).
     ``cache_dir`` is unused: loading takes milliseconds.
     """
     from sklearn.datasets import load_digits
 
-    if cfg.num_classes not in (None, 10):
-        raise DataError(f"digits_lt has 10 classes; drop data.num_classes={cfg.num_classes}")
-    if cfg.train_variant != "lt":
-        raise DataError(f"digits_lt has only train_variant 'lt', got '{cfg.train_variant}'")
     if cfg.image_size not in (None, IMAGE_SIZE):
         raise DataError(f"digits_lt is upsampled to {IMAGE_SIZE}x{IMAGE_SIZE}; drop data.image_size")
     digits = load_digits()
     targets = np.asarray(digits.target, dtype=np.int64)  # (1797,)
-    train, test, counts, n_max = digits_split_indices(targets, cfg.max_per_class, cfg.imbalance_ratio,
+    train, test, counts, n_max = digits_split_indices(targets, opts.max_per_class, cfg.imbalance_ratio,
                                                       cfg.profile, cfg.subset_seed)
 
     images = digits_images(digits.data)  # (1797, 3, 32, 32) uint8

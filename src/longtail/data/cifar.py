@@ -7,13 +7,14 @@ import logging
 import os
 import zipfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from longtail.config import DataConfig
+from longtail.config import DataConfig, options
 from longtail.data.base import DataError, LTDataset, Split
 from longtail.data.images import IMAGE_EXTENSIONS, ImageLimits, decode_bytes
 from longtail.data.profiles import class_counts, draw_unused, index_hash, select_long_tailed
@@ -46,7 +47,7 @@ def _load_torchvision(root: Path, num_classes: int, download: bool) -> tuple[dic
         raise DataError(
             f"CIFAR-{num_classes} not found under {root} ({e}). Point data.root at a folder holding "
             f"the CIFAR python batches, at an image-folder copy (train/<class>/*.jpg, test/<class>/*.jpg, "
-            f"or a .zip of it), or set data.download=true to download it"
+            f"or a .zip of it), or set data.options.download=true to download it"
         ) from None
     return out, list(ds.classes)
 
@@ -141,7 +142,22 @@ def _load_image_folder(root: Path, num_classes: int, cache_dir: Path,
     return out, classes
 
 
-def build_cifar_lt(cfg: DataConfig, cache_dir: Path, num_classes: int) -> LTDataset:
+@dataclass
+class CifarLTConfig:
+    """Options of ``cifar10_lt`` and ``cifar100_lt`` (``data.options``)."""
+
+    # n_max, the head class's training images; None: all of them (5000 for CIFAR-10, 500 for CIFAR-100), as Cao et
+    # al.: n_i = int(n_max * r^(-i/(C-1))) for the exp profile.
+    max_per_class: int | None = None
+    download: bool = False  # allow torchvision to download CIFAR into data.root (never implicit)
+
+    def __post_init__(self) -> None:
+        if self.max_per_class is not None and self.max_per_class < 1:
+            raise ValueError(f"max_per_class must be >= 1, got {self.max_per_class}; drop it (or null) for the "
+                             f"dataset's default")
+
+
+def build_cifar_lt(cfg: DataConfig, opts: CifarLTConfig, cache_dir: Path, num_classes: int) -> LTDataset:
     if cfg.image_size not in (None, 32):
         raise DataError(f"cifar{num_classes}_lt keeps the 32x32 images in memory; drop data.image_size")
     root = Path(cfg.root).expanduser() if cfg.root else _default_root(num_classes)
@@ -149,9 +165,9 @@ def build_cifar_lt(cfg: DataConfig, cache_dir: Path, num_classes: int) -> LTData
     if is_folder_copy:
         data, classes = _load_image_folder(root, num_classes, cache_dir, ImageLimits.of(cfg))
     else:
-        data, classes = _load_torchvision(root, num_classes, cfg.download)
+        data, classes = _load_torchvision(root, num_classes, opts.download)
     train_images, train_targets = data["train"]
-    n_max = cfg.max_per_class or int(np.bincount(train_targets).max())
+    n_max = opts.max_per_class or int(np.bincount(train_targets).max())
     counts = class_counts(num_classes, n_max, cfg.imbalance_ratio, cfg.profile)
     keep = select_long_tailed(train_targets, counts, cfg.subset_seed)
     test_images, test_targets = data["test"]
@@ -188,8 +204,8 @@ def _unused_val(targets: np.ndarray, images: torch.Tensor, keep: np.ndarray, cfg
     says so and ``info['val_counts']`` records the per-class counts. Selection by mean per-class accuracy then
     averages over the classes present only, so a choice never pays for what it costs the head class: on
     CIFAR-10-LT it leans towards tail-favouring values (a larger tau-norm or logit-adjustment tau) than a
-    complete balanced val would pick. Read the chosen value with that in mind, or lower data.max_per_class (which
-    changes train) for a val that has every class.
+    complete balanced val would pick. Read the chosen value with that in mind, or lower
+    data.options.max_per_class (which changes train) for a val that has every class.
     """
     k = cfg.val_per_class
     idx, got = draw_unused(targets, keep, k, len(classes), cfg.subset_seed)
@@ -207,12 +223,14 @@ def _unused_val(targets: np.ndarray, images: torch.Tensor, keep: np.ndarray, cfg
 
 
 @DATASETS.register("cifar10_lt")
-def cifar10_lt(cfg: DataConfig, cache_dir: Path) -> LTDataset:
+@options(CifarLTConfig)
+def cifar10_lt(cfg: DataConfig, opts: CifarLTConfig, cache_dir: Path) -> LTDataset:
     """CIFAR-10-LT: exp/step profile over CIFAR-10 train (seeded, Cao-compatible), full balanced test."""
-    return build_cifar_lt(cfg, cache_dir, 10)
+    return build_cifar_lt(cfg, opts, cache_dir, 10)
 
 
 @DATASETS.register("cifar100_lt")
-def cifar100_lt(cfg: DataConfig, cache_dir: Path) -> LTDataset:
+@options(CifarLTConfig)
+def cifar100_lt(cfg: DataConfig, opts: CifarLTConfig, cache_dir: Path) -> LTDataset:
     """CIFAR-100-LT: exp/step profile over CIFAR-100 train (seeded, Cao-compatible), full balanced test."""
-    return build_cifar_lt(cfg, cache_dir, 100)
+    return build_cifar_lt(cfg, opts, cache_dir, 100)

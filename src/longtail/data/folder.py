@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import gzip
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from longtail.config import DataConfig
+from longtail.config import DataConfig, options
 from longtail.data.base import DataError, LTDataset, Split
 from longtail.data.images import IMAGE_EXTENSIONS, ImageLimits, read_image, resize_square
 from longtail.progress import bars_off
@@ -116,7 +117,7 @@ def _finish(cfg: DataConfig, name: str, class_names: list[str], splits: dict[str
 
 
 @DATASETS.register("image_folder")
-def image_folder(cfg: DataConfig, cache_dir: Path) -> LTDataset:
+def image_folder(cfg: DataConfig, opts: None, cache_dir: Path) -> LTDataset:
     """Your own images: data.root/{train,val,test}/<class>/<image> (val and test optional, test advised)."""
     root = _require_root(cfg, "image_folder")
     train_dir = root / "train"
@@ -148,12 +149,39 @@ def image_folder(cfg: DataConfig, cache_dir: Path) -> LTDataset:
                    info={"root": str(root)})
 
 
-def _list_dataset(cfg: DataConfig, name: str, default_lists: dict[str, str], expected: dict[str, int],
-                  num_classes: int | None) -> LTDataset:
+@dataclass
+class ListFilesConfig:
+    """Options of ``imagenet_lt``, ``places_lt`` and ``inat2018`` (``data.options``): their list files, each a
+    `relative/path label` line per image under data.root (a path relative to the working folder, else to data.root;
+    None: the published list's name, e.g. ImageNet_LT_train.txt, looked up under data.root)."""
+
+    train_list: str | None = None
+    val_list: str | None = None  # None: the published val list if it is there (inat2018 has none)
+    test_list: str | None = None
+
+
+@dataclass
+class ListFileConfig:
+    """Options of ``list_file`` (``data.options``): your own list files, each a `relative/path label` line per image
+    under data.root (a path relative to the working folder, else to data.root)."""
+
+    train_list: str | None = None  # required
+    val_list: str | None = None  # None: no val split
+    test_list: str | None = None  # None: no test split (then val is the evaluated split)
+    num_classes: int | None = None  # None: the largest label + 1
+
+    def __post_init__(self) -> None:
+        if self.num_classes is not None and self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}; drop it (or null) for the largest "
+                             f"label + 1")
+
+
+def _list_dataset(cfg: DataConfig, opts: ListFilesConfig | ListFileConfig, name: str, default_lists: dict[str, str],
+                  expected: dict[str, int], num_classes: int | None) -> LTDataset:
     root = _require_root(cfg, name)
-    lists = {"train": cfg.train_list or default_lists.get("train"),
-             "val": cfg.val_list or default_lists.get("val"),
-             "test": cfg.test_list or default_lists.get("test")}
+    lists = {"train": opts.train_list or default_lists.get("train"),
+             "val": opts.val_list or default_lists.get("val"),
+             "test": opts.test_list or default_lists.get("test")}
     splits = {}
     for split, lst in lists.items():
         if lst is None:
@@ -169,7 +197,7 @@ def _list_dataset(cfg: DataConfig, name: str, default_lists: dict[str, str], exp
                             f"is this the right list file?")
         splits[split] = Split(targets=torch.tensor(labels), paths=paths)
     if "train" not in splits:
-        raise DataError(f"{name}: set data.train_list to the training list file")
+        raise DataError(f"{name}: set data.options.train_list to the training list file")
     c = num_classes or int(max(int(s.targets.max()) for s in splits.values())) + 1
     for split, s in splits.items():
         if int(s.targets.max()) >= c:
@@ -179,29 +207,34 @@ def _list_dataset(cfg: DataConfig, name: str, default_lists: dict[str, str], exp
 
 
 @DATASETS.register("list_file")
-def list_file(cfg: DataConfig, cache_dir: Path) -> LTDataset:
-    """Your own list files: data.train_list / val_list / test_list with `relative/path label` lines under data.root."""
-    return _list_dataset(cfg, "list_file", {}, {}, cfg.num_classes)
+@options(ListFileConfig)
+def list_file(cfg: DataConfig, opts: ListFileConfig, cache_dir: Path) -> LTDataset:
+    """Your own list files (data.options train_list / val_list / test_list): `relative/path label` lines under
+    data.root."""
+    return _list_dataset(cfg, opts, "list_file", {}, {}, opts.num_classes)
 
 
 @DATASETS.register("imagenet_lt")
-def imagenet_lt(cfg: DataConfig, cache_dir: Path) -> LTDataset:
+@options(ListFilesConfig)
+def imagenet_lt(cfg: DataConfig, opts: ListFilesConfig, cache_dir: Path) -> LTDataset:
     """ImageNet-LT (OLTR split lists; 115,846 / 20,000 / 50,000) under your ILSVRC-2012 root."""
-    return _list_dataset(cfg, "imagenet_lt", {"train": "ImageNet_LT_train.txt", "val": "ImageNet_LT_val.txt",
+    return _list_dataset(cfg, opts, "imagenet_lt", {"train": "ImageNet_LT_train.txt", "val": "ImageNet_LT_val.txt",
                                               "test": "ImageNet_LT_test.txt"},
                          {"train": 115846, "val": 20000, "test": 50000}, 1000)
 
 
 @DATASETS.register("places_lt")
-def places_lt(cfg: DataConfig, cache_dir: Path) -> LTDataset:
+@options(ListFilesConfig)
+def places_lt(cfg: DataConfig, opts: ListFilesConfig, cache_dir: Path) -> LTDataset:
     """Places-LT (OLTR split lists; 62,500 / 7,300 / 36,500) under your Places365-Standard root."""
-    return _list_dataset(cfg, "places_lt", {"train": "Places_LT_train.txt", "val": "Places_LT_val.txt",
+    return _list_dataset(cfg, opts, "places_lt", {"train": "Places_LT_train.txt", "val": "Places_LT_val.txt",
                                             "test": "Places_LT_test.txt"},
                          {"train": 62500, "val": 7300, "test": 36500}, 365)
 
 
 @DATASETS.register("inat2018")
-def inat2018(cfg: DataConfig, cache_dir: Path) -> LTDataset:
+@options(ListFilesConfig)
+def inat2018(cfg: DataConfig, opts: ListFilesConfig, cache_dir: Path) -> LTDataset:
     """iNaturalist 2018 (437,513 train; the official val, 24,426, is the test set) under your iNat root."""
-    return _list_dataset(cfg, "inat2018", {"train": "iNaturalist18_train.txt", "test": "iNaturalist18_val.txt"},
+    return _list_dataset(cfg, opts, "inat2018", {"train": "iNaturalist18_train.txt", "test": "iNaturalist18_val.txt"},
                          {"train": 437513, "test": 24426}, 8142)

@@ -18,7 +18,7 @@ empty):
 
 A split the generator skipped (``test_lt`` of the Train-CBL file) is present with empty fields. Paths in the
 released files are absolute paths on the authors' machine (spec G2): we rewrite them onto ``data.root`` by
-stripping ``data.path_prefix``, or, when no prefix is given, by finding the shortest tail of the first path that
+stripping ``data.options.path_prefix``, or, when no prefix is given, by finding the shortest tail of the first path that
 exists under ``data.root``; then every file is checked.
 
 Split names follow shapes_glt: ``test_bl`` -> ``test_cbl`` (Test-CBL), ``test_bbl`` -> ``test_gbl`` (Test-GBL),
@@ -28,12 +28,13 @@ Split names follow shapes_glt: ``test_bl`` -> ``test_cbl`` (Test-CBL), ``test_bb
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from longtail.config import DataConfig
+from longtail.config import DataConfig, options
 from longtail.data.base import DataError, LTDataset, Split
 from longtail.data.builtin import glt_protocols
 from longtail.data.folder import IMAGENET_MEAN, IMAGENET_STD, _materialise, check_files, inside_root
@@ -68,7 +69,7 @@ def _rewriter(first: str, root: Path, prefix: str | None):
     if prefix is not None:
         def strip(p: str) -> Path:
             if not p.startswith(prefix):
-                raise DataError(f"path {p!r} does not start with data.path_prefix {prefix!r}")
+                raise DataError(f"path {p!r} does not start with data.options.path_prefix {prefix!r}")
             return root / p[len(prefix):].lstrip("/\\")
         return strip
     parts = Path(first).parts
@@ -79,7 +80,7 @@ def _rewriter(first: str, root: Path, prefix: str | None):
     if Path(first).is_file():
         return Path
     raise DataError(f"cannot place {first!r} under data.root {root}: no tail of it exists there; set "
-                    f"data.path_prefix to the part to strip (the authors' machine prefix)")
+                    f"data.options.path_prefix to the part to strip (the authors' machine prefix)")
 
 
 def read_glt_annotations(path: str | Path, root: str | Path, path_prefix: str | None = None,
@@ -89,7 +90,7 @@ def read_glt_annotations(path: str | Path, root: str | Path, path_prefix: str | 
     path elsewhere, is an error unless ``allow_outside_root``) and (``check_files``) every file checked."""
     path, root = Path(path).expanduser(), Path(root).expanduser()
     if not path.is_file():
-        raise DataError(f"GLT annotation file not found: {path} (data.annotation)")
+        raise DataError(f"GLT annotation file not found: {path} (data.options.annotation)")
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -117,8 +118,8 @@ def read_glt_annotations(path: str | Path, root: str | Path, path_prefix: str | 
         outside = [(p, q) for (p, *_), q in zip(es, paths, strict=True) if not inside_root(q, root)]
         if outside and not allow_outside_root:
             raise DataError(f"{path} [{name}]: {len(outside)} image path(s) lie outside data.root {root}, e.g. "
-                            f"{outside[0][0]!r} -> {outside[0][1]}; set data.path_prefix / data.root so they land "
-                            f"inside it, or data.allow_outside_root=true to allow it")
+                            f"{outside[0][0]!r} -> {outside[0][1]}; set data.options.path_prefix / data.root so they "
+                            f"land inside it, or data.allow_outside_root=true to allow it")
         if check_files:
             missing += [p for p in tqdm(paths, desc=f"checking {name} files", unit="file", leave=False,
                                         mininterval=1.0, disable=bars_off()) if not Path(p).is_file()][:5]
@@ -127,7 +128,7 @@ def read_glt_annotations(path: str | Path, root: str | Path, path_prefix: str | 
                              attributes=attrs if (attrs >= 0).all() else None)
     if missing:
         raise DataError(f"{path}: image files not found under {root}, e.g. {missing[0]}; check data.root and "
-                        f"data.path_prefix")
+                        f"data.options.path_prefix")
     # Frequency group of each class (0 many / 1 medium / 2 few): the class's group in the training entries.
     groups = torch.full((num_classes,), -1, dtype=torch.int64)
     for _, c, f, _ in entries["train"]:
@@ -138,13 +139,25 @@ def read_glt_annotations(path: str | Path, root: str | Path, path_prefix: str | 
             "protocols": {p: s for p, s in protocols.items() if s in splits}}
 
 
-def _glt_dataset(cfg: DataConfig, name: str, default_size: int, mean, std) -> LTDataset:
-    if not cfg.annotation:
-        raise DataError(f"{name} needs data.annotation: the annotation JSON (released by the authors, or written "
-                        f"by `longtail data glt`)")
+@dataclass
+class GLTConfig:
+    """Options of ``imagenet_glt``, ``mscoco_glt`` and ``glt`` (``data.options``)."""
+
+    # The annotation JSON (required): released by the authors, or written by `longtail data glt` / `data coco-glt`.
+    # A Train-GLT file (with test_lt) is scored under CLT and GLT, a Train-CBL file under ALT.
+    annotation: str | None = None
+    # The part of the file's image paths to replace by data.root (the authors' machine prefix); None: the shortest
+    # tail of the first path that exists under data.root.
+    path_prefix: str | None = None
+
+
+def _glt_dataset(cfg: DataConfig, opts: GLTConfig, name: str, default_size: int, mean, std) -> LTDataset:
+    if not opts.annotation:
+        raise DataError(f"{name} needs data.options.annotation: the annotation JSON (released by the authors, or "
+                        f"written by `longtail data glt`)")
     if not cfg.root:
         raise DataError(f"{name} needs data.root: the folder the annotation's image paths live under")
-    ann = read_glt_annotations(cfg.annotation, cfg.root, cfg.path_prefix, allow_outside_root=cfg.allow_outside_root)
+    ann = read_glt_annotations(opts.annotation, cfg.root, opts.path_prefix, allow_outside_root=cfg.allow_outside_root)
     size = cfg.image_size or default_size
     splits = ann["splits"]
     check_files(cfg, name, splits, exist=False)  # existence: read_glt_annotations checked every file
@@ -152,29 +165,32 @@ def _glt_dataset(cfg: DataConfig, name: str, default_size: int, mean, std) -> LT
         splits = {k: _materialise(v, size, f"{name} {k}", ImageLimits.of(cfg)) for k, v in splits.items()}
     eval_splits = [s for s in ("test_lt", "test_cbl", "test_gbl") if s in splits]
     if not eval_splits:
-        raise DataError(f"{cfg.annotation}: no test split (test_lt / test_bl / test_bbl)")
+        raise DataError(f"{opts.annotation}: no test split (test_lt / test_bl / test_bbl)")
     ds = LTDataset(name=name, class_names=ann["class_names"], splits=splits, eval_splits=eval_splits,
                    image_size=size, mean=mean, std=std,
                    attribute_names=["attribute 0 (head)", "attribute 1", "attribute 2 (tail)"],
                    protocols=ann["protocols"], class_groups=ann["class_groups"],
-                   info={"root": str(cfg.root), "annotation": str(cfg.annotation)})
+                   info={"root": str(cfg.root), "annotation": str(opts.annotation)})
     ds.validate()
     return ds
 
 
 @DATASETS.register("imagenet_glt")
-def imagenet_glt(cfg: DataConfig, cache_dir: Path) -> LTDataset:
-    """ImageNet-GLT from an annotation file (data.annotation) over your ILSVRC-2012 train images (data.root)."""
-    return _glt_dataset(cfg, "imagenet_glt", 112, IMAGENET_MEAN, IMAGENET_STD)
+@options(GLTConfig)
+def imagenet_glt(cfg: DataConfig, opts: GLTConfig, cache_dir: Path) -> LTDataset:
+    """ImageNet-GLT from an annotation file (data.options.annotation) over your ILSVRC-2012 train images (data.root)."""
+    return _glt_dataset(cfg, opts, "imagenet_glt", 112, IMAGENET_MEAN, IMAGENET_STD)
 
 
 @DATASETS.register("mscoco_glt")
-def mscoco_glt(cfg: DataConfig, cache_dir: Path) -> LTDataset:
-    """MSCOCO-GLT from its annotation file (data.annotation) over the object crops (data.root)."""
-    return _glt_dataset(cfg, "mscoco_glt", 112, COCO_MEAN, COCO_STD)
+@options(GLTConfig)
+def mscoco_glt(cfg: DataConfig, opts: GLTConfig, cache_dir: Path) -> LTDataset:
+    """MSCOCO-GLT from its annotation file (data.options.annotation) over the object crops (data.root)."""
+    return _glt_dataset(cfg, opts, "mscoco_glt", 112, COCO_MEAN, COCO_STD)
 
 
 @DATASETS.register("glt")
-def glt(cfg: DataConfig, cache_dir: Path) -> LTDataset:
+@options(GLTConfig)
+def glt(cfg: DataConfig, opts: GLTConfig, cache_dir: Path) -> LTDataset:
     """A GLT benchmark of your own images, from the annotation file `longtail data glt` wrote."""
-    return _glt_dataset(cfg, "glt", 112, IMAGENET_MEAN, IMAGENET_STD)
+    return _glt_dataset(cfg, opts, "glt", 112, IMAGENET_MEAN, IMAGENET_STD)

@@ -244,7 +244,7 @@ def build_glt_benchmark(root: str | Path, out: str | Path, *, name: str = "glt",
     ``budgets``: a file of per-class Train-GLT budgets (``load_budgets``); without one, an ``exp`` profile of
     ``imbalance_ratio`` from the largest pool (20: the reference script's own ``exp`` alternative, imb_factor
     0.05). Returns a summary: the file paths, each split's size and notes. Image paths in the files are relative
-    to ``root`` (read them with ``data.root=ROOT data.annotation=FILE``).
+    to ``root`` (read them with ``data.root=ROOT data.options.annotation=FILE``).
     """
     root, out = Path(root).expanduser(), Path(out).expanduser()
     if not root.is_dir():

@@ -2,10 +2,10 @@
 
 ``longtail.config`` is the schema (types, ranges, stage references) and knows no plugin. ``resolve`` checks the
 registered names (dataset, backbone, head, sampler, each stage's method; plugins imported first), a method's
-``requires_head``, and each method's own options against its ``Config`` dataclass, and returns a copy whose
-``stages[].method`` holds every option with its default filled in: the resolved config a run saves in
-``config.yaml`` and embeds in every checkpoint. ``train``, ``load_trained``, ``load_model``,
-``longtail.load_config`` and the CLI go through it.
+``requires_head``, and the own options of the dataset (``data.options``), the head (``model.head``) and each
+method (``stages[].method``) against that plugin's ``Config`` dataclass, and returns a copy that holds every option
+with its default filled in: the resolved config a run saves in ``config.yaml`` and embeds in every checkpoint.
+``train``, ``load_trained``, ``load_model``, ``longtail.load_config`` and the CLI go through it.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import longtail.losses  # noqa: F401  (losses)
 import longtail.methods  # noqa: F401  (methods)
 import longtail.models  # noqa: F401  (backbones, heads)
 from longtail import config
-from longtail.config import RunConfig, from_dict, to_dict
+from longtail.config import RunConfig, from_dict, plugin_options, to_dict
 from longtail.data.loaders import parse_augment
 from longtail.errors import ConfigError
 from longtail.methods.base import check_contract
@@ -34,9 +34,9 @@ def _known(reg: Registry, name: str, where: str) -> None:
 
 
 def resolve(cfg: RunConfig) -> RunConfig:
-    """A copy of ``cfg`` (which is left as it is) with every registered name checked and each stage's method
-    options completed with the method's defaults; ConfigError (with a "did you mean") on an unknown name or
-    option, or a method whose ``requires_head`` is not ``model.head``. Idempotent.
+    """A copy of ``cfg`` (which is left as it is) with every registered name checked and the options of the dataset,
+    the head and each stage's method completed with their defaults; ConfigError (with a "did you mean") on an
+    unknown name or option, or a method whose ``requires_head`` is not ``model.head``. Idempotent.
 
     Plugins are imported first, so their names are known: the installed ``longtail.plugins`` entry points (once
     per process) and the modules ``cfg.plugins`` names (``--plugin``, a recipe's ``plugins:``)."""
@@ -50,7 +50,15 @@ def resolve(cfg: RunConfig) -> RunConfig:
         raise ConfigError(str(e)) from None
     _known(DATASETS, out.data.name, "data.name")
     _known(BACKBONES, out.model.backbone, "model.backbone")
-    _known(HEADS, out.model.head, "model.head")
+    head = out.model.head["name"]
+    _known(HEADS, head, "model.head")
+    # A dataset's and a head's own options, checked against their Config and completed with its defaults.
+    data_opts = plugin_options(DATASETS.get(out.data.name), out.data.options, "data.options",
+                               f"dataset '{out.data.name}'")
+    out.data.options = {} if data_opts is None else to_dict(data_opts)
+    head_opts = plugin_options(HEADS.get(head), {k: v for k, v in out.model.head.items() if k != "name"},
+                               "model.head", f"the {head} head")
+    out.model.head = {"name": head, **({} if head_opts is None else to_dict(head_opts))}
     for i, st in enumerate(out.stages):
         where = f"stages.{i} ('{st.name}')"
         _known(SAMPLERS, st.sampler, f"{where}.sampler")
@@ -59,9 +67,8 @@ def resolve(cfg: RunConfig) -> RunConfig:
         check_contract(st.method["name"], method_cls)  # a plugin written to an old Method contract
         opts = {k: v for k, v in st.method.items() if k != "name"}
         need = method_cls.head_needed(opts)  # a wrapper (ifl, mixup) answers for its base
-        if need is not None and need != out.model.head:
-            raise ConfigError(f"{where}: method '{st.method['name']}' needs model.head={need} "
-                              f"(got '{out.model.head}')")
+        if need is not None and need != head:
+            raise ConfigError(f"{where}: method '{st.method['name']}' needs model.head={need} (got '{head}')")
         st.method = {"name": st.method["name"], **to_dict(from_dict(method_cls.Config, opts, f"{where}.method"))}
     if out.eval.select == "best_val" and out.stages[-1].eval_every == 0:
         out.stages[-1].eval_every = 1  # best_val chooses among the last stage's val evaluations: one per epoch

@@ -345,7 +345,7 @@ def _load_init(model: torch.nn.Module, st: StageConfig, run_dir: Path, earlier: 
     except RuntimeError:  # another run's backbone / head / class count: say which settings differ
         raise CheckpointError(
             f"stage '{st.name}': the weights in {path} do not fit this model (model.backbone, "
-            f"model.head, head_bias and the class count must match the run they come from): "
+            f"model.head with its options and the class count must match the run they come from): "
             f"{state_mismatch(model.state_dict(), weights)}"
         ) from None
     log.info("stage %s starts from %s", st.name, path)

@@ -297,8 +297,8 @@ def protocol_split(ds, protocol: str) -> str:
         raise UsageError(f"unknown protocol {protocol!r}: CLT, ALT or GLT")
     if protocol not in ds.protocols:
         have = ", ".join(ds.protocols) or "none (not a GLT dataset)"
-        hint = (" ALT scores a model trained on Train-CBL (data.train_variant=cbl, or an ..._inter_bl annotation)"
-                if protocol == "ALT" else " CLT and GLT score a model trained on Train-GLT")
+        hint = (" ALT scores a model trained on Train-CBL (data.options.train_variant=cbl, or an ..._inter_bl "
+                "annotation)" if protocol == "ALT" else " CLT and GLT score a model trained on Train-GLT")
         raise UsageError(f"{ds.name} as trained here is scored under {have}, not {protocol}.{hint}")
     return ds.protocols[protocol]
 

@@ -377,21 +377,24 @@ def plugin_listing(width: int) -> str:
     return "\n".join(lines)
 
 
-def method_listing(name: str, cls: type, width: int) -> str:
-    """What ``longtail list METHOD`` prints: the method ``cls`` (registered as ``name``), its description and
-    each option of its ``Config`` with type, default and the comment that documents it."""
+def options_listing(name: str, found: list[tuple[str, object, type | None, str]], width: int) -> str:
+    """What ``longtail list NAME`` prints for a method, head or dataset: for each ``(kind, registered object, its
+    options' Config dataclass or None, how an option is set)`` in ``found``, its description and each option of
+    that Config with type, default and the comment that documents it."""
     from longtail.registry import describe_options
 
-    doc = " ".join((cls.__doc__ or "").split())
-    lines = [textwrap.fill(f"{name}: {doc}" if doc else name, width)]
-    options = describe_options(cls.Config) if hasattr(cls, "Config") else []
-    if not options:
-        lines.append("\nno options")
-        return "\n".join(lines)
-    lines.append(f"\noptions (method.OPTION=VALUE in a recipe stage, or e.g. stages.0.method.{options[0][0]}=... on "
-                 f"the command line):")
-    for opt, tp, default, doc in options:
-        lines.append(f"  {opt}: {tp} = {default}")
-        if doc:
-            lines.append(textwrap.fill(doc, width, initial_indent=" " * 6, subsequent_indent=" " * 6))
-    return "\n".join(lines)
+    blocks = []
+    for kind, obj, config_cls, usage in found:
+        doc = " ".join((obj.__doc__ or "").split())
+        lines = [textwrap.fill(f"{name} ({kind}): {doc}" if doc else f"{name} ({kind})", width)]
+        options = describe_options(config_cls) if config_cls is not None else []
+        if not options:
+            lines.append("\nno options")
+        else:
+            lines.append(f"\noptions ({usage.format(name=name, opt=options[0][0])}):")
+            for opt, tp, default, text in options:
+                lines.append(f"  {opt}: {tp} = {default}")
+                if text:
+                    lines.append(textwrap.fill(text, width, initial_indent=" " * 6, subsequent_indent=" " * 6))
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)

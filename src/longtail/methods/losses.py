@@ -83,7 +83,7 @@ class LogitAdjustPosthoc(LossMethod):
 class LDAMDRW(LossMethod):
     """LDAM margins (Cao et al., NeurIPS 2019) on a cosine head, with deferred re-weighting from drw_epoch.
 
-    z = s (cos - Delta_y on the true class), s = the cosine head's scale (model.head_scale, 30 in the paper).
+    z = s (cos - Delta_y on the true class), s = the cosine head's scale (model.head.scale, 30 in the paper).
     """
 
     loss_name = "ldam_drw"

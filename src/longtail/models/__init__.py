@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from longtail.config import ModelConfig
+from longtail.config import ModelConfig, plugin_options
 from longtail.models import backbones, heads  # noqa: F401  (fill the registries)
 from longtail.models.backbones import load_pretrained
 from longtail.registry import BACKBONES, HEADS
@@ -40,9 +40,14 @@ class Classifier(nn.Module):
 
 
 def create_model(cfg: ModelConfig, num_classes: int) -> Classifier:
-    """Build the configured backbone and head; load local pretrained backbone weights if configured."""
+    """Build the configured backbone and head (``cfg.head``: its name and options, given in full by
+    ``longtail.engine.build``, else completed here with the head's defaults); load local pretrained backbone weights
+    if configured."""
     backbone = BACKBONES.get(cfg.backbone)()
     if cfg.pretrained:
         load_pretrained(backbone, cfg.pretrained)
-    head = HEADS.get(cfg.head)(backbone.feature_dim, num_classes, cfg)
+    factory = HEADS.get(cfg.head["name"])
+    opts = plugin_options(factory, {k: v for k, v in cfg.head.items() if k != "name"}, "model.head",
+                          f"the {cfg.head['name']} head")
+    head = factory(backbone.feature_dim, num_classes, opts)  # (B, D) -> (B, C)
     return Classifier(backbone, head, num_classes)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from longtail.config import ConfigError, ModelConfig
+from longtail.config import ConfigError, options
 from longtail.registry import HEADS
 
 
@@ -90,7 +91,7 @@ class CausalNormHead(nn.Module):
         super().__init__()
         if in_dim % num_heads:
             raise ConfigError(f"causal_norm head: feature dim {in_dim} is not divisible by num_heads={num_heads}; "
-                              f"set model.num_heads to a divisor of {in_dim}")
+                              f"set model.head.num_heads to a divisor of {in_dim}")
         self.weight = nn.Parameter(torch.empty(num_classes, in_dim))  # (C, D)
         nn.init.uniform_(self.weight, -1 / math.sqrt(in_dim), 1 / math.sqrt(in_dim))
         self.num_heads, self.tau, self.gamma = num_heads, tau, gamma
@@ -102,19 +103,63 @@ class CausalNormHead(nn.Module):
         return tde_logits(x, self.weight, direction, alpha, self.num_heads, self.tau, self.gamma)
 
 
+# Each head's own options (``model.head: {name: HEAD, OPTION: VALUE}``, ``longtail list HEAD``): checked against
+# these dataclasses by ``longtail.engine.build``, which stores them in the run's config.yaml with every default.
+
+
+@dataclass
+class LinearHeadConfig:
+    """Options of the ``linear`` head."""
+
+    # z = W x + b with a bias per class; false: z = W x (TDE's and GLT's CE "Baseline" is bias-free, Decoupling's
+    # joint model has a bias).
+    bias: bool = True
+
+
+@dataclass
+class CosineHeadConfig:
+    """Options of the ``cosine`` head."""
+
+    scale: float = 16.0  # s in z_c = s * cos(x, w_c): the logits' range [-s, s] (LDAM-DRW's recipes: 30)
+
+    def __post_init__(self) -> None:
+        if not self.scale > 0:
+            raise ValueError(f"scale (s) must be > 0, got {self.scale}")
+
+
+@dataclass
+class CausalNormHeadConfig:
+    """Options of the ``causal_norm`` head: z_i = (tau/K) sum_k w_i^k . x^k / ((||w_i^k|| + gamma) ||x^k||)."""
+
+    tau: float = 16.0  # tau: the logit scale, split as tau / K over the K heads
+    num_heads: int = 2  # K heads, each a contiguous D/K chunk of the feature (D must be divisible by K)
+    gamma: float = 0.03125  # gamma in w / (||w|| + gamma): damps the weight norm (1/32 in the TDE code)
+
+    def __post_init__(self) -> None:
+        if not self.tau > 0:
+            raise ValueError(f"tau must be > 0, got {self.tau}")
+        if self.num_heads < 1:
+            raise ValueError(f"num_heads must be >= 1, got {self.num_heads}")
+        if self.gamma < 0:
+            raise ValueError(f"gamma must be >= 0, got {self.gamma}")
+
+
 @HEADS.register("linear")
-def linear(in_dim: int, num_classes: int, cfg: ModelConfig) -> nn.Module:
-    """Linear classifier (bias per model.head_bias)."""
-    return LinearHead(in_dim, num_classes, bias=cfg.head_bias)
+@options(LinearHeadConfig)
+def linear(in_dim: int, num_classes: int, cfg: LinearHeadConfig) -> nn.Module:
+    """Linear classifier z = W x + b (model.head.bias: false drops b)."""
+    return LinearHead(in_dim, num_classes, bias=cfg.bias)
 
 
 @HEADS.register("cosine")
-def cosine(in_dim: int, num_classes: int, cfg: ModelConfig) -> nn.Module:
-    """Cosine classifier with scale model.head_scale."""
-    return CosineHead(in_dim, num_classes, scale=cfg.head_scale)
+@options(CosineHeadConfig)
+def cosine(in_dim: int, num_classes: int, cfg: CosineHeadConfig) -> nn.Module:
+    """Cosine classifier z_c = s * cos(x, w_c), s = model.head.scale."""
+    return CosineHead(in_dim, num_classes, scale=cfg.scale)
 
 
 @HEADS.register("causal_norm")
-def causal_norm(in_dim: int, num_classes: int, cfg: ModelConfig) -> nn.Module:
-    """De-confound (TDE) classifier: model.num_heads K, model.head_scale tau, model.head_gamma gamma."""
-    return CausalNormHead(in_dim, num_classes, cfg.num_heads, cfg.head_scale, cfg.head_gamma)
+@options(CausalNormHeadConfig)
+def causal_norm(in_dim: int, num_classes: int, cfg: CausalNormHeadConfig) -> nn.Module:
+    """De-confound (TDE) classifier: K = model.head.num_heads heads, scale model.head.tau, damping model.head.gamma."""
+    return CausalNormHead(in_dim, num_classes, cfg.num_heads, cfg.tau, cfg.gamma)

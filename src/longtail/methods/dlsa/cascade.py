@@ -400,7 +400,7 @@ class DLSACascade(nn.Module):
             raise ConfigError(
                 f"head_init=stage1 needs a stage-1 linear head with bias of shape "
                 f"({self.num_classes}, {self.dim}); got {tuple(head.weight.shape)}, "
-                f"bias {'present' if head.bias is not None else 'absent'} (model.head_bias=true)"
+                f"bias {'present' if head.bias is not None else 'absent'} (model.head.bias=true)"
             )
         with torch.no_grad():
             for h in [*self.cacs, self.regular]:
