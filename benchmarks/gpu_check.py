@@ -1,7 +1,7 @@
 """The GPU check: one prepared command that shows what longtail does on a GPU machine, in one JSON record.
 
     python benchmarks/gpu_check.py                       # on a GPU machine: about 5-8 minutes on one H100 / H200
-    python benchmarks/gpu_check.py --device cpu --epochs 1 --data DIR --set data.max_per_class=12   # the CPU test
+    python benchmarks/gpu_check.py --device cpu --epochs 1 --data DIR --set data.options.max_per_class=12  # CPU test
 
 Steps, in this order (each one's wall time, accuracy and peak GPU memory go into the record; a step that fails is
 recorded with its error and the check goes on; steps that would not fit the time budget are skipped and say so):
@@ -263,7 +263,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=570.0,
                    help="skip the steps that would start after this many seconds (default 570)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="an override for every run (e.g. data.max_per_class=12 for a tiny check); repeatable")
+                   help="an override for every run (e.g. data.options.max_per_class=12 for a tiny check); repeatable")
     p.add_argument("--out", type=Path, help="record path (default benchmarks/results/gpu_check_<device>.json)")
     p.add_argument("--keep", type=Path, help="keep the run folders under this directory (default: deleted)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -265,7 +265,7 @@ def test_build_glt_end_to_end_with_a_tiny_backbone(tmp_path, capsys):
             "--imbalance-ratio", "3", "--num-workers", "0", "--seed", "1"]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "4 classes" in printed and "data.annotation=" in printed
+    assert "4 classes" in printed and "data.options.annotation=" in printed
     lt_file = tmp_path / "glt" / "glt_intra_lt_inter_lt.json"
     lt = json.loads(lt_file.read_text())
     all_paths = [p for s in ("train", "val", "test_lt", "test_bl", "test_bbl") for p in lt[s]["label"]]

@@ -35,7 +35,7 @@ def test_gpu_check_runs_every_step_on_cpu(tmp_path):
     out = tmp_path / "record.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--epochs", "1",
            "--short-epochs", "2", "--data", str(data), "--out", str(out), "--quiet",
-           "--set", "data.max_per_class=12", "--set", "data.imbalance_ratio=10", "--set", "batch_size=16"]
+           "--set", "data.options.max_per_class=12", "--set", "data.imbalance_ratio=10", "--set", "batch_size=16"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

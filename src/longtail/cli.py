@@ -289,7 +289,8 @@ def _cmd_data_glt(args: argparse.Namespace) -> int:
     for variant, sizes in res["sizes"].items():
         print(f"  {res['files'][variant]}: " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
     print(f"train with: longtail train CONFIG data.name=glt data.root={args.root} "
-          f"data.annotation={res['files']['lt']}  (Train-CBL / ALT: data.annotation={res['files']['cbl']})")
+          f"data.options.annotation={res['files']['lt']}  "
+          f"(Train-CBL / ALT: data.options.annotation={res['files']['cbl']})")
     return 0
 
 
@@ -308,8 +309,9 @@ def _cmd_data_coco_glt(args: argparse.Namespace) -> int:
     print(f"{len(res['classes'])} classes; objects per split:")
     for variant, sizes in res["sizes"].items():
         print(f"  {res['files'][variant]}: " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
-    print(f"train with: longtail train mscoco_glt/ce data.root={args.out} data.annotation={res['files']['lt']}  "
-          f"(Train-CBL / ALT: data.annotation={res['files']['bl']})")
+    print(f"train with: longtail train mscoco_glt/ce data.root={args.out} "
+          f"data.options.annotation={res['files']['lt']}  "
+          f"(Train-CBL / ALT: data.options.annotation={res['files']['bl']})")
     return 0
 
 
