@@ -106,6 +106,7 @@ def test_list_prints_whole_descriptions(capsys):
     flat = " ".join(capsys.readouterr().out.split())
     assert "with l the loss ``base`` at its defaults." in flat  # mixup: two docstring lines
     assert "as the reference KNNClassifier defaults." in flat  # ncm
+    assert "losses (method.base of ifl / mixup): balanced_softmax Balanced Softmax" in flat  # the LOSSES registry
 
 
 # --------------------------------------------------------------------------------------------- run folders

@@ -351,7 +351,7 @@ def _entry(name: str, doc: str, width: int) -> str:
 
 
 def plugin_listing(width: int) -> str:
-    """What ``longtail list`` prints: every registered dataset, backbone, head, method and sampler with its
+    """What ``longtail list`` prints: every registered dataset, backbone, head, method, loss and sampler with its
     description, then the shipped recipes. longtail's own plugins are read from their source (``catalogue``: no
     torch to import); then come the live entries that the source does not name (``--plugin`` modules and entry
     points, imported before), each with the module that registered it."""
@@ -363,6 +363,7 @@ def plugin_listing(width: int) -> str:
     lines = []
     for title, var, reg in (("datasets", "DATASETS", registry.DATASETS), ("backbones", "BACKBONES", registry.BACKBONES),
                             ("heads", "HEADS", registry.HEADS), ("methods", "METHODS", registry.METHODS),
+                            ("losses (method.base of ifl / mixup)", "LOSSES", registry.LOSSES),
                             ("samplers", "SAMPLERS", registry.SAMPLERS)):
         lines.append(f"{title}:")
         static = registries.get(var, {})
