@@ -48,5 +48,5 @@ def test_step_runner_digest_tells_equal_from_different_training(image_folder):
 
 
 def test_step_runner_refuses_a_batch_larger_than_the_epoch(image_folder):
-    with pytest.raises(ConfigError, match="no training step"):
+    with pytest.raises(ConfigError, match="0 training steps"):
         StepRunner(build_config(tiny_raw(image_folder), ["stages.0.batch_size=64"]))

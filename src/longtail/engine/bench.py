@@ -36,7 +36,6 @@ from torchvision.transforms import v2
 
 from longtail.config import ConfigError, RunConfig
 from longtail.data import create_dataset
-from longtail.methods import BatchInfo
 from longtail.models import create_model
 from longtail.run_folder import RunDir
 from longtail.utils import device_name, environment_info, resolve_device, seed_everything
@@ -368,67 +367,49 @@ def run_bench(cfg: RunConfig, epochs: int = 2, reference: bool = True, ceiling_t
 
 
 class StepRunner:
-    """The fit loop's training step, step by step: what ``longtail.engine.fit._train`` builds for the recipe's first
-    stage (dataset, loader, model in ``model.channels_last``, method, optimiser, ``torch.compile`` when
-    ``cfg.compile``, sampler, per-epoch generator and learning rate) and the body of its inner loop, without the run
-    folder, check points, checkpoints or evaluation. Made for timing a setting over a few steps instead of whole
-    epochs (``benchmarks/cpu_defaults.py``) and for checking bit for bit whether a setting moves the numerics
+    """The fit loop's training step, step by step: a ``longtail.engine.fit.Trainer`` for the recipe's first stage,
+    set up as ``train`` sets it up (dataset, loader, model in ``model.channels_last``, the stage's method,
+    optimiser, EMA, ``torch.compile`` when ``cfg.compile``, sampler), its epochs started by the Trainer
+    (generator, learning rate, ``on_epoch_start``, indices) and every step ``Trainer.step`` itself; without the
+    check points, epoch ends, checkpoints or evaluation (the run folder the set-up writes its config.yaml to is a
+    temporary one). Made for timing a setting over a few steps instead of whole epochs
+    (``benchmarks/cpu_defaults.py``) and for checking bit for bit whether a setting moves the numerics
     (``digest``): after the same steps it trains the same weights as ``train`` (tested), so two runners that differ
     in one setting and agree in ``digest`` train identically."""
 
     def __init__(self, cfg: RunConfig) -> None:
-        from longtail.data.loaders import Loader
-        from longtail.data.samplers import create_sampler
-        from longtail.engine.build import resolve
-        from longtail.engine.ema import WeightEMA
-        from longtail.engine.fit import _epoch_seed, _epoch_steps, _loss_dtype, _make_optimizer, build_stage_method
+        from longtail.dist import DistInfo
+        from longtail.engine.fit import Trainer, _loss_dtype, _run_config
 
-        cfg = resolve(bench_config(cfg, cfg.stages[0].epochs))
-        self.cfg, st = cfg, cfg.stages[0]
+        cfg, _ = _run_config(bench_config(cfg, cfg.stages[0].epochs), None, resume=False, overwrite=False)
+        self.cfg = cfg
         self.device = device = resolve_device(cfg.device)
-        seed_everything(cfg.seed)  # the order of fit._train's set-up, so the same random draws build the same run
-        if cfg.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-        ds = create_dataset(cfg.data)
-        self.loader = Loader(ds, device, cfg.data.augment, cfg.data.num_workers, cfg.data.fast_path)
-        model = create_model(cfg.model, ds.num_classes).to(device)
-        if cfg.model.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.method, self.ctx = build_stage_method(cfg, 0, model, ds, self.loader, device)
-        self.method.on_stage_start(self.ctx)
-        self.opt = _make_optimizer(self.method, st)
-        self.ema = WeightEMA(self.method, st.ema.decay) if st.ema.decay > 0 else None
-        self.clip = [p for g in self.opt.param_groups for p in g["params"]] if st.optim.clip_grad_norm else None
-        self.train_fn = torch.compile(self.method) if cfg.compile else self.method
-        sampler = self.method.sampler(ds, self.ctx)  # as Trainer._build_sampler: the method's own, or the stage's
-        if sampler is None:
-            sampler = create_sampler(st.sampler, ds.train.targets, ds.num_classes, seed=self.ctx.sampler_seed,
-                                     total_epochs=st.epochs)
-        self.sampler = sampler
-        self.steps_per_epoch = _epoch_steps(
-            st, self.loader.steps_per_epoch(len(self.sampler), st.batch_size, st.drop_last), len(ds.train))
-        self.ctx.steps_per_epoch = self.steps_per_epoch
-        if self.steps_per_epoch == 0:
-            raise ConfigError(f"an epoch of batch {st.batch_size} has no training step; use a smaller batch_size")
-        self._epoch_seed = _epoch_seed
-        self.epoch, self.step, self._batches = 0, 0, None
+        self._tmp = tempfile.TemporaryDirectory(prefix="longtail-steprunner-")  # removed with the runner
+        self.trainer = t = Trainer(cfg, Path(self._tmp.name), resume=False, progress=False, dist=DistInfo(),
+                                   device=device)
+        t._set_up_run()  # fit's set-up and stage start, in fit's order: the same random draws build the same run
+        t._start_stage(0)
+        if t.opt is None:
+            raise ConfigError(f"stage '{t.st.name}' has epochs 0: it has no training step to time")
+        self.steps_per_epoch = t.steps
+        self.epoch, self.step, self._run, self._batches = 0, 0, None, None
+        # Over every step trained (an epoch's own sum in fit): Trainer.step adds to it in place.
         self.loss_sum = torch.zeros((), dtype=_loss_dtype(device), device=device)
         self.images = 0
 
-    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        from longtail.engine.fit import _set_lr
+    @property
+    def method(self) -> torch.nn.Module:
+        return self.trainer.method
 
-        st = self.cfg.stages[0]
+    @property
+    def loader(self):
+        return self.trainer.loader
+
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._batches is None:  # an epoch starts, as in fit: its generator, lr, the method's hook, its indices
-            gen = torch.Generator().manual_seed(self._epoch_seed(self.cfg.seed, 0, self.epoch) ^ 0x5EED)
-            self.ctx.lr = _set_lr(self.opt, st, self.epoch)
-            self.method.on_epoch_start(self.epoch, self.ctx)
-            self.method.train()
-            indices = self.sampler.indices(self.epoch)
-            if st.epoch_length == "dataset":
-                indices = indices[: self.steps_per_epoch * st.batch_size]
-            self._indices = indices
-            self._batches = iter(self.loader.train_batches(indices, st.batch_size, st.drop_last, gen))
+            run = self.trainer._start_epoch(self.epoch, 0, None)
+            run.loss_sum = self.loss_sum  # the same tensor: the runner's sum goes on over epoch ends
+            self._run, self._batches = run, iter(self.trainer._epoch_batches(run, 0))
         batch = next(self._batches, None)
         if batch is None:  # the epoch's last batch was trained
             self.epoch, self.step, self._batches = self.epoch + 1, 0, None
@@ -440,30 +421,12 @@ class StepRunner:
         synchronised), ``cpu_seconds`` (this process's CPU time: on a shared CPU, the work a one-thread run did,
         whatever share of the cores it got), ``minor_faults`` (page faults without I/O: memory the allocator mapped
         afresh) and ``images``."""
-        from longtail.engine.evaluate import autocast
-        from longtail.engine.fit import _set_lr
-
-        st, cl = self.cfg.stages[0], self.cfg.model.channels_last
         _sync(self.device)
         t, cpu, images = time.time(), time.process_time(), self.images
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         for _ in range(steps):
             x, y = self._next_batch()
-            if st.schedule.per_iteration:
-                self.ctx.lr = _set_lr(self.opt, st, self.epoch + self.step / self.steps_per_epoch)
-            b = st.batch_size
-            batch = BatchInfo(self._indices[self.step * b : (self.step + 1) * b], self.step)  # sample ids
-            with autocast(self.device, self.cfg.amp):  # Trainer.step from here on
-                out = self.train_fn(self.loader.normalize(x, cl), y, batch=batch)
-            loss = out["loss"]
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.clip is not None:
-                torch.nn.utils.clip_grad_norm_(self.clip, st.optim.clip_grad_norm)
-            self.opt.step()
-            if self.ema is not None:
-                self.ema.update()
-            self.loss_sum += loss.detach().to(self.loss_sum.dtype) * len(y)
+            self.trainer.step(self._run, self.step, x, y)
             self.images += len(y)
             self.step += 1
         _sync(self.device)

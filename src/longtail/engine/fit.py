@@ -26,6 +26,7 @@ import math
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -35,7 +36,7 @@ from tqdm import tqdm
 
 from longtail.config import ConfigError, RunConfig, StageConfig, absolute_paths, load_raw, save_yaml, to_dict
 from longtail.data import LTDataset, create_dataset
-from longtail.data.loaders import Loader
+from longtail.data.loaders import Batch, Loader
 from longtail.data.samplers import Sampler, create_sampler, shard
 from longtail.dist import (
     DistInfo,
@@ -782,6 +783,16 @@ class Trainer:
         """Stage ``si``: its method between its ``on_stage_start`` and ``on_stage_end`` hooks, the optimiser,
         sampler and progress bar, its epochs from the resume point on, then ``stage_<name>.pt`` and the next
         stage's resume point."""
+        start_epoch, start_step, gen_state = self._start_stage(si)
+        for epoch in range(start_epoch, self.st.epochs):
+            self.epoch(epoch, start_step if epoch == start_epoch else 0, gen_state)
+        self.bar.close()
+        self.method.on_stage_end(self.ctx)
+        self._end_stage()
+
+    def _start_stage(self, si: int) -> tuple[int, int, torch.Tensor | None]:
+        """Stage ``si`` up to its first epoch: its method (after ``on_stage_start`` and any fit on features), then
+        ``_prepare_epochs``; returns where its epochs start. Also what ``engine.bench.StepRunner`` steps from."""
         st = self.st = self.cfg.stages[si]
         self.si = si
         resumed = self._take_resume_point(si)
@@ -794,13 +805,7 @@ class Trainer:
         self.method.on_stage_start(self.ctx)
         # ncm, dlsa: fitted once, on extracted features
         fit_on_features(self.method, self.ctx, self.dist, self.stop, Interrupted, self.run_dir, self.progress)
-        start_epoch, start_step, gen_state = self._prepare_epochs(resumed)
-        del resumed  # what it held is in the method, optimiser and EMA now
-        for epoch in range(start_epoch, st.epochs):
-            self.epoch(epoch, start_step if epoch == start_epoch else 0, gen_state)
-        self.bar.close()
-        self.method.on_stage_end(self.ctx)
-        self._end_stage()
+        return self._prepare_epochs(resumed)  # what `resumed` held is in the method, optimiser and EMA then
 
     def _take_resume_point(self, si: int) -> ResumePoint | None:
         """last.pt when the run resumes in stage ``si`` (taken once: later stages start afresh)."""
@@ -912,9 +917,7 @@ class Trainer:
         """Epoch ``epoch`` of the stage from step ``first_step`` (a resume point's, else 0): its steps with their
         check points, then the epoch's loss (a host read), log line, val evaluation and resume point."""
         run = self._start_epoch(epoch, first_step, gen_state)
-        # Every rank uses the same augmentation stream `gen`, so its state (saved by rank 0) resumes all.
-        batches = self.loader.train_batches(run.indices, self.local_batch, self.st.drop_last, run.gen, first_step)
-        for step, (x, y) in enumerate(batches, start=first_step):
+        for step, (x, y) in enumerate(self._epoch_batches(run, first_step), start=first_step):
             self.step(run, step, x, y)
             self._after_step(run, step)
         loss_sum, seen = self._epoch_loss(run)
@@ -924,6 +927,11 @@ class Trainer:
             self.run_log.epoch(self.si, epoch + 1, loss_sum / seen if seen else None, run.lr, ips, val,
                                self.ds.train_counts().tolist())
         self._end_epoch(epoch)
+
+    def _epoch_batches(self, run: _EpochRun, first_step: int) -> Iterator[Batch]:
+        """The epoch's batches from ``first_step`` on: (B, 3, H, W) uint8 images, (B,) targets."""
+        # Every rank uses the same augmentation stream `gen`, so its state (saved by rank 0) resumes all.
+        return self.loader.train_batches(run.indices, self.local_batch, self.st.drop_last, run.gen, first_step)
 
     def _start_epoch(self, epoch: int, first_step: int, gen_state: torch.Tensor | None) -> _EpochRun:
         gen = torch.Generator().manual_seed(_epoch_seed(self.cfg.seed, self.si, epoch) ^ 0x5EED)
