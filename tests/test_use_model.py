@@ -393,7 +393,8 @@ def own_registries(monkeypatch):
     """Registrations of a test's plugins are undone after it."""
     from longtail import registry
 
-    for reg in (registry.BACKBONES, registry.METHODS, registry.DATASETS, registry.HEADS, registry.SAMPLERS):
+    for reg in (registry.BACKBONES, registry.METHODS, registry.DATASETS, registry.HEADS, registry.SAMPLERS,
+                registry.LOSSES):
         monkeypatch.setattr(reg, "_items", dict(reg._items))
         monkeypatch.setattr(reg, "_help", dict(reg._help))
     monkeypatch.setattr(plugins, "_loaded", {})
