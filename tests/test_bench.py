@@ -7,23 +7,12 @@ from longtail.config import ConfigError, build_config
 from longtail.engine import train
 from longtail.engine.bench import StepRunner
 from longtail.engine.checkpoint import load_checkpoint
-
-
-def tiny_raw(root, epochs=2, method="ce", **method_opts):
-    return {
-        "name": "tiny", "seed": 0,
-        "data": {"name": "image_folder", "root": str(root), "image_size": 16, "in_memory": "always",
-                 "augment": "cifar"},
-        "model": {"backbone": "tiny"},
-        "stages": [{"name": "main", "method": {"name": method, **method_opts}, "epochs": epochs, "batch_size": 8,
-                    "optim": {"lr": 0.05}, "schedule": {"name": "cosine", "warmup_epochs": 1}}],
-        "eval": {"batch_size": 16, "many_above": 20, "few_below": 5},
-    }
+from test_engine_cli import tiny_raw
 
 
 @pytest.mark.parametrize("overrides", [[], ["model.channels_last=false"], ["stages.0.schedule.per_iteration=true"]])
 def test_step_runner_trains_the_fit_loops_weights(image_folder, tmp_path, overrides):
-    cfg = build_config(tiny_raw(image_folder), overrides)
+    cfg = build_config(tiny_raw(image_folder, epochs=2), overrides)
     run = train(cfg, out=tmp_path / "run", progress=False)
     fit_state = load_checkpoint(run / "checkpoints" / "final.pt")["method"]
     runner = StepRunner(cfg)
@@ -37,8 +26,8 @@ def test_step_runner_trains_the_fit_loops_weights(image_folder, tmp_path, overri
 
 
 def test_step_runner_digest_tells_equal_from_different_training(image_folder):
-    cfg = build_config(tiny_raw(image_folder))
-    a, b, c = StepRunner(cfg), StepRunner(cfg), StepRunner(build_config(tiny_raw(image_folder), ["seed=1"]))
+    cfg = build_config(tiny_raw(image_folder, epochs=2))
+    a, b, c = StepRunner(cfg), StepRunner(cfg), StepRunner(build_config(tiny_raw(image_folder, epochs=2), ["seed=1"]))
     for r in (a, b, c):
         r.run(3)
     assert a.digest() == b.digest() != c.digest()
@@ -49,4 +38,4 @@ def test_step_runner_digest_tells_equal_from_different_training(image_folder):
 
 def test_step_runner_refuses_a_batch_larger_than_the_epoch(image_folder):
     with pytest.raises(ConfigError, match="0 training steps"):
-        StepRunner(build_config(tiny_raw(image_folder), ["stages.0.batch_size=64"]))
+        StepRunner(build_config(tiny_raw(image_folder, epochs=2), ["stages.0.batch_size=64"]))
