@@ -30,15 +30,22 @@ def test_trivialaugment_parses_like_randaugment():
                    for s in file_transform("imagenet+trivialaugment", 16, False).transforms)  # never at test time
 
 
-def test_trivialaugment_on_the_batched_path_changes_images_after_the_same_crops():
+def batched_first_batches(augments: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The first training batch of 8 random 16 px images on the batched in-memory path, per augment preset, each
+    drawn with the same seeds (so the same crops and flips)."""
     images = torch.randint(0, 255, (8, 3, 16, 16), dtype=torch.uint8)
     ds = LTDataset("t", ["a"], {"train": Split(targets=torch.zeros(8, dtype=torch.int64), images=images)},
                    ["train"], 16)
     batches = {}
-    for aug in ("cifar", "cifar+trivialaugment", "trivialaugment"):
+    for aug in augments:
         torch.manual_seed(0)
         loader = Loader(ds, torch.device("cpu"), augment=aug, num_workers=0)
         batches[aug] = next(loader.train_batches(torch.arange(8), 8, True, torch.Generator().manual_seed(1)))[0]
+    return batches
+
+
+def test_trivialaugment_on_the_batched_path_changes_images_after_the_same_crops():
+    batches = batched_first_batches(("cifar", "cifar+trivialaugment", "trivialaugment"))
     assert batches["cifar+trivialaugment"].dtype == torch.uint8
     assert batches["cifar+trivialaugment"].shape == batches["cifar"].shape
     assert not torch.equal(batches["cifar"], batches["cifar+trivialaugment"])

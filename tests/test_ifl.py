@@ -12,6 +12,7 @@ from longtail.engine import Interrupted, train
 from longtail.engine.build import build_config
 from longtail.engine.checkpoint import load_checkpoint
 from longtail.methods.ifl import IFL, EnvironmentSampler, intra_weights
+from test_augment import batched_first_batches
 from test_engine_cli import assert_same_state, final_weights, tiny_raw
 
 
@@ -295,8 +296,7 @@ def test_randaugment_presets():
     from torchvision.transforms import v2
 
     from longtail.config import ConfigError
-    from longtail.data.base import LTDataset, Split
-    from longtail.data.loaders import Loader, file_transform, parse_augment
+    from longtail.data.loaders import file_transform, parse_augment
 
     assert parse_augment("glt+randaugment") == ("glt", "randaugment")
     assert parse_augment("randaugment") == ("auto", "randaugment")
@@ -310,14 +310,7 @@ def test_randaugment_presets():
     assert isinstance(t.transforms[-1], v2.RandAugment)  # after the preset's crop and flip
     assert not any(isinstance(s, v2.RandAugment) for s in file_transform("glt+randaugment", 16, False).transforms)
     # The batched in-memory path: the same crops and flips (same generator), then RandAugment per image.
-    images = torch.randint(0, 255, (8, 3, 16, 16), dtype=torch.uint8)
-    ds = LTDataset("t", ["a"], {"train": Split(targets=torch.zeros(8, dtype=torch.int64), images=images)},
-                   ["train"], 16)
-    batches = {}
-    for aug in ("cifar", "cifar+randaugment", "randaugment"):
-        torch.manual_seed(0)
-        loader = Loader(ds, torch.device("cpu"), augment=aug, num_workers=0)
-        batches[aug] = next(loader.train_batches(torch.arange(8), 8, True, torch.Generator().manual_seed(1)))[0]
+    batches = batched_first_batches(("cifar", "cifar+randaugment", "randaugment"))
     assert batches["cifar"].shape == batches["cifar+randaugment"].shape and batches["cifar"].dtype == torch.uint8
     assert not torch.equal(batches["cifar"], batches["cifar+randaugment"])
     assert torch.equal(batches["randaugment"], batches["cifar+randaugment"])  # auto resolves to cifar here
