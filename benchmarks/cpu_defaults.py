@@ -278,7 +278,7 @@ def main() -> int:
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)  # the workers' threads
     import torch
 
-    from longtail.utils import git_commit
+    from longtail.utils import atomic_write_json, git_commit
 
     data = [f"data.root={args.data}"] if args.data else []
     spec = {"recipe": args.recipe, "overrides": [*data, "amp=false", *args.set],
@@ -309,8 +309,7 @@ def main() -> int:
                   f"CPU second)  x{v['speedup_vs_baseline']:.3f} (CPU x{v['cpu_speedup_vs_baseline']:.3f})  "
                   f"same numerics: {v['same_numerics_as_baseline']}", file=sys.stderr, flush=True)
     record["wall_seconds_of_last_command"] = round(time.time() - t0, 1)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_json(out, record)  # an interrupted run leaves the previous record intact
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

@@ -320,7 +320,7 @@ def run(args) -> int:
         return 0
     import torch
 
-    from longtail.utils import git_commit
+    from longtail.utils import atomic_write_json, git_commit
 
     out = Path(args.out) if args.out else HERE / "results" / "data_scale_cpu.json"
     record = json.loads(out.read_text()) if out.exists() else {}  # sections run alone update their part
@@ -343,8 +343,7 @@ def run(args) -> int:
         record[name]["command"] = record["command"]
     record["load_1min_end"] = load()
     record["wall_seconds"] = round(time.time() - t0, 1)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_json(out, record)  # an interrupted run leaves the previous record intact
     print(f"wrote {out}", file=sys.stderr)
     return 0
 
