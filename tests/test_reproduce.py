@@ -65,8 +65,9 @@ ROWS = [
     {"name": "base", "title": "Tiny CE", "recipe": None, "seed": 0, "keep": True,
      "paper": {"top1": 0.0, "source": "a paper"}},
     {"name": "tau", "title": "tau-norm on it", "recipe": None, "after": "base", "seed": 0,
-     "paper": {"top1": 100.0, "source": "an optimistic paper", "tolerance": 0.5},
-     "variants": [{"name": "tau0", "title": "tau 0", "set": ["method.tau=0"], "paper": {"top1": 0.0, "source": "s"}}]},
+     "paper": {"top1": 100.0, "base": 10.0, "source": "an optimistic paper", "tolerance": 0.5},
+     "variants": [{"name": "tau0", "title": "tau 0", "set": ["method.tau=0"], "paper": {"top1": 0.0, "source": "s"}}],
+     "bar": {"gain_over": "tau0", "points": -100}},
 ]
 
 
@@ -87,6 +88,7 @@ def test_table_errors_name_the_row_and_key(tmp_path):
         ([{"name": "a"}], "needs a name and a recipe"),
         ([{**good, "bar": {"gain_over": "x", "points": 5}}], "bar.gain_over must name one of the row's variants"),
         ([{**good, "variants": [{"name": "v"}]}], "each variant needs a name and set"),
+        ([{**good, "optional": " "}], "optional: says why the row runs only when named"),
     ]
     for rows, msg in cases:
         with pytest.raises(rp.TableError, match=msg.replace("(", r"\(").replace(")", r"\)")):
@@ -127,6 +129,11 @@ def test_campaign_orders_rows_waits_for_stage1_records_and_prunes(campaign_dir, 
     assert f"init_from={d / 'runs' / 'base'}" in tau["command"]
     v = tau["reproduction"]["variants"]["tau0"]
     assert v["met"] is True and 0 <= v["top1"] <= 100 and "--set method.tau=0" in v["command"]
+    # What the stage 2 adds to its stage 1 (the paper's: its top1 - its base), and the bar's gain over a variant.
+    gain = round(tau["top1"] - base["top1"], 2)
+    assert tau["reproduction"]["gain"] == {"over": "base", "ours": gain, "paper": 90.0}
+    bar = tau["reproduction"]["bar"]
+    assert bar["gain"] == round(tau["top1"] - v["top1"], 2) and bar["paper_gain"] == 100.0 and bar["met"] is True
     # Pruned: the kept stage 1 holds only its final weights; the stage 2 holds none.
     assert sorted(p.name for p in (d / "runs" / "base" / "checkpoints").iterdir()) == ["final.pt"]
     assert list((d / "runs" / "tau" / "checkpoints").iterdir()) == []
@@ -135,12 +142,18 @@ def test_campaign_orders_rows_waits_for_stage1_records_and_prunes(campaign_dir, 
     text = (d / "README.md").read_text()
     assert text.startswith("# x\n\nbefore\n") and text.endswith("\nafter\n") and "\nold\n" not in text
     assert f"| 1 | Tiny CE | {base['top1']:.1f} |" in text and "| a paper | met (+" in text
-    assert f"**missed by {100 - tau['top1']:.1f}**" in text and "| | tau 0 |" in text
+    assert f"**missed by {100 - tau['top1']:.1f}**; over base {gain:+.1f} (paper +90.0); gain over tau0 " \
+           f"{bar['gain']:+.1f} (bar -100: met, paper +100.0)" in text and "| | tau 0 |" in text
     status = "\n".join(rp.Campaign(rp.load_table(d / "table.yaml"), d / "runs", d / "results", None).status_lines())
     assert "base" in status and "finished" in status and "2/2" in status and "MISSED" in status
     # Run again: nothing left to do.
     assert rp.main(args(d, "--parallel", "1")) == 0
     assert "started" not in capsys.readouterr().out
+    # A written investigation in a record is pointed to from its table line.
+    tau["investigation"] = {"summary": "why it misses"}
+    (d / "results" / "repro_tau.json").write_text(json.dumps(tau))
+    assert rp.main(args(d, "--readme")) == 0
+    assert "paper +100.0); investigated: `benchmarks/results/repro_tau.json` |" in (d / "README.md").read_text()
 
 
 def test_sigint_checkpoints_and_the_next_run_resumes(campaign_dir):
@@ -178,6 +191,23 @@ def test_sigint_checkpoints_and_the_next_run_resumes(campaign_dir):
     moved = r"started with other settings: stages\.0\.optim\.lr \(run: 0\.05, row: 0\.2\)"
     with pytest.raises(rp.TableError, match=moved):
         camp.command(camp.table.get("base"))
+
+
+def test_an_optional_row_trains_only_when_named(campaign_dir, capsys):
+    d = campaign_dir
+    rows = rows_for(d)[:1] + [{"name": "extra", "title": "Tiny CE on other data", "recipe": str(d / "stage1.yaml"),
+                               "seed": 1, "optional": "needs a download"}]
+    write_table(d, rows)
+    assert rp.main(args(d, "--parallel", "1")) == 0
+    out = capsys.readouterr().out
+    assert "campaign: 1 row(s)" in out and "finished base" in out and "started extra" not in out
+    assert not (d / "runs" / "extra").exists()
+    status = "\n".join(rp.Campaign(rp.load_table(d / "table.yaml"), d / "runs", d / "results", None).status_lines())
+    assert "optional extra: needs a download (python benchmarks/reproduce.py --only extra)" in status
+    text = (d / "README.md").read_text()
+    assert "| optional, not run: needs a download |" in text and "1 of 1 runs finished" in text
+    assert rp.main(args(d, "--only", "extra", "--parallel", "1")) == 0
+    assert "finished extra" in capsys.readouterr().out and (d / "results" / "repro_extra.json").is_file()
 
 
 def test_table_shows_mean_and_spread_over_three_seeds(tmp_path):
