@@ -26,15 +26,14 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
 
 import torch
 from tqdm import tqdm
 
 from longtail.engine.distributed import DistInfo
 from longtail.engine.evaluate import extract_features
+from longtail.engine.stopping import Interrupted, StopFlag
 from longtail.errors import ConfigError
 from longtail.methods.base import FeatureSet, Method, MethodContext
 from longtail.progress import bars_off
@@ -42,12 +41,6 @@ from longtail.progress import bars_off
 log = logging.getLogger("longtail")
 
 BATCH_SIZE = 512  # images per batch of the extraction (what Method.split_features uses)
-
-
-class StopFlag(Protocol):
-    """The run's stop request: ``stop`` is set by the SIGINT / SIGTERM handler of the fit loop."""
-
-    stop: bool
 
 
 def _extract(method: Method, ctx: MethodContext, split: str, dist: DistInfo) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,9 +53,8 @@ def _extract(method: Method, ctx: MethodContext, split: str, dist: DistInfo) -> 
 class _Control:
     """The ``FitControl`` of one stage's fit: a log line (and a progress-bar tick) per epoch, and the stop."""
 
-    def __init__(self, stage: str, stop: StopFlag | None, interrupted: Callable[[str], BaseException],
-                 resume_hint: str, bar: tqdm) -> None:
-        self.stage, self.stop, self.interrupted, self.resume_hint, self.bar = stage, stop, interrupted, resume_hint, bar
+    def __init__(self, stage: str, stop: StopFlag | None, resume_hint: str, bar: tqdm) -> None:
+        self.stage, self.stop, self.resume_hint, self.bar = stage, stop, resume_hint, bar
 
     def epoch(self, what: str, epoch: int, epochs: int, **values: float | int | str | None) -> None:
         shown = ", ".join(f"{k} {_fmt(v)}" for k, v in values.items() if v is not None)
@@ -72,7 +64,7 @@ class _Control:
         if self.stop is not None and self.stop.stop:
             where = f"{what} epoch {epoch} of {epochs}"
             log.warning("stage %s: stopping the fit on features after %s, as asked", self.stage, where)
-            raise self.interrupted(
+            raise Interrupted(
                 f"interrupted in stage '{self.stage}' while it fitted on features ({where}); a fit is not saved "
                 f"part-way, so resuming runs this stage's fit again from its start (seeded: it ends the same); "
                 f"continue with: {self.resume_hint}"
@@ -88,15 +80,14 @@ def fit_on_features(
     ctx: MethodContext,
     dist: DistInfo | None = None,
     stop: StopFlag | None = None,
-    interrupted: Callable[[str], BaseException] = KeyboardInterrupt,
     run_dir: str | Path | None = None,
     progress: bool = False,
 ) -> bool:
     """Extract the features of ``method.feature_splits(ctx)`` once and call ``method.fit_features`` on them; a
     no-op (False) for a method that fits on none. Called right after ``on_stage_start``.
 
-    ``stop``: the run's stop flag, honoured at each epoch end of the fit by raising ``interrupted(message)``
-    (the fit loop's ``Interrupted``; the message says how to resume ``run_dir``). ``progress``: a progress bar of
+    ``stop``: the run's stop flag, honoured at each epoch end of the fit by raising ``Interrupted`` (its
+    message says how to resume ``run_dir``). ``progress``: a progress bar of
     the fit's epochs. Returns True when the method fitted on features.
     """
     splits = method.feature_splits(ctx)
@@ -114,7 +105,7 @@ def fit_on_features(
     hint = f"longtail train --resume --out {run_dir}" if run_dir is not None else "train(..., resume=True)"
     with tqdm(unit="epoch", desc=f"{stage} ({type(method).__name__}, on features)", disable=not progress or bars_off(),
               dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0, file=sys.stderr) as bar:
-        method.fit_features(feats, ctx, _Control(stage, stop, interrupted, hint, bar))
+        method.fit_features(feats, ctx, _Control(stage, stop, hint, bar))
     return True
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import math
-import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -65,6 +64,7 @@ from longtail.engine.feature_stage import fit_on_features
 from longtail.engine.record import inference_record
 from longtail.engine.run_log import RunLog, check_log_extras
 from longtail.engine.schedule import follows_schedule, lr_at, optimizer_groups
+from longtail.engine.stopping import Interrupted, StopFlag
 from longtail.errors import (
     WRITE_ERRNOS,
     CheckpointError,
@@ -101,38 +101,6 @@ from longtail.utils import (
 )
 
 log = logging.getLogger("longtail")
-
-
-class Interrupted(RuntimeError):
-    """Training stopped by SIGINT/SIGTERM after saving a resumable checkpoint."""
-
-
-class _StopFlag:
-    """SIGINT/SIGTERM set a flag checked after every step (under DDP: agreed by all ranks every ``sync_every``
-    steps); a second SIGINT stops at once."""
-
-    def __init__(self) -> None:
-        self.stop = False
-        self._old: dict = {}
-
-    def _handler(self, signum, frame) -> None:
-        if self.stop and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.stop = True
-        log.warning("received %s: saving a checkpoint after this step (under DDP: at the next check point)",
-                    signal.Signals(signum).name)
-
-    def __enter__(self) -> _StopFlag:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handler)
-            except ValueError:  # not the main thread: no signal handling
-                pass
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 @dataclass
@@ -640,7 +608,7 @@ class Trainer:
         self.cfg, self.run_dir, self.resume, self.progress = cfg, run_dir, resume, progress
         self.dist, self.device, self.main = dist, device, dist.is_main
         self.channels_last = cfg.model.channels_last
-        self.stop = _StopFlag()
+        self.stop = StopFlag()
         self.point: ResumePoint | None = None  # last.pt on resume, until the stage it resumes has taken it
         self.start = RunState()  # where the stages start (a resumed run: its last.pt's)
         self.notes: list[str] = []  # for the user at the end of `longtail train`: metrics.json "notes"
@@ -804,7 +772,7 @@ class Trainer:
                                                    self.dist)
         self.method.on_stage_start(self.ctx)
         # ncm, dlsa: fitted once, on extracted features
-        fit_on_features(self.method, self.ctx, self.dist, self.stop, Interrupted, self.run_dir, self.progress)
+        fit_on_features(self.method, self.ctx, self.dist, self.stop, self.run_dir, self.progress)
         return self._prepare_epochs(resumed)  # what `resumed` held is in the method, optimiser and EMA then
 
     def _take_resume_point(self, si: int) -> ResumePoint | None:
