@@ -58,3 +58,22 @@ def test_trivialaugment_trains_on_both_data_paths(image_folder, tmp_path, fast_p
     raw["data"].update(augment="cifar+trivialaugment", fast_path=fast_path, num_workers=0)
     run = train(build_config(raw), out=tmp_path / "run", progress=False)
     assert 0 <= json.loads((run / "metrics.json").read_text())["splits"]["test"]["top1"] <= 100
+
+
+def test_batched_crop_and_flip_is_torchvisions_per_image():
+    """The batched CIFAR crop + flip is, image by image, torchvision's RandomCrop(32, padding=4) (zero fill on
+    the uint8 image, before Normalize) and RandomHorizontalFlip at the offsets and flips it drew; every one of the
+    9 x 9 offsets and both flips occur (the LDAM / BBN / TDE reference transforms)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from longtail.data.loaders import random_crop_flip
+
+    x = torch.randint(0, 255, (512, 3, 32, 32), dtype=torch.uint8)
+    out = random_crop_flip(x, 4, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)  # the same draws, in the same order
+    offs = torch.randint(0, 9, (2, 512), generator=g)
+    flip = torch.rand(512, generator=g) < 0.5
+    for i in range(512):
+        want = TF.crop(TF.pad(x[i], [4], fill=0), int(offs[0, i]), int(offs[1, i]), 32, 32)
+        assert torch.equal(out[i], TF.horizontal_flip(want) if flip[i] else want), i
+    assert len({(int(a), int(b)) for a, b in offs.T}) == 81 and 0 < int(flip.sum()) < 512
