@@ -416,7 +416,7 @@ class Campaign:
                 s += f"; gain over {bar['gain_over']} {bar['gain']:+.1f} (bar {bar['points']:g}: " \
                      f"{'met' if bar['met'] else 'missed'}{paper_gain})"
             if rec.get("investigation") and judged is rec["reproduction"]:
-                s += f"; investigated: `benchmarks/results/repro_{row.name}.json`"
+                s += f"; investigated: `{rel(self.record_path(row))}`"
             return s
 
         for i, row in enumerate(r for r in self.table.rows if not r.seeds_of):

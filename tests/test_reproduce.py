@@ -153,7 +153,7 @@ def test_campaign_orders_rows_waits_for_stage1_records_and_prunes(campaign_dir, 
     tau["investigation"] = {"summary": "why it misses"}
     (d / "results" / "repro_tau.json").write_text(json.dumps(tau))
     assert rp.main(args(d, "--readme")) == 0
-    assert "paper +100.0); investigated: `benchmarks/results/repro_tau.json` |" in (d / "README.md").read_text()
+    assert f"paper +100.0); investigated: `{d / 'results' / 'repro_tau.json'}` |" in (d / "README.md").read_text()
 
 
 def test_sigint_checkpoints_and_the_next_run_resumes(campaign_dir):
