@@ -428,6 +428,26 @@ def test_feature_quality_report(dlsa_run, capsys, monkeypatch):
     assert main(["eval", str(dlsa_run), "--feature-quality", "--set", "optim.lr=1"]) == 2  # not a dlsa option
 
 
+def test_feature_quality_is_one_report_per_feature_set():
+    """The report depends on the features and the options (their seed), not on torch's global generator, which
+    it leaves as it found it (the flows' and heads' initial weights once made two runs of --feature-quality
+    differ)."""
+    from longtail.methods.dlsa import DLSAConfig, evaluate_features
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.cat([torch.full((n,), c) for c, n in enumerate([200, 100, 50, 25])])
+    yt = torch.arange(4).repeat_interleave(20)
+    x = torch.randn(len(y), 8, generator=g) + 3 * torch.nn.functional.one_hot(y, 8).float()
+    xt = torch.randn(len(yt), 8, generator=g) + 3 * torch.nn.functional.one_hot(yt, 8).float()
+    cfg = DLSAConfig(clusters=6, flow_epochs=2, head_epochs=2, flow_lr=[0.02])
+    reports = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        reports.append(evaluate_features(x, y, xt, yt, 4, None, cfg))
+        assert torch.equal(torch.get_rng_state(), torch.manual_seed(seed).get_state())  # untouched
+    assert reports[0] == reports[1]
+
+
 @pytest.mark.parametrize("name", ["cifar10_lt_crt_on_run", "cifar10_lt_bs_on_run"])
 def test_benchmark_stage2_configs_validate(name):
     from pathlib import Path

@@ -43,7 +43,12 @@ def evaluate_features(
     num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
     counts = torch.bincount(train_labels.cpu(), minlength=num_classes)
     cfg = replace(cfg or DLSAConfig(), max_depth=1, head_select="last")
-    casc = DLSACascade(train_feats.shape[1], num_classes, cfg, counts).to(train_feats.device)
+    # The flows' and heads' initial weights come from torch's global generator: seeded here by cfg.seed (and
+    # the caller's generator left as it was), so that one feature set gives one report; in a training run the
+    # engine's seed does this.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        casc = DLSACascade(train_feats.shape[1], num_classes, cfg, counts).to(train_feats.device)
     summary = casc.fit(train_feats, train_labels)
     casc.eval()
     s_tr, c_tr, _ = casc.score_stage(0, casc.prepare(train_feats))
