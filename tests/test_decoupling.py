@@ -240,6 +240,26 @@ def test_tau_val_picks_the_best_mean_class_accuracy_on_val(monkeypatch):
     assert method.option("tau") == choice["value"]  # exactly the grid value that was scored
 
 
+def test_a_choice_at_the_top_of_its_grid_warns_to_widen_it(monkeypatch, caplog):
+    from types import SimpleNamespace
+
+    from longtail.config import EvalConfig
+    from longtail.engine import evaluate
+
+    method, feats, targets = _tau_case()
+    monkeypatch.setattr(evaluate, "extract_features", lambda *a, **k: (feats, targets))
+    loader = SimpleNamespace(ds=SimpleNamespace(splits={"val": None}, train_counts=lambda: torch.tensor([100, 10, 5])),
+                             device=torch.device("cpu"))
+    with caplog.at_level("WARNING", logger="longtail"):
+        inside = evaluate.choose_on_val(method, loader, "tau", method.cfg.tau_grid, EvalConfig(few_below=6))
+    assert inside["value"] == pytest.approx(1.1) and "widen" not in caplog.text  # 1.1 beats 1.2: inside the grid
+    with caplog.at_level("WARNING", logger="longtail"):
+        top = evaluate.choose_on_val(method, loader, "tau", [1.0, 0.0, 1.1], EvalConfig(few_below=6))
+    assert top["value"] == pytest.approx(1.1)
+    assert ("method.tau=1.1 chosen on val is the largest value of its grid and scores above 1 (70.00 against 20.00): "
+            "the best may lie beyond; widen method.tau_grid") in caplog.text
+
+
 @pytest.mark.parametrize("name", ["tau_norm", "logit_adjust_posthoc"])
 def test_tau_val_is_chosen_at_stage_end_and_written_to_metrics(image_folder, tmp_path, name):
     from longtail.cli import main

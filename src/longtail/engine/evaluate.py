@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 
@@ -13,6 +14,8 @@ from longtail.dist import DistInfo, gather_in_order
 from longtail.errors import ConfigError, UsageError
 from longtail.evaluation.metrics import ShotThresholds, classification_metrics
 from longtail.methods import Method
+
+log = logging.getLogger("longtail")
 
 
 def thresholds_of(cfg: EvalConfig, train_counts: torch.Tensor | None = None) -> ShotThresholds:
@@ -277,6 +280,7 @@ def choose_on_val(
     )
     scores = [r[CHOICE_METRIC] if r[CHOICE_METRIC] is not None else float("-inf") for r in rows]
     best = max(range(len(rows)), key=lambda i: (scores[i], -i))  # highest score, then the earliest value
+    _warn_at_grid_edge(option, rows, scores, best)
     return {
         "option": option,
         "split": "val",
@@ -285,6 +289,19 @@ def choose_on_val(
         "score": rows[best][CHOICE_METRIC],
         "curve": rows,
     }
+
+
+def _warn_at_grid_edge(option: str, rows: list[dict], scores: list[float], best: int) -> None:
+    """A warning when the choice is the grid's largest value and beats the next one down: the best may lie
+    beyond the grid (the smallest value is often the correction's off value, and off_values checks it)."""
+    values = [r[option] for r in rows]
+    if len(values) < 2 or values[best] != max(values):
+        return
+    below = max((i for i in range(len(values)) if values[i] < values[best]), key=lambda i: values[i])
+    if scores[best] > scores[below]:
+        log.warning("method.%s=%g chosen on val is the largest value of its grid and scores above %g (%.2f against "
+                    "%.2f): the best may lie beyond; widen method.%s_grid", option, values[best], values[below],
+                    scores[best], scores[below], option)
 
 
 def check_off_values(
