@@ -159,6 +159,23 @@ def progress(run_dir: Path) -> tuple[int, int]:
     return done, total
 
 
+def logged_seconds(log_text: str) -> float | None:
+    """Seconds a run trained over all its processes: per process (a "resuming" line starts the next one), its
+    last log line's time minus its first's, summed; None for a log without timestamps."""
+    total, first, last = 0.0, None, None
+    for line in log_text.splitlines():
+        try:
+            t = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        except ValueError:
+            continue
+        if " INFO resuming " in line and first is not None:
+            total += last - first
+            first = None
+        first = t if first is None else first
+        last = t
+    return round(total + (last - first), 1) if first is not None else None
+
+
 def epochs(run_dir: Path) -> str:
     return "{}/{}".format(*progress(run_dir))
 
@@ -310,6 +327,9 @@ class Campaign:
         res["commit_at_finish"] = git_commit()
         log_text = RunDir(d).train_log.read_text()
         res["resumed"] = len(re.findall(r"resuming ", log_text))  # times it moved on (often to another machine)
+        # metrics.json's train_seconds is its last process's; the row's time is every process's, from its log
+        res["train_seconds_last_process"] = res.get("train_seconds")
+        res["train_seconds"] = logged_seconds(log_text)
         res["devices"] = sorted(set(re.findall(r"^\S+ \S+ INFO run .*, device (\S+)$", log_text, re.M)))
         threads = self.threads_path(row)
         res["threads"] = int(threads.read_text().split()[0]) if threads.is_file() else None  # CPU threads per run

@@ -125,6 +125,8 @@ def test_campaign_orders_rows_waits_for_stage1_records_and_prunes(campaign_dir, 
     for rec in (base, tau):
         assert rec["command"].startswith("longtail train ") and rec["commit"] is not None
         assert rec["device"].startswith("cpu") and rec["seed"] == 0 and rec["split"] == "test"
+        # one process: its log spans about its own train_seconds
+        assert rec["train_seconds"] > 0 and abs(rec["train_seconds"] - rec["train_seconds_last_process"]) < 5
     assert base["reproduction"]["met"] is True and tau["reproduction"]["met"] is False
     assert f"init_from={d / 'runs' / 'base'}" in tau["command"]
     v = tau["reproduction"]["variants"]["tau0"]
@@ -208,6 +210,17 @@ def test_an_optional_row_trains_only_when_named(campaign_dir, capsys):
     assert "| optional, not run: needs a download |" in text and "1 of 1 runs finished" in text
     assert rp.main(args(d, "--only", "extra", "--parallel", "1")) == 0
     assert "finished extra" in capsys.readouterr().out and (d / "results" / "repro_extra.json").is_file()
+
+
+def test_logged_seconds_sum_every_process_of_a_resumed_run():
+    log = ("2026-12-01 10:00:00,000 INFO run r: x\n"
+           "2026-12-01 10:10:00,500 INFO stage main epoch 1/2 loss 1 lr 0.1 10 img/s\n"
+           "  a continuation line without a time\n"
+           "2026-12-01 11:00:00,000 INFO resuming r from its last checkpoint\n"  # an hour without a process
+           "2026-12-01 11:00:01,000 INFO run r: x\n"
+           "2026-12-01 11:05:00,000 INFO finished in 299 s\n")
+    assert rp.logged_seconds(log) == 600.5 + 300.0
+    assert rp.logged_seconds("no times here\n") is None
 
 
 def test_table_shows_mean_and_spread_over_three_seeds(tmp_path):
