@@ -266,9 +266,14 @@ def test_cifar_download_from_a_loopback_server(tmp_path, monkeypatch):
                                        options={"download": True}))
     finally:
         server.shutdown()
+        server.server_close()  # the port refuses connections from here on
     assert ds.train_counts().tolist() == class_counts(10, 12, 4)
     assert len(ds.splits["test"]) == 20 and ds.class_names[0] == "c0"
     assert (root / "cifar-10-batches-py" / "data_batch_1").is_file()
+    # The server is gone: a download that cannot connect is a one-line error that says what to do.
+    with pytest.raises(DataError, match=r"could not download CIFAR-10 into .*: .*Check the network, or put "
+                                        r"cifar-10-python.tar.gz \(from http://127.0.0.1:\d+/"):
+        create_dataset(DataConfig(name="cifar10_lt", root=str(tmp_path / "again"), options={"download": True}))
 
 
 # ------------------------------------------------------------------ issue 15: every file checked, bombs, roots

@@ -49,6 +49,13 @@ def _load_torchvision(root: Path, num_classes: int, download: bool) -> tuple[dic
             f"the CIFAR python batches, at an image-folder copy (train/<class>/*.jpg, test/<class>/*.jpg, "
             f"or a .zip of it), or set data.options.download=true to download it"
         ) from None
+    except OSError as e:  # no network (urllib's URLError), a refused or cut connection, a folder not writable
+        if not download:
+            raise
+        raise DataError(
+            f"could not download CIFAR-{num_classes} into {root}: {getattr(e, 'reason', None) or e}. Check the "
+            f"network, or put {cls.filename} (from {cls.url}) in {root} by hand and run again"
+        ) from None
     return out, list(ds.classes)
 
 
