@@ -159,6 +159,14 @@ def progress(run_dir: Path) -> tuple[int, int]:
     return done, total
 
 
+def same_path(a: object, b: object) -> bool:
+    """Two strings that name one file from the repository (where the runner trains): a run saves its data paths
+    absolute (``/work/main/../shared/x.zip``), the row writes them relative (``../shared/x.zip``)."""
+    if not (isinstance(a, str) and isinstance(b, str)):
+        return False
+    return os.path.normpath(os.path.join(REPO, a)) == os.path.normpath(os.path.join(REPO, b))
+
+
 def logged_seconds(log_text: str) -> float | None:
     """Seconds a run trained over all its processes: per process (a "resuming" line starts the next one), its
     last log line's time minus its first's, summed; None for a log without timestamps."""
@@ -264,7 +272,7 @@ class Campaign:
             elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
                 for i, (x, y) in enumerate(zip(a, b, strict=True)):
                     walk(x, y, f"{where}{i}.")
-            elif a != b:
+            elif a != b and not same_path(a, b):
                 changed.append(f"{where.rstrip('.')} (run: {a!r}, row: {b!r})")
 
         walk(saved, want, "")

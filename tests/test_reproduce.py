@@ -212,6 +212,37 @@ def test_an_optional_row_trains_only_when_named(campaign_dir, capsys):
     assert "finished extra" in capsys.readouterr().out and (d / "results" / "repro_extra.json").is_file()
 
 
+def test_a_partial_run_saved_with_absolute_paths_matches_its_row(campaign_dir):
+    """A run saves data.root absolute; its row names it relative to the repository: the same file, no change."""
+    import os
+
+    from longtail.config import absolute_paths, to_dict
+    from longtail.engine.build import load_config
+
+    d = campaign_dir
+    recipe = tiny_recipe(Path(os.path.relpath(d / "folder", REPO)))
+    (d / "relative.yaml").write_text(yaml.safe_dump(recipe))
+    write_table(d, [{"name": "rel", "recipe": str(d / "relative.yaml"), "seed": 0}])
+    camp = rp.Campaign(rp.load_table(d / "table.yaml"), d / "runs", d / "results", None, log=lambda m: None)
+    row = camp.table.get("rel")
+    old_cwd = os.getcwd()
+    os.chdir(REPO)  # where the runner starts its trainings
+    try:
+        cfg = load_config(str(d / "relative.yaml"), [f"seed={row.seed}"])
+        absolute_paths(cfg)
+    finally:
+        os.chdir(old_cwd)
+    saved = to_dict(cfg)
+    assert saved["data"]["root"] != recipe["data"]["root"] and os.path.isabs(saved["data"]["root"])
+    (d / "runs" / "rel").mkdir(parents=True)
+    (d / "runs" / "rel" / "config.yaml").write_text(yaml.safe_dump(saved))
+    camp.check_config(row)  # no error: the same folder
+    saved["data"]["root"] = str(d / "elsewhere")
+    (d / "runs" / "rel" / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(rp.TableError, match="started with other settings: data.root"):
+        camp.check_config(row)
+
+
 def test_logged_seconds_sum_every_process_of_a_resumed_run():
     log = ("2026-12-01 10:00:00,000 INFO run r: x\n"
            "2026-12-01 10:10:00,500 INFO stage main epoch 1/2 loss 1 lr 0.1 10 img/s\n"
