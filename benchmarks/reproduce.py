@@ -434,16 +434,17 @@ class Campaign:
                 s = "done"
             else:
                 s = f"met ({judged['diff']:+.1f})" if judged["met"] else f"**missed by {-judged['diff']:.1f}**"
-            gain = rec["reproduction"].get("gain") if judged is rec["reproduction"] else None
+            row_line = judged is rec["reproduction"]  # the row's own line, not one of its variants'
+            gain = rec["reproduction"].get("gain") if row_line else None
             if gain:
                 s += f"; over {gain['over']} {gain['ours']:+.1f}" + (
                     f" (paper {gain['paper']:+.1f})" if gain.get("paper") is not None else "")
-            bar = rec["reproduction"].get("bar") if judged is rec["reproduction"] else None
+            bar = rec["reproduction"].get("bar") if row_line else None
             if bar:
                 paper_gain = f", paper {bar['paper_gain']:+.1f}" if bar.get("paper_gain") is not None else ""
                 s += f"; gain over {bar['gain_over']} {bar['gain']:+.1f} (bar {bar['points']:g}: " \
                      f"{'met' if bar['met'] else 'missed'}{paper_gain})"
-            if rec.get("investigation") and judged is rec["reproduction"]:
+            if rec.get("investigation") and row_line:
                 s += f"; investigated: `{rel(self.record_path(row))}`"
             return s
 

@@ -212,7 +212,7 @@ def test_an_optional_row_trains_only_when_named(campaign_dir, capsys):
     assert "finished extra" in capsys.readouterr().out and (d / "results" / "repro_extra.json").is_file()
 
 
-def test_a_partial_run_saved_with_absolute_paths_matches_its_row(campaign_dir):
+def test_a_partial_run_saved_with_absolute_paths_matches_its_row(campaign_dir, monkeypatch):
     """A run saves data.root absolute; its row names it relative to the repository: the same file, no change."""
     import os
 
@@ -225,13 +225,9 @@ def test_a_partial_run_saved_with_absolute_paths_matches_its_row(campaign_dir):
     write_table(d, [{"name": "rel", "recipe": str(d / "relative.yaml"), "seed": 0}])
     camp = rp.Campaign(rp.load_table(d / "table.yaml"), d / "runs", d / "results", None, log=lambda m: None)
     row = camp.table.get("rel")
-    old_cwd = os.getcwd()
-    os.chdir(REPO)  # where the runner starts its trainings
-    try:
-        cfg = load_config(str(d / "relative.yaml"), [f"seed={row.seed}"])
-        absolute_paths(cfg)
-    finally:
-        os.chdir(old_cwd)
+    monkeypatch.chdir(REPO)  # where the runner starts its trainings
+    cfg = load_config(str(d / "relative.yaml"), [f"seed={row.seed}"])
+    absolute_paths(cfg)
     saved = to_dict(cfg)
     assert saved["data"]["root"] != recipe["data"]["root"] and os.path.isabs(saved["data"]["root"])
     (d / "runs" / "rel").mkdir(parents=True)
