@@ -87,8 +87,8 @@ def fit_on_features(
     no-op (False) for a method that fits on none. Called right after ``on_stage_start``.
 
     ``stop``: the run's stop flag, honoured at each epoch end of the fit by raising ``Interrupted`` (its
-    message says how to resume ``run_dir``). ``progress``: a progress bar of
-    the fit's epochs. Returns True when the method fitted on features.
+    message says how to resume ``run_dir``). ``progress``: a progress bar of the fit's epochs. Returns True when
+    the method fitted on features.
     """
     splits = method.feature_splits(ctx)
     if not splits:
