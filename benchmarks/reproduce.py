@@ -167,6 +167,14 @@ def same_path(a: object, b: object) -> bool:
     return os.path.normpath(os.path.join(REPO, a)) == os.path.normpath(os.path.join(REPO, b))
 
 
+def moved_here(run_path: object, row_path: object) -> bool:
+    """A run's saved file location that does not exist on this machine while the row's does: the run folder was
+    committed on a machine whose checkout (or data) sat elsewhere, e.g. /home/a/longtail instead of /work/main."""
+    if not (isinstance(run_path, str) and isinstance(row_path, str)):
+        return False
+    return not os.path.exists(os.path.join(REPO, run_path)) and os.path.exists(os.path.join(REPO, row_path))
+
+
 def logged_seconds(log_text: str) -> float | None:
     """Seconds a run trained over all its processes: per process (a "resuming" line starts the next one), its
     last log line's time minus its first's, summed; None for a log without timestamps."""
@@ -248,9 +256,11 @@ class Campaign:
             return "waiting"
         return "new"
 
-    def check_config(self, row: Row) -> None:
-        """A partial run must have been started by this row as written: a changed value is an error."""
-        from longtail.config import migrate, to_dict
+    def check_config(self, row: Row) -> list[str]:
+        """A partial run must have been started by this row as written: a changed value is an error. Returns the
+        file locations to resume it with (``key=value``) where the run's are not on this machine and the row's are:
+        the run folder came from a machine whose checkout or data sat elsewhere."""
+        from longtail.config import LOCATION_KEYS, migrate, to_dict
         from longtail.engine.build import load_config
 
         saved = yaml.safe_load(RunDir(self.run_dir(row)).config.read_text())
@@ -258,7 +268,7 @@ class Campaign:
         migrate(saved)  # an older run's flat head / dataset keys, in today's layout: not a change of settings
         args = self.train_args(row)
         want = to_dict(load_config(args[1], [a for a in args[2:-2] if not a.startswith("init_from=")]))
-        changed, moved = [], []
+        changed, moved, located = [], [], []
 
         def walk(a, b, where):
             if isinstance(a, dict) and isinstance(b, dict):
@@ -273,7 +283,11 @@ class Campaign:
                 for i, (x, y) in enumerate(zip(a, b, strict=True)):
                     walk(x, y, f"{where}{i}.")
             elif a != b and not same_path(a, b):
-                changed.append(f"{where.rstrip('.')} (run: {a!r}, row: {b!r})")
+                key = where.rstrip(".")
+                if key in LOCATION_KEYS and moved_here(a, b):
+                    located.append(f"{key}={b}")
+                else:
+                    changed.append(f"{key} (run: {a!r}, row: {b!r})")
 
         walk(saved, want, "")
         if changed:
@@ -282,6 +296,10 @@ class Campaign:
                              f"restart it")
         if moved:
             self.log(f"note: row {row.name}: keys present on one side only (a code version change): {', '.join(moved)}")
+        for loc in located:
+            self.log(f"note: row {row.name}: its run's {loc.split('=')[0]} is not on this machine; resuming with the "
+                     f"row's, {loc.split('=', 1)[1]}")
+        return located
 
     def command(self, row: Row) -> tuple[list[str], bool]:
         """(`longtail` arguments, resumed?) for the row's next training process."""
@@ -293,8 +311,8 @@ class Campaign:
                 self.log(f"{row.name}: unfinished stage-2 run, starting it again")
                 shutil.rmtree(d)
                 return self.train_args(row), False
-            self.check_config(row)
-            return ["train", "--resume", "--out", rel(d)], True
+            located = self.check_config(row)
+            return ["train", "--resume", "--out", rel(d), *located], True
         return self.train_args(row), False
 
     # ----------------------------------------------------------------------------------------- finishing

@@ -232,11 +232,19 @@ def test_a_partial_run_saved_with_absolute_paths_matches_its_row(campaign_dir, m
     assert saved["data"]["root"] != recipe["data"]["root"] and os.path.isabs(saved["data"]["root"])
     (d / "runs" / "rel").mkdir(parents=True)
     (d / "runs" / "rel" / "config.yaml").write_text(yaml.safe_dump(saved))
-    camp.check_config(row)  # no error: the same folder
+    assert camp.check_config(row) == []  # no error: the same folder
+    (d / "elsewhere").mkdir()
     saved["data"]["root"] = str(d / "elsewhere")
     (d / "runs" / "rel" / "config.yaml").write_text(yaml.safe_dump(saved))
     with pytest.raises(rp.TableError, match="started with other settings: data.root"):
         camp.check_config(row)
+    # Committed on a machine whose checkout sat elsewhere: its data.root is not here, the row's is. Resumed with
+    # the row's location (`longtail train --resume` takes file locations).
+    saved["data"]["root"] = "/home/someone/longtail/../shared/folder"
+    (d / "runs" / "rel" / "config.yaml").write_text(yaml.safe_dump(saved))
+    located = [f"data.root={recipe['data']['root']}"]
+    assert camp.check_config(row) == located
+    assert camp.command(row) == (["train", "--resume", "--out", str(d / "runs" / "rel"), *located], True)
 
 
 def test_logged_seconds_sum_every_process_of_a_resumed_run():

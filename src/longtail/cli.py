@@ -15,6 +15,7 @@ EPILOG = """examples:
   longtail train cifar10_lt/ce data.root=cifar10-jpeg.zip
   longtail train my.yaml stages.0.epochs=10 optim.lr=0.05 --out runs/try1
   longtail train --resume --out runs/try1          # continue an interrupted run
+  longtail train --resume --out runs/try1 data.root=/data/cifar10-jpeg.zip   # ... whose data sits elsewhere now
   longtail train my.yaml --out runs/try1 --overwrite   # start again in runs/try1, replacing its run
   longtail eval runs/try1 --split test
   longtail report runs/*
@@ -47,12 +48,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         if args.print_config:
             raise UsageError("--print-config shows a new run's config; a resumed run's is its config.yaml")
-        if args.config or args.overrides:
-            raise UsageError("--resume continues a run with its saved config; drop CONFIG and key=value")
+        moved = list(args.overrides)
+        if args.config is not None and "=" in args.config and not Path(args.config).exists():
+            moved.insert(0, args.config)  # `--resume --out RUN data.root=NEW`: the argparse CONFIG slot took it
+        elif args.config is not None:
+            raise UsageError("--resume continues a run with its saved config; drop CONFIG")
         if args.overwrite:
             raise UsageError("--resume continues the run in --out, --overwrite starts a new one there: pick one")
         cfg = None
     else:
+        moved = []
         config, overrides = args.config, list(args.overrides)
         if config is not None and "=" in config and not Path(config).exists():
             overrides.insert(0, config)  # `longtail train epochs=3`: no config, only overrides
@@ -68,7 +73,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             return 0
     try:
         run_dir = train(cfg, out=args.out, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite,
-                        command=args.command_line)
+                        command=args.command_line, moved=moved)
     except Interrupted as e:
         print(f"\n{e}", file=sys.stderr)
         return 130
@@ -387,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="run folder (default: runs/<name>-<time>)")
     t.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in --out (it ends at the weights it would have reached "
-                        "without the interruption)")
+                        "without the interruption); key=value may only move its files, e.g. data.root=/new/path "
+                        "for a run folder copied to another machine")
     t.add_argument("--overwrite", action="store_true",
                    help="start even when --out holds a run or other files: its config.yaml, metrics.json, train.log, "
                         "checkpoints/, plots/, sweeps/, features/ and export/ are removed first (other files are kept)")

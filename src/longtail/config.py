@@ -728,6 +728,21 @@ def validate(cfg: RunConfig) -> None:
         names.append(st.name)
 
 
+# Keys that say where a run's files are, not what it trains: the only ones a resumed run may change (its folder
+# moved to a machine whose data sits elsewhere: ``longtail train --resume --out RUN data.root=NEW``).
+LOCATION_KEYS = ("data.root", "data.cache_dir", "data.options.annotation", "data.options.train_list",
+                 "data.options.val_list", "data.options.test_list", "model.pretrained")
+
+
+def check_location_overrides(overrides: list[str]) -> None:
+    """ConfigError unless every ``key=value`` names a file location (``LOCATION_KEYS``): what a resume may change."""
+    for text in overrides:
+        key = ".".join(parse_override(text)[0])
+        if key not in LOCATION_KEYS:
+            raise ConfigError(f"--resume keeps the run's saved settings: {key} cannot change (only where its files "
+                              f"are can: {', '.join(LOCATION_KEYS)}); drop {text}")
+
+
 def absolute_paths(cfg: RunConfig) -> None:
     """Make the file paths of ``cfg`` absolute (``~`` expanded), as a run saves them: its config.yaml then names the
     same files from any working directory. A list file that does not exist relative to the working directory stays

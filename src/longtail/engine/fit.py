@@ -33,7 +33,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from longtail.config import ConfigError, RunConfig, StageConfig, absolute_paths, load_raw, save_yaml, to_dict
+from longtail.config import (
+    LOCATION_KEYS,
+    ConfigError,
+    RunConfig,
+    StageConfig,
+    absolute_paths,
+    check_location_overrides,
+    load_raw,
+    save_yaml,
+    to_dict,
+)
 from longtail.data import LTDataset, create_dataset
 from longtail.data.loaders import Batch, Loader
 from longtail.data.samplers import Sampler, create_sampler, shard
@@ -68,6 +78,7 @@ from longtail.engine.stopping import Interrupted, StopFlag
 from longtail.errors import (
     WRITE_ERRNOS,
     CheckpointError,
+    DataError,
     MissingFileError,
     TrainingError,
     UsageError,
@@ -411,6 +422,7 @@ def train(
     progress: bool = True,
     overwrite: bool = False,
     command: str | None = None,
+    moved: list[str] | None = None,
 ) -> Path:
     """Train a recipe, evaluate it, and write a complete run folder. Returns the run folder.
 
@@ -421,6 +433,9 @@ def train(
     checkpoint with its saved config and ends at the same weights as an uninterrupted run: the checkpoint holds
     every rank's global generators and DataLoader worker streams besides the batch generator (a checkpoint
     written before those were saved resumes with freshly seeded ones, exact only where nothing draws from them).
+    ``moved`` (``key=value``, file locations only: ``longtail.config.LOCATION_KEYS``) resumes a run whose data sits
+    elsewhere now, e.g. ``["data.root=/data/cifar10.zip"]`` on another machine; config.yaml is updated, and the run
+    refuses data whose class counts differ from those it trained on.
 
     A new run needs ``out`` to be new, empty, or a folder a start stopped early in; a folder with other files
     or a finished or unfinished run is refused unless ``overwrite`` (see ``longtail.run_folder``). While it trains,
@@ -433,7 +448,7 @@ def train(
     writes (and locks) the run folder.
     """
     command = command or default_command()
-    cfg, run_dir = _run_config(cfg, out, resume, overwrite)
+    cfg, run_dir = _run_config(cfg, out, resume, overwrite, moved or [])
     plugin_notes = record_plugins(cfg)  # config.yaml names the plugins eval / predict / export must import
     dist, device = init_distributed(resolve_device(cfg.device))
     lock, handler = None, None
@@ -444,6 +459,8 @@ def train(
             # Lock first, then look: two runs started on one folder at once cannot both find it free.
             lock = RunLock(run_dir).acquire(command)
             notes += lock.notes + _check_run_folder(run_dir, resume, overwrite)
+            if moved:
+                notes += _save_moved_paths(run_dir, cfg)
         run_dir = broadcast_object(run_dir, dist)  # the default folder's name is rank 0's
         run_dir.mkdir(parents=True, exist_ok=True)
         if dist.is_main:
@@ -480,10 +497,12 @@ def _log_failure(e: Exception) -> None:
 
 
 def _run_config(
-    cfg: RunConfig | None, out: str | Path | None, resume: bool, overwrite: bool
+    cfg: RunConfig | None, out: str | Path | None, resume: bool, overwrite: bool, moved: list[str]
 ) -> tuple[RunConfig, Path | None]:
-    """The run's config and its folder (None: a new default one): a resumed run's saved config.yaml, or a resolved
-    and checked copy of ``cfg`` (the caller's object is left as it is)."""
+    """The run's config and its folder (None: a new default one): a resumed run's saved config.yaml (with the file
+    locations in ``moved``), or a resolved and checked copy of ``cfg`` (the caller's object is left as it is)."""
+    if moved and not resume:
+        raise UsageError("moved file locations are for --resume; a new run takes them as overrides")
     if resume:
         if out is None:
             raise UsageError("--resume needs the run folder: longtail train --resume --out RUN_DIR")
@@ -491,14 +510,35 @@ def _run_config(
             raise UsageError("--resume continues the run in --out, --overwrite starts a new one there: pick one")
         run_dir = Path(out)
         check_resumable(run_dir)
+        check_location_overrides(moved)
         saved = load_raw(RunDir(run_dir).config)
         saved.pop("meta", None)
-        return build_config(saved), run_dir
+        cfg = build_config(saved, moved)
+        absolute_paths(cfg)  # a moved location is saved absolute too
+        return cfg, run_dir
     cfg = resolve(cfg) if cfg is not None else build_config({})  # a copy: the caller's config is left as it is
     _check_stages_train(cfg)
     _resolve_init_paths(cfg)  # before anything trains: a wrong path fails now, not after stage 1
     absolute_paths(cfg)  # config.yaml names the same files from any working directory
     return cfg, (Path(out) if out is not None else None)
+
+
+def _save_moved_paths(run_dir: Path, cfg: RunConfig) -> list[str]:
+    """Rank 0, with the folder locked: write a resumed run's moved file locations into its config.yaml (its meta
+    kept), so that eval / predict find them too. Returns the notes for the log: each location, old -> new."""
+    path = RunDir(run_dir).config
+    saved = load_raw(path)
+    new = to_dict(cfg)
+    notes = []
+    for key in LOCATION_KEYS:
+        *parents, last = key.split(".")
+        old_node, new_node = saved, new
+        for part in parents:
+            old_node, new_node = old_node.get(part) or {}, new_node.get(part) or {}
+        if old_node.get(last) != new_node.get(last):
+            notes.append(f"{key} moved: {old_node.get(last)} -> {new_node.get(last)}")
+    save_yaml({**new, "meta": saved.get("meta", {})}, path)
+    return notes
 
 
 def _check_run_folder(run_dir: Path, resume: bool, overwrite: bool) -> list[str]:
@@ -650,7 +690,7 @@ class Trainer:
             log.info("resuming %s from %s", self.run_dir,
                      "its last checkpoint" if self.point is not None else "the start (no checkpoint yet)")
         self.t0 = time.time()
-        self.ds = ds = create_dataset(cfg.data)
+        self.ds = ds = self._dataset()
         self.loader = Loader(ds, self.device, cfg.data.augment, cfg.data.num_workers, cfg.data.fast_path)
         self.select_metric = self._select_metric()
         if "val" not in ds.splits:  # before anything trains: an option chosen on val needs a val split
@@ -663,6 +703,29 @@ class Trainer:
         splits = ", ".join(f"{k} {len(v)}" for k, v in ds.splits.items() if k != "train")
         log.info("run %s: %s, %d classes, %d train images (%s), device %s", self.run_dir, ds.name, ds.num_classes,
                  len(ds.train), splits, self.device)
+
+    def _dataset(self) -> LTDataset:
+        """The run's dataset. A resumed run's must be the one it trained on: the same class counts as its
+        config.yaml's meta recorded (a folder moved to another machine resumes with ``data.root=`` pointing there)."""
+        if not self.resume:
+            return create_dataset(self.cfg.data)
+        how = (f"if the data moved, point the run at it: longtail train --resume --out {self.run_dir} "
+               f"data.root=PATH")
+        try:
+            ds = create_dataset(self.cfg.data)
+        except DataError as e:
+            raise DataError(f"{e}; {how}") from None
+        trained = (load_raw(RunDir(self.run_dir).config).get("meta") or {}).get("train_counts")
+        now = ds.train_counts().tolist()
+        if trained is not None and list(trained) != now:
+            if len(trained) != len(now):
+                differ = f"{len(trained)} classes then, {len(now)} now"
+            else:
+                c = next(i for i, (a, b) in enumerate(zip(trained, now, strict=True)) if a != b)
+                differ = f"class {c} had {trained[c]} training images then, {now[c]} now"
+            raise DataError(f"data.root={self.cfg.data.root} is not the data {self.run_dir} trained on ({differ}); "
+                            f"{how}")
+        return ds
 
     def _select_metric(self) -> str | None:
         """The val metric eval.select=best_val picks on (eval.select_metric, auto resolved on this val split)."""
