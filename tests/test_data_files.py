@@ -276,6 +276,29 @@ def test_cifar_download_from_a_loopback_server(tmp_path, monkeypatch):
         create_dataset(DataConfig(name="cifar10_lt", root=str(tmp_path / "again"), options={"download": True}))
 
 
+def test_cifar_download_from_a_silent_server_times_out(tmp_path, monkeypatch):
+    """A server that takes the connection and never answers (a blackholed network) fails in one line instead of
+    waiting for ever; the process's default socket timeout is left as it was."""
+    import socket
+
+    from torchvision.datasets import CIFAR10
+
+    import longtail.data.cifar as cifar
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()  # the kernel completes the handshake; nothing ever reads or answers
+    try:
+        monkeypatch.setattr(CIFAR10, "url", f"http://127.0.0.1:{silent.getsockname()[1]}/cifar-10-python.tar.gz")
+        monkeypatch.setattr(cifar, "DOWNLOAD_TIMEOUT_S", 0.5)
+        with pytest.raises(DataError, match=r"could not download CIFAR-10 into .*: no answer for 0.5 s\. Check the "
+                                            r"network"):
+            create_dataset(DataConfig(name="cifar10_lt", root=str(tmp_path / "d"), options={"download": True}))
+    finally:
+        silent.close()
+    assert socket.getdefaulttimeout() is None
+
+
 # ------------------------------------------------------------------ issue 15: every file checked, bombs, roots
 
 

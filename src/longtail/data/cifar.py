@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import socket
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -26,6 +27,9 @@ log = logging.getLogger("longtail")
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)  # the values of the LDAM-DRW / BBN / TDE code
+# Seconds a download waits on a connection that sends nothing (a blackholed network) before it fails with the
+# one-line error below; a slow download that keeps sending is never cut (the wait is per read).
+DOWNLOAD_TIMEOUT_S = 60.0
 
 
 def _default_root(num_classes: int) -> Path:
@@ -39,7 +43,10 @@ def _load_torchvision(root: Path, num_classes: int, download: bool) -> tuple[dic
 
     cls = CIFAR10 if num_classes == 10 else CIFAR100
     out = {}
+    before = socket.getdefaulttimeout()  # torchvision's urlopen takes no timeout: it waits the default one
     try:
+        if download:
+            socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
         for split in ("train", "test"):
             ds = cls(str(root), train=split == "train", download=download)
             out[split] = (torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), np.asarray(ds.targets))
@@ -52,10 +59,15 @@ def _load_torchvision(root: Path, num_classes: int, download: bool) -> tuple[dic
     except OSError as e:  # no network (urllib's URLError), a refused or cut connection, a folder not writable
         if not download:
             raise
+        reason = getattr(e, "reason", None) or e
+        if isinstance(reason, TimeoutError):
+            reason = f"no answer for {DOWNLOAD_TIMEOUT_S:g} s"
         raise DataError(
-            f"could not download CIFAR-{num_classes} into {root}: {getattr(e, 'reason', None) or e}. Check the "
-            f"network, or put {cls.filename} (from {cls.url}) in {root} by hand and run again"
+            f"could not download CIFAR-{num_classes} into {root}: {reason}. Check the network, or put "
+            f"{cls.filename} (from {cls.url}) in {root} by hand and run again"
         ) from None
+    finally:
+        socket.setdefaulttimeout(before)
     return out, list(ds.classes)
 
 
