@@ -139,6 +139,17 @@ def test_mixup_is_the_mixed_loss_of_its_base():
     assert not any(k.startswith("_base") for k in m.state_dict())
 
 
+def test_mixup_predicts_with_its_base_s_correction():
+    """Mixup around post-hoc logit adjustment predicts z - tau log pi (the base's tau 1), as IFL around it does;
+    around a loss without a correction, the plain logits."""
+    m, _ = _method("mixup", base="logit_adjust_posthoc")
+    f = torch.randn(2, 32)
+    prior = COUNTS.float() / COUNTS.sum()
+    torch.testing.assert_close(m.predict_features(f), m.model.forward_head(f) - torch.log(prior + 1e-12))
+    ce, _ = _method("mixup", base="ce")
+    assert torch.equal(ce.predict_features(f), ce.model.forward_head(f))
+
+
 def test_mixup_rejects_unknown_base():
     from longtail.config import ConfigError
 

@@ -147,6 +147,10 @@ class Mixup(Method):
         loss = lam * self.criterion(logits, targets) + (1 - lam) * self.criterion(logits, targets[perm])
         return {"loss": loss, "logits": logits}
 
+    @torch.no_grad()
+    def predict_features(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.criterion.adjust_scores(self.model.forward_head(feats))  # the base's, e.g. post-hoc LA's z - log pi
+
 
 def _cut_and_paste(images: torch.Tensor, perm: torch.Tensor, lam: float) -> tuple[torch.Tensor, float]:
     """CutMix's box: images (B, C, H, W) with a box of images[perm] of area ~(1 - lam) pasted in; returns them and
