@@ -260,12 +260,14 @@ class Campaign:
         """A partial run must have been started by this row as written: a changed value is an error. Returns the
         file locations to resume it with (``key=value``) where the run's are not on this machine and the row's are:
         the run folder came from a machine whose checkout or data sat elsewhere."""
-        from longtail.config import LOCATION_KEYS, migrate, to_dict
-        from longtail.engine.build import load_config
+        from longtail.config import LOCATION_KEYS, to_dict
+        from longtail.engine.build import build_config, load_config
 
         saved = yaml.safe_load(RunDir(self.run_dir(row)).config.read_text())
         saved.pop("meta", None)
-        migrate(saved)  # an older run's flat head / dataset keys, in today's layout: not a change of settings
+        # What `longtail train --resume` trains with: an older run's flat head / dataset keys in today's layout, and
+        # today's defaults for the options its config.yaml predates (the row gets the same defaults).
+        saved = to_dict(build_config(saved))
         args = self.train_args(row)
         want = to_dict(load_config(args[1], [a for a in args[2:-2] if not a.startswith("init_from=")]))
         changed, moved, located = [], [], []
@@ -295,7 +297,7 @@ class Campaign:
                              f"{'; '.join(changed)}. Restore the row in reproduce.yaml, or delete the folder to "
                              f"restart it")
         if moved:
-            self.log(f"note: row {row.name}: keys present on one side only (a code version change): {', '.join(moved)}")
+            self.log(f"note: row {row.name}: keys present on one side only: {', '.join(moved)}")
         for loc in located:
             self.log(f"note: row {row.name}: its run's {loc.split('=')[0]} is not on this machine; resuming with the "
                      f"row's, {loc.split('=', 1)[1]}")

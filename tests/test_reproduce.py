@@ -247,6 +247,31 @@ def test_a_partial_run_saved_with_absolute_paths_matches_its_row(campaign_dir, m
     assert camp.command(row) == (["train", "--resume", "--out", str(d / "runs" / "rel"), *located], True)
 
 
+def test_a_partial_run_from_older_code_matches_its_row_without_notes(campaign_dir, monkeypatch):
+    """A run started before an option existed resumes with its default, as the row would start: no change, no
+    note. A value the row changes is still one."""
+    from longtail.config import absolute_paths, to_dict
+    from longtail.engine.build import load_config
+
+    d = campaign_dir
+    write_table(d, [{"name": "old", "recipe": str(d / "stage1.yaml"), "seed": 0}])
+    notes = []
+    camp = rp.Campaign(rp.load_table(d / "table.yaml"), d / "runs", d / "results", None, log=notes.append)
+    row = camp.table.get("old")
+    monkeypatch.chdir(REPO)
+    cfg = load_config(str(d / "stage1.yaml"), ["seed=0"])
+    absolute_paths(cfg)
+    saved = to_dict(cfg)
+    del saved["sync_every"], saved["stages"][0]["ema"], saved["data"]["decode_check"]  # options of later code
+    (d / "runs" / "old").mkdir(parents=True)
+    (d / "runs" / "old" / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert camp.check_config(row) == [] and notes == []
+    saved["stages"][0]["epochs"] = 7
+    (d / "runs" / "old" / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(rp.TableError, match=r"stages\.0\.epochs \(run: 7, row: 2\)"):
+        camp.check_config(row)
+
+
 def test_logged_seconds_sum_every_process_of_a_resumed_run():
     log = ("2026-12-01 10:00:00,000 INFO run r: x\n"
            "2026-12-01 10:10:00,500 INFO stage main epoch 1/2 loss 1 lr 0.1 10 img/s\n"
