@@ -147,16 +147,8 @@ def test_missing_zuko_says_how_to_install(monkeypatch):
 
 def _grid_cascade(flow_lr, dim=6, **opts):
     """A depth-1 cascade on the blobs, its flows and heads initialised from seed 0 (zuko uses the global RNG)."""
-    cfg = DLSAConfig(
-        max_depth=1,
-        clusters=6,
-        flow_epochs=3,
-        flow_batch_size=32,
-        head_epochs=2,
-        max_cluster_size=10**6,
-        flow_lr=flow_lr,
-        **opts,
-    )
+    cfg = DLSAConfig(**{"max_depth": 1, "clusters": 6, "flow_epochs": 3, "flow_batch_size": 32, "head_epochs": 2,
+                        "max_cluster_size": 10**6, "flow_lr": flow_lr, **opts})
     torch.manual_seed(0)
     return DLSACascade(dim, 4, cfg, torch.tensor([120, 50, 20, 8]))
 
@@ -181,6 +173,22 @@ def test_flow_lr_grid_keeps_the_best_purity_candidate_and_skips_a_diverging_one(
     for k, v in alone.state_dict().items():
         if k != "_extra_state":
             assert torch.equal(casc.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("mode", ["pure_clusters", "purity", "last"])
+def test_flow_select_keeps_the_epoch_its_criterion_ranks_first(mode):
+    """pure_clusters (the reference's R), purity or last: the kept epoch is the first best of that criterion over
+    the epochs' history, and the flow training itself does not depend on the choice."""
+    x, y = blobs()
+    st = _grid_cascade(0.05, flow_epochs=6, clusters=10, flow_select=mode).fit(x, y)["stages"][0]
+    hist = st["flow_lr_grid"][0]["epochs"] if "flow_lr_grid" in st else st["flow_epochs"]
+    want = {"pure_clusters": hist["pure_clusters"].index(max(hist["pure_clusters"])) + 1,
+            "purity": hist["purity"].index(max(hist["purity"])) + 1, "last": 6}[mode]
+    assert st["flow_epoch"] == want
+    default = _grid_cascade(0.05, flow_epochs=6, clusters=10).fit(x, y)["stages"][0]
+    assert (default["flow_lr_grid"][0]["epochs"] if "flow_lr_grid" in default else default["flow_epochs"]) == hist
+    with pytest.raises(ValueError, match="flow_select must be one of pure_clusters, purity, last"):
+        DLSAConfig(flow_select="best")
 
 
 def test_a_diverging_flow_lr_alone_or_a_whole_diverging_grid_is_one_error():

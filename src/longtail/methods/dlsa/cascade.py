@@ -95,6 +95,12 @@ def _before_load(module: DLSACascade, state_dict: dict, prefix: str, *_: Any) ->
         module._resize_flows(int(live.sum()))
 
 
+def _selection_key(mode: str, pure_clusters: int, purity: float) -> tuple:
+    """What ``flow_select`` ranks flow epochs by (larger is better; a tie keeps the earlier epoch): the pure-cluster
+    count R, the overall purity, or nothing (``last``: every later epoch replaces the kept one)."""
+    return {"pure_clusters": (pure_clusters,), "purity": (purity,), "last": ()}[mode]
+
+
 def _r(v: float, digits: int = 4) -> float:
     """A float rounded to ``digits`` significant digits, for metrics.json."""
     return float(f"{v:.{digits}g}")
@@ -420,12 +426,13 @@ class DLSACascade(nn.Module):
         """Train flow d on the (N, dim) active training features once per ``flow_lr`` candidate and keep one.
 
         Every candidate starts from the same initial weights and draws the same pair stream (a copy of
-        ``gen``), so they differ only in the learning rate. Kept: the candidate whose selected epoch (section
-        4.3) has the most pure clusters, ties broken by the higher overall purity (share of samples in their
-        cluster's majority class), then by the earlier candidate; an lr whose epochs never had their largest
-        cluster below ``max_cluster_size`` ranks below every lr whose epochs did. A candidate whose loss or
-        scores turn non-finite is skipped with a warning; if every one does, FloatingPointError. Training
-        data only: the criterion is the one the reference uses to pick the flow's epoch.
+        ``gen``), so they differ only in the learning rate. Kept: the candidate whose selected epoch ranks first
+        by ``flow_select`` (default, section 4.3: the most pure clusters), ties broken by the pure clusters, then
+        the higher overall purity (share of samples in their cluster's majority class), then the earlier
+        candidate; an lr whose epochs never had their largest cluster below ``max_cluster_size`` ranks below
+        every lr whose epochs did. A candidate whose loss or scores turn non-finite is skipped with a warning; if
+        every one does, FloatingPointError. Training data only: the default criterion is the one the reference uses
+        to pick the flow's epoch.
         """
         lrs = self.cfg.flow_lrs
         flow = self.flows[d]
@@ -451,7 +458,8 @@ class DLSACascade(nn.Module):
                 )
                 continue
             rows.append({"lr": lr, "diverged": False, **info})
-            key = (info["qualified"], info["pure_clusters"], info["purity"])
+            pure, purity = info["pure_clusters"], info["purity"]
+            key = (info["qualified"], *_selection_key(self.cfg.flow_select, pure, purity), pure, purity)
             if best is None or key > best[0]:
                 best = (key, len(rows) - 1, copy.deepcopy(flow.state_dict()) if many else None, g.get_state())
             ep = info["epochs"]
@@ -509,11 +517,11 @@ class DLSACascade(nn.Module):
         control: FitControl | None = None,
         what: str = "flow",
     ) -> dict:
-        """Three losses over class-balanced pairs (spec section 4) on (N, D_flow) flow inputs; keeps the epoch with
-        the most pure clusters. Returns that epoch, its pure-cluster count and overall purity, whether any epoch
-        met max_cluster_size (``qualified``), and per epoch the mean loss, the median training log-likelihood
-        (eval mode), the pure-cluster count and the overall purity. Raises _FlowDiverged on a non-finite loss
-        or training score."""
+        """Three losses over class-balanced pairs (spec section 4) on (N, D_flow) flow inputs; keeps the epoch
+        ``flow_select`` picks (default: the most pure clusters). Returns that epoch, its pure-cluster count and
+        overall purity, whether any epoch met max_cluster_size (``qualified``), and per epoch the mean loss, the
+        median training log-likelihood (eval mode), the pure-cluster count and the overall purity. Raises
+        _FlowDiverged on a non-finite loss or training score."""
         cfg, k = self.cfg, self.cfg.clusters
         dev = x.device
         w = _class_weights(y, self.num_classes, cfg.weight_q).to(dev)
@@ -525,7 +533,8 @@ class DLSACascade(nn.Module):
         opt = torch.optim.SGD(flow.parameters(), lr=lr, momentum=0.0)
         ema = torch.zeros(k, device=dev)
         t = 0
-        best: dict[str, Any] = {"pure_clusters": -1, "flow_epoch": None, "purity": 0.0, "state": None}
+        best: dict[str, Any] = {"pure_clusters": -1, "flow_epoch": None, "purity": 0.0, "purity_raw": 0.0,
+                                "state": None}
         steps = max(1, len(x) // cfg.flow_batch_size)
         bs = min(cfg.flow_batch_size, len(x))
         hist: dict[str, list] = {"loss": [], "train_llh": [], "pure_clusters": [], "purity": []}
@@ -589,11 +598,15 @@ class DLSACascade(nn.Module):
             hist["train_llh"].append(_r(float(s.median())))  # median: a few outliers can dominate the mean
             hist["pure_clusters"].append(pure)
             hist["purity"].append(round(overall, 4))
-            if int(sizes.max()) < cfg.max_cluster_size and pure > best["pure_clusters"]:
+            better = best["state"] is None or cfg.flow_select == "last" or (
+                _selection_key(cfg.flow_select, pure, overall) > _selection_key(cfg.flow_select, best["pure_clusters"],
+                                                                                best["purity_raw"]))
+            if int(sizes.max()) < cfg.max_cluster_size and better:
                 best = {
                     "pure_clusters": pure,
                     "flow_epoch": epoch + 1,
                     "purity": round(overall, 4),
+                    "purity_raw": overall,
                     "state": copy.deepcopy(flow.state_dict()),
                 }
             if control is not None:

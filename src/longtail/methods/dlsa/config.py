@@ -63,6 +63,10 @@ class DLSAConfig:
     min_purity: float = 0.7  # flow-epoch (and flow_lr) selection only (section 4.3): clusters purer than this...
     min_size: int = 10  # ...and larger than this count
     max_cluster_size: int = 5000  # epochs whose largest cluster reaches this are not kept
+    # Which flow epoch (and flow_lr) is kept: pure_clusters (the reference's R: most clusters purer than min_purity
+    # and larger than min_size) | purity (the highest share of samples in their cluster's majority class; R can
+    # fall while purity rises, when the purity loss merges clusters) | last (the last epoch)
+    flow_select: str = "pure_clusters"
     z_source: str = "feature"  # feature (reference code: z = x) | flow_latent (the paper's figure)
     cac_prior: str = "subset"  # Balanced-Softmax counts of the CACs: subset (reference) | full
     regular_prior: str = "full"  # ... of the regular classifier: full (reference) | subset
@@ -82,6 +86,7 @@ class DLSAConfig:
             "regular_prior": ("subset", "full"),
             "head_init": ("random", "stage1"),
             "head_select": ("auto", "last"),
+            "flow_select": ("pure_clusters", "purity", "last"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
