@@ -149,6 +149,16 @@ def test_a_failed_run_logs_its_error_and_report_skips_it(image_folder, tmp_path,
     assert f"warning: skipped {failed} stopped before its first checkpoint" in err and "train.log" in err
     assert main(["report", str(failed)]) == 2
     assert "no finished run among" in capsys.readouterr().err
+    # A shell glob's plain files (logs beside the run folders): one warning line for all of them.
+    logs = [tmp_path / f"{n}.log" for n in "abcd"]
+    for f in logs:
+        f.write_text("x")
+    assert main(["report", str(good), *map(str, logs)]) == 0
+    out, err = capsys.readouterr()
+    assert out.count("| good ") == 1
+    assert err.strip() == f"warning: skipped 4 file(s), not run folders: {logs[0]}, {logs[1]}, {logs[2]} and 1 more"
+    assert main(["report", str(logs[0])]) == 2
+    assert "no run folder among the arguments, only files" in capsys.readouterr().err
 
 
 def test_report_names_an_unfinished_run_and_how_to_resume_it(tmp_path):

@@ -186,6 +186,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
         print(f"warning: skipped {why}", file=sys.stderr)
 
     names = drop_latest_duplicates(args.run_dirs)
+    files = [d for d in names if Path(d).is_file()]  # what a shell glob (runs/*) brings besides the run folders
+    if files:
+        shown = ", ".join(map(str, files[:3])) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        print(f"warning: skipped {len(files)} file(s), not run folders: {shown}", file=sys.stderr)
+        names = [d for d in names if d not in files]
+        if not names:
+            raise UsageError("no run folder among the arguments, only files: give run folders, e.g. runs/*/")
     table = runs_table(names, split=args.split, skip=skip)
     print(table)
     if args.out:
