@@ -7,9 +7,10 @@ truncated pickle still holds every label and the first images in full; the recor
 image is paired with its file in the JPEG copy (cifar10-jpeg/<split>/<class>/NNNN.jpg numbers each class's images
 in batch order), the pairing checked by PSNR, and both are written as image folders under --out (orig/, jpeg/;
 train/<class>/, test/<class>/). Then one recipe trains on each (row 1's CE with its head bias, balanced:
---per-class images per class, --epochs with the milestones at 60% and 80%, seed 0, one thread each, side by side),
-each run predicts the other's test images too, and benchmarks/results/jpeg_cost_cpu.json records the accuracies
-and their paired differences (bootstrap interval, exact McNemar test) with the commands, commit and device.
+--per-class images per class, --epochs with the milestones at 60% and 80%, one thread each, side by side; one
+pair per --seeds value, the pairs one after another), each run predicts the other's test images too, and
+benchmarks/results/jpeg_cost_cpu.json records the accuracies and their paired differences (bootstrap interval,
+exact McNemar test) per seed, their mean and spread over seeds, with the commands, commit and device.
 A run already finished in --out is reused, not trained again.
 """
 
@@ -98,12 +99,18 @@ def pair(batches: Path, jpeg_zip: Path, out: Path) -> dict:
     return stats
 
 
-def train_commands(out: Path, per_class: int, epochs: int) -> dict[str, list[str]]:
+def run_name(kind: str, seed: int) -> str:
+    """ce_orig / ce_jpeg for seed 0 (the first pair's folders), ce_<kind>_s<seed> for the others."""
+    return f"ce_{kind}" + (f"_s{seed}" if seed else "")
+
+
+def train_commands(out: Path, per_class: int, epochs: int, seed: int = 0) -> dict[str, list[str]]:
     m = [round(epochs * 0.6), round(epochs * 0.8)]
     return {kind: ["longtail", "train", "cifar10_lt/ce", f"data.root={out / kind}", "model.head_bias=true", "amp=false",
-                   "seed=0", "data.imbalance_ratio=1", f"data.options.max_per_class={per_class}", f"epochs={epochs}",
-                   "stages.0.batch_size=128", "stages.0.optim.lr=0.1", f"stages.0.schedule.milestones=[{m[0]},{m[1]}]",
-                   "--out", str(out / "runs" / f"ce_{kind}"), "--quiet"]
+                   f"seed={seed}", "data.imbalance_ratio=1", f"data.options.max_per_class={per_class}",
+                   f"epochs={epochs}", "stages.0.batch_size=128", "stages.0.optim.lr=0.1",
+                   f"stages.0.schedule.milestones=[{m[0]},{m[1]}]",
+                   "--out", str(out / "runs" / run_name(kind, seed)), "--quiet"]
             for kind in ("orig", "jpeg")}
 
 
@@ -129,6 +136,31 @@ def compare(a: dict[str, bool], b: dict[str, bool]) -> dict:
             "only_first_right": n10, "only_second_right": n01, "mcnemar_p": float(f"{p:.3g}")}
 
 
+def seed_result(out: Path, seed: int, env: dict) -> dict:
+    """One seed's pair: each model's top-1 on both test copies and the paired differences."""
+    preds = {}
+    for model in ("orig", "jpeg"):
+        for test in ("orig", "jpeg"):
+            path = out / f"pred_{run_name(model, seed)}_on_{test}.csv"
+            subprocess.run(["longtail", "predict", str(out / "runs" / run_name(model, seed)), str(out / test / "test"),
+                            "--out", str(path), "--num-workers", "0", "--quiet"], check=True, env=env,
+                           stdout=subprocess.DEVNULL)
+            preds[(model, test)] = correct(path)
+    import yaml
+
+    meta = yaml.safe_load((out / "runs" / run_name("orig", seed) / "config.yaml").read_text())["meta"]
+    return {
+        "commit": meta.get("commit"),
+        "test_images": len(preds[("orig", "orig")]),
+        "top1": {f"trained_{m}_tested_{t}": round(100 * np.mean(list(v.values())), 2) for (m, t), v in preds.items()},
+        "differences": {
+            "lossless_vs_jpeg_each_on_its_own": compare(preds[("orig", "orig")], preds[("jpeg", "jpeg")]),
+            "lossless_vs_jpeg_both_on_lossless": compare(preds[("orig", "orig")], preds[("jpeg", "orig")]),
+            "lossless_vs_jpeg_both_on_jpeg": compare(preds[("orig", "jpeg")], preds[("jpeg", "jpeg")]),
+        },
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -137,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="work folder: image folders, runs, predictions")
     p.add_argument("--per-class", type=int, default=475, help="training images per class (balanced)")
     p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="training seeds: one lossless / JPEG pair each (runs already in --out are reused)")
     p.add_argument("--record", type=Path, default=HERE / "results" / "jpeg_cost_cpu.json")
     a = p.parse_args(argv)
     out = a.out.resolve()
@@ -145,41 +179,36 @@ def main(argv: list[str] | None = None) -> int:
     else:
         stats = pair(a.batches, a.jpeg, out)
         atomic_write_json(out / "pairing.json", stats)
-    cmds = train_commands(out, a.per_class, a.epochs)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    procs = [subprocess.Popen(cmd, env=env) for kind, cmd in cmds.items()
-             if not (out / "runs" / f"ce_{kind}" / "metrics.json").is_file()]
-    if any(pr.wait() for pr in procs):
-        raise SystemExit("a training run failed: see its train.log under --out/runs")
-    preds = {}
-    for model in ("orig", "jpeg"):
-        for test in ("orig", "jpeg"):
-            path = out / f"pred_{model}_on_{test}.csv"
-            subprocess.run(["longtail", "predict", str(out / "runs" / f"ce_{model}"), str(out / test / "test"),
-                            "--out", str(path), "--num-workers", "0", "--quiet"], check=True, env=env,
-                           stdout=subprocess.DEVNULL)
-            preds[(model, test)] = correct(path)
-    acc = {f"trained_{m}_tested_{t}": round(100 * np.mean(list(v.values())), 2) for (m, t), v in preds.items()}
+    per_seed, cmds = {}, {}
+    for seed in a.seeds:  # each seed's pair side by side, one thread each; the seeds one after another
+        cmds[seed] = train_commands(out, a.per_class, a.epochs, seed)
+        procs = [subprocess.Popen(cmd, env=env) for kind, cmd in cmds[seed].items()
+                 if not (out / "runs" / run_name(kind, seed) / "metrics.json").is_file()]
+        if any(pr.wait() for pr in procs):
+            raise SystemExit("a training run failed: see its train.log under --out/runs")
+        per_seed[seed] = seed_result(out, seed, env)
     import yaml
 
     meta = yaml.safe_load((out / "runs" / "ce_orig" / "config.yaml").read_text())["meta"]  # what the runs ran on
+    names = list(per_seed[a.seeds[0]]["differences"])
     record = {
         "question": "what the shared JPEG copy (quality ~75, chroma-subsampled) costs a model trained on it",
         "command": " ".join(["python", "benchmarks/jpeg_cost.py", *(argv if argv is not None else sys.argv[1:])]),
         **{k: meta.get(k) for k in ("commit", "device", "torch", "longtail")},
-        "seed": 0,
+        "seeds": a.seeds,
         "pairing": stats,
-        "train_commands": {k: " ".join(v) for k, v in cmds.items()},
-        "test_images": len(preds[("orig", "orig")]),
-        "top1": acc,
-        "differences": {
-            "lossless_vs_jpeg_each_on_its_own": compare(preds[("orig", "orig")], preds[("jpeg", "jpeg")]),
-            "lossless_vs_jpeg_both_on_lossless": compare(preds[("orig", "orig")], preds[("jpeg", "orig")]),
-            "lossless_vs_jpeg_both_on_jpeg": compare(preds[("orig", "jpeg")], preds[("jpeg", "jpeg")]),
-        },
+        "train_commands": {k: " ".join(v) for k, v in cmds[a.seeds[0]].items()},
+        "test_images": per_seed[a.seeds[0]]["test_images"],
+        "per_seed": {str(s): r for s, r in per_seed.items()},
+        # The training seed's share of the noise, beside each seed's bootstrap over test images.
+        "mean_over_seeds": {k: round(float(np.mean([r["differences"][k]["points"] for r in per_seed.values()])), 2)
+                            for k in names},
+        "spread_over_seeds": {k: [min(r["differences"][k]["points"] for r in per_seed.values()),
+                                  max(r["differences"][k]["points"] for r in per_seed.values())] for k in names},
     }
     atomic_write_json(a.record, record)
-    print(json.dumps({"top1": acc, "differences": record["differences"]}, indent=1))
+    print(json.dumps({"per_seed": record["per_seed"], "mean_over_seeds": record["mean_over_seeds"]}, indent=1))
     print(f"written {a.record}")
     return 0
 

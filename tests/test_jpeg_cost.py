@@ -109,3 +109,14 @@ def test_every_image_pairs_with_its_jpeg_file_and_a_wrong_numbering_is_refused(t
     batches, zpath = make_copy(other, wrong=True)
     with pytest.raises(SystemExit, match="numbering differs"):
         jc.pair(batches, zpath, other / "out")
+
+
+def test_each_seed_trains_its_own_pair_in_its_own_folders(tmp_path):
+    first, other = jc.train_commands(tmp_path, 475, 50), jc.train_commands(tmp_path, 475, 50, seed=2)
+    assert set(first) == set(other) == {"orig", "jpeg"}
+    for kind in ("orig", "jpeg"):
+        # Seed 0 keeps the first pair's folders (reused by a later call), other seeds get their own.
+        assert first[kind][first[kind].index("--out") + 1] == str(tmp_path / "runs" / f"ce_{kind}")
+        assert other[kind][other[kind].index("--out") + 1] == str(tmp_path / "runs" / f"ce_{kind}_s2")
+        assert "seed=0" in first[kind] and "seed=2" in other[kind] and f"data.root={tmp_path / kind}" in other[kind]
+        assert "stages.0.schedule.milestones=[30,40]" in other[kind]
