@@ -299,6 +299,22 @@ def test_table_shows_mean_and_spread_over_three_seeds(tmp_path):
     assert "| 1 | A | 80.0 ± 1.0 (3 seeds) |" in camp.table_markdown()
 
 
+def test_a_control_sits_under_its_row_unnumbered_so_the_rows_keep_their_numbers(tmp_path):
+    rows = [{"name": "a", "title": "A", "recipe": "x"},
+            {"name": "b", "title": "B", "recipe": "x", "variants": [{"name": "v", "title": "B's variant",
+                                                                       "set": ["method.alpha=0"]}]},
+            {"name": "c", "title": "C", "recipe": "x"},
+            {"name": "b_control", "title": "B's control", "recipe": "x", "control_of": "b"}]
+    camp = rp.Campaign(rp.load_table(write_table(tmp_path, rows)), tmp_path / "runs", tmp_path, None)
+    body = [ln.split(" | ")[:2] for ln in camp.table_markdown().splitlines()[2:] if ln.startswith("|")]
+    assert body == [["| 1", "A"], ["| 2", "B"], ["|", "B's variant"], ["|", "B's control"], ["| 3", "C"]]
+    bad = rows + [{"name": "d", "recipe": "x", "control_of": "b_control"}]
+    with pytest.raises(rp.TableError, match="control_of: 'b_control' must name a row of its own"):
+        rp.load_table(write_table(tmp_path, bad))
+    with pytest.raises(rp.TableError, match="control_of: 'zz' must name an earlier row"):
+        rp.load_table(write_table(tmp_path, rows[:1] + [{"name": "d", "recipe": "x", "control_of": "zz"}]))
+
+
 def test_a_resumed_row_keeps_its_thread_count(campaign_dir):
     """Another CPU thread count rounds differently: a row resumes with the count it trained with (runs/ROW.threads),
     unless --threads says otherwise; a fresh run takes the campaign's count."""
