@@ -8,7 +8,8 @@ image is paired with its file in the JPEG copy (cifar10-jpeg/<split>/<class>/NNN
 in batch order), the pairing checked by PSNR, and both are written as image folders under --out (orig/, jpeg/;
 train/<class>/, test/<class>/). Then one recipe trains on each (row 1's CE with its head bias, balanced:
 --per-class images per class, --epochs with the milestones at 60% and 80%, one thread each, side by side; one
-pair per --seeds value, the pairs one after another), each run predicts the other's test images too, and
+pair per --seeds value, the pairs one after another), each run predicts the other's test images too (so do the
+runs named by --also, e.g. the table's rows, trained on the whole JPEG copy), and
 benchmarks/results/jpeg_cost_cpu.json records the accuracies and their paired differences (bootstrap interval,
 exact McNemar test) per seed, their mean and spread over seeds, with the commands, commit and device.
 A run already finished in --out is reused, not trained again.
@@ -99,6 +100,13 @@ def pair(batches: Path, jpeg_zip: Path, out: Path) -> dict:
     return stats
 
 
+def rel_to_repo(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def run_name(kind: str, seed: int) -> str:
     """ce_orig / ce_jpeg for seed 0 (the first pair's folders), ce_<kind>_s<seed> for the others."""
     return f"ce_{kind}" + (f"_s{seed}" if seed else "")
@@ -161,6 +169,20 @@ def seed_result(out: Path, seed: int, env: dict) -> dict:
     }
 
 
+def score_on_both(out: Path, run: Path, env: dict) -> dict:
+    """A run trained elsewhere (e.g. a table row, on the JPEG copy) on both copies of the paired test images: what
+    the JPEG test images alone cost it."""
+    preds = {}
+    for test in ("orig", "jpeg"):
+        path = out / f"pred_{run.resolve().name}_on_{test}.csv"
+        subprocess.run(["longtail", "predict", str(run), str(out / test / "test"), "--out", str(path),
+                        "--num-workers", "0", "--quiet"], check=True, env=env, stdout=subprocess.DEVNULL)
+        preds[test] = correct(path)
+    return {"top1_on_lossless": round(100 * np.mean(list(preds["orig"].values())), 2),
+            "top1_on_jpeg": round(100 * np.mean(list(preds["jpeg"].values())), 2),
+            "lossless_minus_jpeg": compare(preds["orig"], preds["jpeg"])}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -171,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="training seeds: one lossless / JPEG pair each (runs already in --out are reused)")
+    p.add_argument("--also", type=Path, nargs="*", default=[], metavar="RUN",
+                   help="finished runs trained elsewhere (e.g. benchmarks/runs/tde) to score on both test copies")
     p.add_argument("--record", type=Path, default=HERE / "results" / "jpeg_cost_cpu.json")
     a = p.parse_args(argv)
     out = a.out.resolve()
@@ -206,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                             for k in names},
         "spread_over_seeds": {k: [min(r["differences"][k]["points"] for r in per_seed.values()),
                                   max(r["differences"][k]["points"] for r in per_seed.values())] for k in names},
+        "trained_elsewhere": {rel_to_repo(r): score_on_both(out, r, env) for r in a.also},
     }
     atomic_write_json(a.record, record)
     print(json.dumps({"per_seed": record["per_seed"], "mean_over_seeds": record["mean_over_seeds"]}, indent=1))
