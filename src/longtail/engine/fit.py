@@ -497,10 +497,11 @@ def _log_failure(e: Exception) -> None:
 
 
 def _run_config(
-    cfg: RunConfig | None, out: str | Path | None, resume: bool, overwrite: bool, moved: list[str]
+    cfg: RunConfig | None, out: str | Path | None, resume: bool, overwrite: bool, moved: list[str] | None = None
 ) -> tuple[RunConfig, Path | None]:
     """The run's config and its folder (None: a new default one): a resumed run's saved config.yaml (with the file
     locations in ``moved``), or a resolved and checked copy of ``cfg`` (the caller's object is left as it is)."""
+    moved = moved or []
     if moved and not resume:
         raise UsageError("moved file locations are for --resume; a new run takes them as overrides")
     if resume:
