@@ -13,6 +13,10 @@ runs named by --also, e.g. the table's rows, trained on the whole JPEG copy), an
 benchmarks/results/jpeg_cost_cpu.json records the accuracies and their paired differences (bootstrap interval,
 exact McNemar test) per seed, their mean and spread over seeds, with the commands, commit and device.
 A run already finished in --out is reused, not trained again.
+
+With internet, torchvision's CIFAR10(download=True) gives the whole batches (cifar-10-batches-py/). The record was
+made where none could be downloaded, with a public copy cut short at 3 MiB a batch (every label, the first 1017
+images of each): data/cifar-10-batches-py/ in github.com/zhi-fangZhang/idpl_gen at commit 0626f9d.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from longtail.run_folder import RunDir
 from longtail.utils import atomic_write_json
 
 HERE = Path(__file__).resolve().parent
@@ -156,7 +161,7 @@ def seed_result(out: Path, seed: int, env: dict) -> dict:
             preds[(model, test)] = correct(path)
     import yaml
 
-    meta = yaml.safe_load((out / "runs" / run_name("orig", seed) / "config.yaml").read_text())["meta"]
+    meta = yaml.safe_load(RunDir(out / "runs" / run_name("orig", seed)).config.read_text())["meta"]
     return {
         "commit": meta.get("commit"),
         "test_images": len(preds[("orig", "orig")]),
@@ -208,13 +213,13 @@ def main(argv: list[str] | None = None) -> int:
     for seed in a.seeds:  # each seed's pair side by side, one thread each; the seeds one after another
         cmds[seed] = train_commands(out, a.per_class, a.epochs, seed)
         procs = [subprocess.Popen(cmd, env=env) for kind, cmd in cmds[seed].items()
-                 if not (out / "runs" / run_name(kind, seed) / "metrics.json").is_file()]
+                 if not RunDir(out / "runs" / run_name(kind, seed)).metrics.is_file()]
         if any(pr.wait() for pr in procs):
             raise SystemExit("a training run failed: see its train.log under --out/runs")
         per_seed[seed] = seed_result(out, seed, env)
     import yaml
 
-    meta = yaml.safe_load((out / "runs" / "ce_orig" / "config.yaml").read_text())["meta"]  # what the runs ran on
+    meta = yaml.safe_load(RunDir(out / "runs" / "ce_orig").config.read_text())["meta"]  # what the runs ran on
     names = list(per_seed[a.seeds[0]]["differences"])
     record = {
         "question": "what the shared JPEG copy (quality ~75, chroma-subsampled) costs a model trained on it",
