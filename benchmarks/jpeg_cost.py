@@ -35,6 +35,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import yaml
 from PIL import Image
 
 from longtail.run_folder import RunDir
@@ -159,8 +160,6 @@ def seed_result(out: Path, seed: int, env: dict) -> dict:
                             "--out", str(path), "--num-workers", "0", "--quiet"], check=True, env=env,
                            stdout=subprocess.DEVNULL)
             preds[(model, test)] = correct(path)
-    import yaml
-
     meta = yaml.safe_load(RunDir(out / "runs" / run_name("orig", seed)).config.read_text())["meta"]
     return {
         "commit": meta.get("commit"),
@@ -217,9 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         if any(pr.wait() for pr in procs):
             raise SystemExit("a training run failed: see its train.log under --out/runs")
         per_seed[seed] = seed_result(out, seed, env)
-    import yaml
-
-    meta = yaml.safe_load(RunDir(out / "runs" / "ce_orig").config.read_text())["meta"]  # what the runs ran on
+    meta = yaml.safe_load(RunDir(out / "runs" / run_name("orig", a.seeds[0])).config.read_text())["meta"]
     names = list(per_seed[a.seeds[0]]["differences"])
     record = {
         "question": "what the shared JPEG copy (quality ~75, chroma-subsampled) costs a model trained on it",
