@@ -106,13 +106,6 @@ def pair(batches: Path, jpeg_zip: Path, out: Path) -> dict:
     return stats
 
 
-def rel_to_repo(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(REPO))
-    except ValueError:
-        return str(path)
-
-
 def run_name(kind: str, seed: int) -> str:
     """ce_orig / ce_jpeg for seed 0 (the first pair's folders), ce_<kind>_s<seed> for the others."""
     return f"ce_{kind}" + (f"_s{seed}" if seed else "")
@@ -150,21 +143,28 @@ def compare(a: dict[str, bool], b: dict[str, bool]) -> dict:
             "only_first_right": n10, "only_second_right": n01, "mcnemar_p": float(f"{p:.3g}")}
 
 
+def predict_correct(run: Path, out: Path, test: str, env: dict) -> dict[str, bool]:
+    """``run``'s predictions on one copy (orig / jpeg) of the paired test images, written under ``out``: per image,
+    whether its top class is its label."""
+    path = out / f"pred_{run.resolve().name}_on_{test}.csv"
+    subprocess.run(["longtail", "predict", str(run), str(out / test / "test"), "--out", str(path),
+                    "--num-workers", "0", "--quiet"], check=True, env=env, stdout=subprocess.DEVNULL)
+    return correct(path)
+
+
+def top1(right: dict[str, bool]) -> float:
+    return round(100 * np.mean(list(right.values())), 2)
+
+
 def seed_result(out: Path, seed: int, env: dict) -> dict:
     """One seed's pair: each model's top-1 on both test copies and the paired differences."""
-    preds = {}
-    for model in ("orig", "jpeg"):
-        for test in ("orig", "jpeg"):
-            path = out / f"pred_{run_name(model, seed)}_on_{test}.csv"
-            subprocess.run(["longtail", "predict", str(out / "runs" / run_name(model, seed)), str(out / test / "test"),
-                            "--out", str(path), "--num-workers", "0", "--quiet"], check=True, env=env,
-                           stdout=subprocess.DEVNULL)
-            preds[(model, test)] = correct(path)
+    preds = {(model, test): predict_correct(out / "runs" / run_name(model, seed), out, test, env)
+             for model in ("orig", "jpeg") for test in ("orig", "jpeg")}
     meta = yaml.safe_load(RunDir(out / "runs" / run_name("orig", seed)).config.read_text())["meta"]
     return {
         "commit": meta.get("commit"),
         "test_images": len(preds[("orig", "orig")]),
-        "top1": {f"trained_{m}_tested_{t}": round(100 * np.mean(list(v.values())), 2) for (m, t), v in preds.items()},
+        "top1": {f"trained_{m}_tested_{t}": top1(v) for (m, t), v in preds.items()},
         "differences": {
             "lossless_vs_jpeg_each_on_its_own": compare(preds[("orig", "orig")], preds[("jpeg", "jpeg")]),
             "lossless_vs_jpeg_both_on_lossless": compare(preds[("orig", "orig")], preds[("jpeg", "orig")]),
@@ -176,15 +176,8 @@ def seed_result(out: Path, seed: int, env: dict) -> dict:
 def score_on_both(out: Path, run: Path, env: dict) -> dict:
     """A run trained elsewhere (e.g. a table row, on the JPEG copy) on both copies of the paired test images: what
     the JPEG test images alone cost it."""
-    preds = {}
-    for test in ("orig", "jpeg"):
-        path = out / f"pred_{run.resolve().name}_on_{test}.csv"
-        subprocess.run(["longtail", "predict", str(run), str(out / test / "test"), "--out", str(path),
-                        "--num-workers", "0", "--quiet"], check=True, env=env, stdout=subprocess.DEVNULL)
-        preds[test] = correct(path)
-    return {"top1_on_lossless": round(100 * np.mean(list(preds["orig"].values())), 2),
-            "top1_on_jpeg": round(100 * np.mean(list(preds["jpeg"].values())), 2),
-            "lossless_minus_jpeg": compare(preds["orig"], preds["jpeg"])}
+    orig, jpeg = (predict_correct(run, out, test, env) for test in ("orig", "jpeg"))
+    return {"top1_on_lossless": top1(orig), "top1_on_jpeg": top1(jpeg), "lossless_minus_jpeg": compare(orig, jpeg)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                             for k in names},
         "spread_over_seeds": {k: [min(r["differences"][k]["points"] for r in per_seed.values()),
                                   max(r["differences"][k]["points"] for r in per_seed.values())] for k in names},
-        "trained_elsewhere": {rel_to_repo(r): score_on_both(out, r, env) for r in a.also},
+        "trained_elsewhere": {str(r): score_on_both(out, r, env) for r in a.also},  # as given, like the command
     }
     atomic_write_json(a.record, record)
     print(json.dumps({"per_seed": record["per_seed"], "mean_over_seeds": record["mean_over_seeds"]}, indent=1))

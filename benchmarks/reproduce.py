@@ -476,10 +476,10 @@ class Campaign:
             return s
 
         numbered = [r for r in self.table.rows if not r.seeds_of and not r.control_of]
-        shown_rows = [(str(i + 1), r) for i, r in enumerate(numbered)]
-        for name in [r.name for r in numbered]:  # each control right under its row
-            at = next(i for i, (_, r) in enumerate(shown_rows) if r.name == name)
-            shown_rows[at + 1:at + 1] = [("", r) for r in self.table.rows if r.control_of == name and not r.seeds_of]
+        # Each row in turn, its controls (unnumbered) right under it.
+        shown_rows = [(n, r) for i, row in enumerate(numbered)
+                      for n, r in [(str(i + 1), row)] + [("", c) for c in self.table.rows
+                                                          if c.control_of == row.name and not c.seeds_of]]
         for number, row in shown_rows:
             rec = recs.get(row.name)
             paper = row.paper or {}

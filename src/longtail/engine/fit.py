@@ -448,7 +448,7 @@ def train(
     writes (and locks) the run folder.
     """
     command = command or default_command()
-    cfg, run_dir = _run_config(cfg, out, resume, overwrite, moved or [])
+    cfg, run_dir = _run_config(cfg, out, resume, overwrite, moved)
     plugin_notes = record_plugins(cfg)  # config.yaml names the plugins eval / predict / export must import
     dist, device = init_distributed(resolve_device(cfg.device))
     lock, handler = None, None
