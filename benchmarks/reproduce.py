@@ -1,7 +1,8 @@
 """The reproduction campaign: train every row of benchmarks/reproduce.yaml to its full length, across machines.
 
     python benchmarks/reproduce.py                 # train every unfinished row, in order, until done or stopped
-    python benchmarks/reproduce.py --status        # each row: epochs done / total, the result when finished
+    python benchmarks/reproduce.py --status        # each row: epochs done / total, the result when finished,
+                                                   # an unfinished row's recent s/epoch and hours left
     python benchmarks/reproduce.py --only tde crt  # just these rows
     python benchmarks/reproduce.py --hours 2.5     # stop cleanly (checkpointing) after 2.5 hours
     python benchmarks/reproduce.py --parallel 2    # rows trained side by side (default: see --help)
@@ -24,6 +25,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -182,21 +184,41 @@ def moved_here(run_path: object, row_path: object) -> bool:
     return not os.path.exists(os.path.join(REPO, run_path)) and os.path.exists(os.path.join(REPO, row_path))
 
 
+def timed_lines(log_text: str):
+    """(seconds since the epoch, line) of each line of a train.log that starts with its logging timestamp."""
+    for line in log_text.splitlines():
+        try:
+            yield datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp(), line
+        except ValueError:
+            continue
+
+
 def logged_seconds(log_text: str) -> float | None:
     """Seconds a run trained over all its processes: per process (a "resuming" line starts the next one), its
     last log line's time minus its first's, summed; None for a log without timestamps."""
     total, first, last = 0.0, None, None
-    for line in log_text.splitlines():
-        try:
-            t = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
-        except ValueError:
-            continue
+    for t, line in timed_lines(log_text):
         if " INFO resuming " in line and first is not None:
             total += last - first
             first = None
         first = t if first is None else first
         last = t
     return round(total + (last - first), 1) if first is not None else None
+
+
+def pace(log_text: str, last: int = 5) -> float | None:
+    """Seconds per epoch lately: the median of the last ``last`` gaps between consecutive epoch lines of one
+    process (a gap across a "resuming" line holds a start-up and a part epoch, so it is left out); None before
+    two epochs of one process are logged. The machine's pace, not the row's: it changes with the machine."""
+    gaps, prev = [], None
+    for t, line in timed_lines(log_text):
+        if " INFO resuming " in line:
+            prev = None
+        elif re.search(r"stage \S+ epoch \d+/\d+ loss", line):
+            if prev is not None:
+                gaps.append(t - prev)
+            prev = t
+    return statistics.median(gaps[-last:]) if gaps else None
 
 
 def epochs(run_dir: Path) -> str:
@@ -535,6 +557,9 @@ class Campaign:
                 for name, v in rp["variants"].items():
                     result += f"  {name} {v['top1']:.2f}" if v.get("top1") is not None else ""
             epochs = f"{done}/{total}" if total else ("–" if st in ("new", "waiting") else "0 (no training)")
+            log = RunDir(self.run_dir(row)).train_log
+            if st == "partial" and log.is_file() and (sec := pace(log.read_text())) is not None:
+                result = f"{sec:.0f} s/epoch lately: about {sec * (total - done) / 3600:.1f} h left at that pace"
             out.append(f"{row.name:<22} {label:<16} {epochs:>9}  {top1:>6}  {paper:>6}  {result}")
         if any(self.state(r) == "finished" for r in self.table.rows):
             out.append("* finished but not recorded yet: the next run of the runner records it")
@@ -703,7 +728,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int,
                    help="CPU threads per training process (default: cores / parallel; a resumed row keeps the count it "
                    "trained with, in runs/ROW.threads, since another count rounds differently: --threads overrides it)")
-    p.add_argument("--status", action="store_true", help="print each row's progress and result, train nothing")
+    p.add_argument("--status", action="store_true", help="print each row's progress and result (an unfinished "
+                   "row: its recent seconds per epoch and hours left at that pace), train nothing")
     p.add_argument("--readme", action="store_true", help="rebuild the README results table from the records, "
                    "train nothing")
     p.add_argument("--table", type=Path, default=HERE / "reproduce.yaml", help="the rows (default: %(default)s)")

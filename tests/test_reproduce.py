@@ -5,6 +5,7 @@ Never touches benchmarks/runs/ or benchmarks/results/: every path is passed expl
 
 import importlib.util
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -195,6 +196,8 @@ def test_sigint_checkpoints_and_the_next_run_resumes(campaign_dir, capsys):
     done, total = rp.progress(camp.run_dir(row))
     assert total == LONG and 2 <= done < LONG
     assert camp.command(row) == (["train", "--resume", "--out", str(d / "runs" / "base")], True)
+    status = "\n".join(camp.status_lines())
+    assert re.search(rf"base +unfinished +{done}/{LONG} .* s/epoch lately: about [\d.]+ h left", status), status
     # The next runner continues it: stopped once it has trained an epoch more, not after a fixed time, which a
     # loaded machine can spend on starting up alone.
     run_until_then_sigint(d, log, f"epoch {done + 1}/{LONG}", after="resuming")
@@ -299,6 +302,20 @@ def test_logged_seconds_sum_every_process_of_a_resumed_run():
            "2026-12-01 11:05:00,000 INFO finished in 299 s\n")
     assert rp.logged_seconds(log) == 600.5 + 300.0
     assert rp.logged_seconds("no times here\n") is None
+
+
+def test_pace_is_the_recent_epoch_time_of_one_process():
+    def epoch(t: str, n: int) -> str:
+        return f"2026-12-01 {t},000 INFO stage main epoch {n}/100 loss 1 lr 0.1 10 img/s\n"
+
+    first = epoch("10:00:00", 1) + epoch("10:01:00", 2) + epoch("10:02:00", 3)  # 60 s per epoch
+    assert rp.pace(first) == 60.0
+    # A resume on a slower machine: the gap across it (start-up, a part epoch) is not an epoch's time.
+    later = first + "2026-12-01 12:00:00,000 INFO resuming r from its last checkpoint\n" + epoch("12:00:30", 4)
+    assert rp.pace(later) == 60.0
+    later += epoch("12:02:30", 5) + epoch("12:04:30", 6) + epoch("12:06:30", 7) + epoch("12:09:30", 8)
+    assert rp.pace(later) == 120.0  # the last five gaps: 60, 120, 120, 120, 180
+    assert rp.pace(epoch("10:00:00", 1)) is None and rp.pace("no times here\n") is None
 
 
 def test_table_shows_mean_and_spread_over_three_seeds(tmp_path):
