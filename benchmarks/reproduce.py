@@ -539,6 +539,14 @@ class Campaign:
 
     # ----------------------------------------------------------------------------------------- status
 
+    def time_left(self, row: Row) -> str:
+        """'S s/epoch lately: about H h left at that pace' for a row with a train.log that has a pace; else ''."""
+        log = RunDir(self.run_dir(row)).train_log
+        if not log.is_file() or (sec := pace(log.read_text())) is None:
+            return ""
+        done, total = progress(self.run_dir(row))
+        return f"{sec:.0f} s/epoch lately: about {sec * max(total - done, 0) / 3600:.1f} h left at that pace"
+
     def status_lines(self) -> list[str]:
         recs = self.records()
         out = [f"{'row':<22} {'state':<16} {'epochs':>9}  {'top1':>6}  {'paper':>6}  result"]
@@ -557,9 +565,8 @@ class Campaign:
                 for name, v in rp["variants"].items():
                     result += f"  {name} {v['top1']:.2f}" if v.get("top1") is not None else ""
             epochs = f"{done}/{total}" if total else ("–" if st in ("new", "waiting") else "0 (no training)")
-            log = RunDir(self.run_dir(row)).train_log
-            if st == "partial" and log.is_file() and (sec := pace(log.read_text())) is not None:
-                result = f"{sec:.0f} s/epoch lately: about {sec * (total - done) / 3600:.1f} h left at that pace"
+            if st == "partial":
+                result = self.time_left(row)
             out.append(f"{row.name:<22} {label:<16} {epochs:>9}  {top1:>6}  {paper:>6}  {result}")
         if any(self.state(r) == "finished" for r in self.table.rows):
             out.append("* finished but not recorded yet: the next run of the runner records it")
@@ -601,6 +608,8 @@ def default_parallel(results: Path) -> tuple[int, str]:
 
 class Runner:
     """Keeps up to ``parallel`` `longtail train` processes busy with the table's unfinished rows."""
+
+    REPORT_EVERY = 600  # seconds between the log's "progress:" lines
 
     def __init__(self, campaign: Campaign, names: list[str], parallel: int, threads: int, hours: float | None,
                  pid_file: Path | None, explicit_threads: bool = False) -> None:
@@ -700,10 +709,11 @@ class Runner:
                 self._reap()
                 if not self.procs and (self.stopping or self._next() is None):
                     break
-                if time.time() - last_report > 600:
+                if time.time() - last_report > self.REPORT_EVERY:
                     last_report = time.time()
-                    self.c.log("progress: " + ", ".join(f"{n} {epochs(self.c.run_dir(self.c.table.get(n)))}"
-                                                        for n in self.procs))
+                    self.c.log("progress: " + ", ".join(
+                        f"{n} {epochs(self.c.run_dir(row))}" + (f" ({left})" if (left := self.c.time_left(row)) else "")
+                        for n in self.procs for row in [self.c.table.get(n)]))
                 time.sleep(1.0)
         finally:
             for s, h in old.items():

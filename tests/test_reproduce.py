@@ -181,7 +181,7 @@ def run_until_then_sigint(d: Path, log: Path, line: str, after: str = "") -> str
     return out
 
 
-def test_sigint_checkpoints_and_the_next_run_resumes(campaign_dir, capsys):
+def test_sigint_checkpoints_and_the_next_run_resumes(campaign_dir, capsys, monkeypatch):
     d = campaign_dir
     rows = rows_for(d)[:1]
     rows[0]["recipe"] = str(d / "long.yaml")
@@ -203,9 +203,13 @@ def test_sigint_checkpoints_and_the_next_run_resumes(campaign_dir, capsys):
     run_until_then_sigint(d, log, f"epoch {done + 1}/{LONG}", after="resuming")
     resumed = rp.progress(camp.run_dir(row))[0]
     assert resumed > done and camp.state(row) == "partial"
-    # --hours stops it cleanly (checkpointed, exit 0) whenever the deadline falls, even before an epoch ends.
+    # --hours stops it cleanly (checkpointed, exit 0) whenever the deadline falls, even before an epoch ends;
+    # meanwhile the log says how far each row is (every second here) and, from the last process's epochs, its pace.
+    monkeypatch.setattr(rp.Runner, "REPORT_EVERY", 0)
     assert rp.main(args(d, "--parallel", "1", "--hours", "0.004")) == 0
-    assert "--hours reached" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--hours reached" in out
+    assert re.search(rf"progress: base \d+/{LONG} \(\d+ s/epoch lately: about [\d.]+ h left at that pace\)", out), out
     assert camp.state(row) == "partial" and rp.progress(camp.run_dir(row))[0] >= resumed
     # A row edited while its run is unfinished: resuming it would mix two settings.
     rows[0]["overrides"] = ["stages.0.optim.lr=0.2"]
