@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from longtail.config import ModelConfig
+from longtail.config import ConfigError, ModelConfig
+from longtail.losses import sigmoid_focal_loss
 from longtail.methods import MethodContext, create_method
 from longtail.methods.losses import (
     class_balanced_weights,
@@ -65,6 +66,64 @@ def test_cb_weighted_mean_matches_torch():
     w = class_balanced_weights(COUNTS, 0.99)[TARGETS]
     per = F.cross_entropy(LOGITS, TARGETS, reduction="none")
     assert m_mean.loss(LOGITS, TARGETS).item() == pytest.approx((w * per).mean().item(), rel=1e-6)
+
+
+def test_sigmoid_focal_golden_value_and_gamma_zero_is_sigmoid_ce():
+    # By hand, sample 0 (z = 2, 0, -1; class 0 true), gamma 1: -(1 - p) log p for the true class, -p log(1 - p)
+    # for the others, p = sigmoid(z); the loss is the mean over the batch of each sample's sum over classes.
+    def by_hand(z, y, gamma):
+        total = 0.0
+        for c, zc in enumerate(z):
+            p = 1 / (1 + math.exp(-zc))
+            pt = p if c == y else 1 - p
+            total += -((1 - pt) ** gamma) * math.log(pt)
+        return total
+
+    rows = [by_hand(LOGITS[i].tolist(), int(TARGETS[i]), 1.0) for i in range(2)]
+    assert sigmoid_focal_loss(LOGITS, TARGETS, 1.0).item() == pytest.approx(sum(rows) / 2, rel=1e-6)
+    onehot = F.one_hot(TARGETS, 3).float()
+    bce = F.binary_cross_entropy_with_logits(LOGITS, onehot, reduction="sum") / 2  # / the number of positives
+    assert sigmoid_focal_loss(LOGITS, TARGETS, 0.0).item() == pytest.approx(bce.item(), rel=1e-6)
+    # The stable modulator, where sigmoid saturates: z = 100 / -100 right costs 0, wrong costs 100 each (the
+    # modulator 1), and z = 0 costs 0.5^2 log 2 either way.
+    big = torch.tensor([[100.0, -100.0, 0.0]])
+    assert sigmoid_focal_loss(big, torch.tensor([0]), 2.0).item() == pytest.approx(0.25 * math.log(2), rel=1e-6)
+    assert sigmoid_focal_loss(big, torch.tensor([1]), 2.0).item() == pytest.approx(200 + 0.25 * math.log(2), rel=1e-6)
+
+
+def test_cb_sigmoid_forms_weight_every_class_term_by_the_true_class():
+    w = class_balanced_weights(COUNTS, 0.99)
+    per = torch.stack([sigmoid_focal_loss(LOGITS[i:i + 1], TARGETS[i:i + 1], 1.0) for i in range(2)])  # (2,)
+    m, _ = _method("cb_loss", beta=0.99, loss="sigmoid_focal", gamma=1.0, reduction="mean")
+    assert m.loss(LOGITS, TARGETS).item() == pytest.approx((w[TARGETS] * per).mean().item(), rel=1e-6)
+    m, _ = _method("cb_loss", beta=0.99, loss="sigmoid_focal", gamma=1.0)  # weighted_mean, the default
+    assert m.loss(LOGITS, TARGETS).item() == pytest.approx(((w[TARGETS] * per).sum() / w[TARGETS].sum()).item(),
+                                                           rel=1e-6)
+    m, _ = _method("cb_loss", beta=0.0, loss="sigmoid", reduction="mean")  # beta 0: plain sigmoid CE
+    assert m.loss(LOGITS, TARGETS).item() == pytest.approx(sigmoid_focal_loss(LOGITS, TARGETS, 0.0).item(), rel=1e-6)
+    with pytest.raises(ValueError, match="loss must be softmax, focal, sigmoid or sigmoid_focal, got 'bce'"):
+        _method("cb_loss", loss="bce")
+
+
+def test_cb_sigmoid_forms_start_the_head_bias_at_the_uniform_prior_without_weight_decay():
+    m, ctx = _method("cb_loss", loss="sigmoid_focal", gamma=1.0)
+    bias = m.model.head.fc.bias
+    m.on_stage_start(ctx)
+    torch.testing.assert_close(bias.detach(), torch.full((3,), -math.log(2)))  # sigmoid(-log(C - 1)) = 1 / C
+    groups = m.param_groups()
+    assert [g.weight_decay for g in groups] == [None, 0.0] and groups[1].params == [bias]
+    assert sorted(map(id, groups[0].params + groups[1].params)) == sorted(id(p) for p in m.parameters())
+    # Off, or the softmax forms: the bias as it is, one group at the stage's settings.
+    for opts in ({"loss": "sigmoid", "sigmoid_bias": False}, {"loss": "focal"}):
+        m, ctx = _method("cb_loss", **opts)
+        before = m.model.head.fc.bias.detach().clone()
+        m.on_stage_start(ctx)
+        torch.testing.assert_close(m.model.head.fc.bias.detach(), before)
+        assert len(m.param_groups()) == 1
+    model = create_model(ModelConfig(backbone="tiny", head={"name": "linear", "bias": False}), 3)
+    ctx = MethodContext(3, COUNTS, epochs=1, steps_per_epoch=1, device=torch.device("cpu"))
+    with pytest.raises(ConfigError, match=r"use model.head=linear with bias: true, or set method.sigmoid_bias=false"):
+        create_method({"name": "cb_loss", "loss": "sigmoid"}, model, ctx)
 
 
 def test_balanced_softmax_golden_and_uniform_invariant():

@@ -12,6 +12,7 @@ from longtail.losses.functional import (
     ldam_margins,
     logit_adjusted_loss,
     posthoc_adjusted,
+    sigmoid_focal_loss,
 )
 from longtail.losses.modules import Loss, create_loss
 
@@ -24,4 +25,5 @@ __all__ = [
     "ldam_margins",
     "logit_adjusted_loss",
     "posthoc_adjusted",
+    "sigmoid_focal_loss",
 ]

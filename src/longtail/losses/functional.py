@@ -18,6 +18,24 @@ def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0,
     return _reduce(loss, targets, weight, reduction)
 
 
+def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 1.0,
+                       weight: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+    """Sigmoid (one-vs-all) focal loss as Cui et al.'s class-balanced code computes it: every class c a binary
+    problem with p_c = sigmoid(z_c), l_i = sum_c -(1 - p_t)^gamma log p_t (p_t = p_c for the true class, 1 - p_c for
+    the others); gamma = 0 is sigmoid cross-entropy. A class weight w_{y_i} scales all C terms of sample i.
+
+    reduction: mean (sum over the batch / B, the reference's "normalise by the number of positives", one per
+    sample) or weighted_mean (sum w_y l / sum w_y). The modulator is the reference's stable form,
+    exp(-gamma (t z + log(1 + e^-z))), t the (B, C) one-hot targets.
+    """
+    z = logits.float()
+    t = F.one_hot(targets, z.shape[1]).to(z.dtype)  # (B, C)
+    bce = F.binary_cross_entropy_with_logits(z, t, reduction="none")  # (B, C)
+    if gamma:
+        bce = torch.exp(-gamma * (t * z + F.softplus(-z))) * bce
+    return _reduce(bce.sum(1), targets, weight, reduction)
+
+
 def _reduce(loss: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None, reduction: str) -> torch.Tensor:
     if weight is None:
         return loss.mean()

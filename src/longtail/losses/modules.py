@@ -28,6 +28,7 @@ from longtail.losses.functional import (
     ldam_margins,
     logit_adjusted_loss,
     posthoc_adjusted,
+    sigmoid_focal_loss,
 )
 from longtail.registry import LOSSES
 
@@ -91,20 +92,27 @@ class FocalLoss(Loss):
         return focal_loss(logits, targets, self.cfg.gamma)
 
 
+SIGMOID_FORMS = ("sigmoid", "sigmoid_focal")  # cb_loss's one-vs-all forms (Cui et al.'s code)
+
+
 @LOSSES.register("cb_loss")
 class ClassBalancedLoss(Loss):
-    """Class-balanced loss by effective number (Cui et al., CVPR 2019), with softmax CE or focal."""
+    """Class-balanced loss by effective number (Cui et al., CVPR 2019), with softmax CE, softmax focal, or the
+    sigmoid (one-vs-all) CE / focal of Cui et al.'s own code (``sigmoid``, ``sigmoid_focal``)."""
 
     @dataclass
     class Config:
         beta: float = 0.9999
-        loss: str = "softmax"  # softmax | focal
-        gamma: float = 2.0  # focal only
-        reduction: str = "weighted_mean"  # weighted_mean (LDAM-DRW / RIDE code) | mean
+        loss: str = "softmax"  # softmax | focal | sigmoid | sigmoid_focal
+        gamma: float = 2.0  # focal and sigmoid_focal
+        reduction: str = "weighted_mean"  # weighted_mean (LDAM-DRW / RIDE code) | mean (Cui et al.'s sigmoid forms)
+        # The sigmoid forms, as Cui et al.'s code: the head's bias starts at -log(C - 1) (every class at probability
+        # 1/C) when the stage starts, and takes no weight decay. False: the bias as it is, decayed like the rest.
+        sigmoid_bias: bool = True
 
         def __post_init__(self) -> None:
-            if self.loss not in ("softmax", "focal"):
-                raise ValueError(f"loss must be softmax or focal, got '{self.loss}'")
+            if self.loss not in ("softmax", "focal", *SIGMOID_FORMS):
+                raise ValueError(f"loss must be softmax, focal, sigmoid or sigmoid_focal, got '{self.loss}'")
             if self.reduction not in ("weighted_mean", "mean"):
                 raise ValueError(f"reduction must be weighted_mean or mean, got '{self.reduction}'")
             if not 0 <= self.beta < 1:
@@ -115,7 +123,9 @@ class ClassBalancedLoss(Loss):
         self.register_buffer("weights", class_balanced_weights(counts, cfg.beta), persistent=False)  # (C,)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        gamma = self.cfg.gamma if self.cfg.loss == "focal" else 0.0
+        gamma = self.cfg.gamma if self.cfg.loss in ("focal", "sigmoid_focal") else 0.0
+        if self.cfg.loss in SIGMOID_FORMS:
+            return sigmoid_focal_loss(logits, targets, gamma, self.weights, self.cfg.reduction)
         return focal_loss(logits, targets, gamma, self.weights, self.cfg.reduction)
 
 
