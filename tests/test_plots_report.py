@@ -115,6 +115,26 @@ def test_individual_plots(tmp_path):
         plot_sweep([{"top1": 1.0}], "alpha", tmp_path / "x.png")
 
 
+def test_sweep_plot_leaves_a_shot_group_without_values_out_of_its_legend(tmp_path, monkeypatch):
+    import longtail.evaluation.plots as plots
+
+    legends, save = [], plots._save
+
+    def save_and_keep_the_legend(fig, path):
+        legends.append([t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()])
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", save_and_keep_the_legend)
+    rows = [{"tau": t, "top1": 60 + t, "many": 80 - t, "medium": 50.0, "few": None, "mean_class_acc": None}
+            for t in (0.0, 1.0)]
+    assert _is_png(plot_sweep(rows, "tau", tmp_path / "sweep.png", chosen=1.0))
+    labels = legends[-1]
+    assert len(labels) == 4 and labels[-1] == "chosen tau=1" and not any("few" in t or "per-class" in t for t in labels)
+    rows[0]["few"] = 10.0  # one value is enough to draw the group
+    plot_sweep(rows, "tau", tmp_path / "sweep.png")
+    assert len(legends[-1]) == 4 and "few" in legends[-1]
+
+
 def test_parse_thresholds():
     assert parse_thresholds("many > 100, few < 20 training images") == (20, 100)
     assert parse_thresholds("many >= 50, few <= 5 training images") == (5, 50)

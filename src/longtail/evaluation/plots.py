@@ -350,14 +350,14 @@ def plot_sweep(rows: Sequence[dict], x_key: str, path: str | Path, title: str = 
     styles = {"many": ("C2", "o"), "medium": ("C1", "s"), "few": ("C3", "^"), "top1": ("k", "D")}
     drawn = 0
     for k in SHOT_KEYS:
-        if not any(k in r for r in rows):
+        if not any(_is_num(r.get(k)) for r in rows):  # absent or all None (CIFAR-10-LT has no few class)
             continue
         ys = np.array([_val(r.get(k)) for r in rows])
         colour, marker = styles[k]
         ax.plot(xs, ys, color=colour, marker=marker, ms=5, lw=1.8 if k == "top1" else 1.4,
                 ls="--" if k == "top1" else "-", label=SHOT_LABELS[k])
         drawn += 1
-    if any("mean_class_acc" in r for r in rows):
+    if any(_is_num(r.get("mean_class_acc")) for r in rows):
         ax.plot(xs, np.array([_val(r.get("mean_class_acc")) for r in rows]), color="C0", marker="v", ms=5, lw=1.8,
                 label="mean per-class")
         drawn += 1
