@@ -43,9 +43,11 @@ class Focal(LossMethod):
 
 @METHODS.register("cb_loss")
 class ClassBalanced(LossMethod):
-    """Class-balanced loss by effective number (Cui et al., CVPR 2019), with softmax CE or focal, or the sigmoid
-    CE / focal of Cui et al.'s code. Those start the head's bias at -log(C - 1) when the stage starts and keep it
-    out of weight decay, as that code does (``sigmoid_bias``); predictions are argmax z either way."""
+    """Class-balanced loss by effective number (Cui et al., CVPR 2019): softmax CE or focal, or the sigmoid CE /
+    focal of Cui et al.'s code (``loss: sigmoid | sigmoid_focal``).
+
+    The sigmoid forms start the head's bias at -log(C - 1) when the stage starts and keep it out of weight decay,
+    as that code does (``sigmoid_bias``); predictions are argmax z either way."""
 
     loss_name = "cb_loss"
     Config = ClassBalancedLoss.Config
