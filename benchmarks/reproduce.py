@@ -150,6 +150,9 @@ def is_finished(run_dir: Path) -> bool:
         return False
 
 
+EPOCH_LINE = re.compile(r"stage (\S+) epoch (\d+)/(\d+) loss")  # train.log's line at the end of an epoch
+
+
 def progress(run_dir: Path) -> tuple[int, int]:
     """(epochs done, epochs in all stages) of a run folder, from its train.log and config.yaml; (0, 0) if none."""
     total = 0
@@ -160,7 +163,7 @@ def progress(run_dir: Path) -> tuple[int, int]:
         pass
     done, per_stage = 0, {}
     try:
-        for m in re.finditer(r"stage (\S+) epoch (\d+)/(\d+) loss", RunDir(run_dir).train_log.read_text()):
+        for m in EPOCH_LINE.finditer(RunDir(run_dir).train_log.read_text()):
             per_stage[m.group(1)] = int(m.group(2))  # the last line of each stage wins (resumes append)
         done = sum(per_stage.values())
     except OSError:
@@ -214,7 +217,7 @@ def pace(log_text: str, last: int = 5) -> float | None:
     for t, line in timed_lines(log_text):
         if " INFO resuming " in line:
             prev = None
-        elif re.search(r"stage \S+ epoch \d+/\d+ loss", line):
+        elif EPOCH_LINE.search(line):
             if prev is not None:
                 gaps.append(t - prev)
             prev = t
