@@ -122,8 +122,25 @@ def test_cb_sigmoid_forms_start_the_head_bias_at_the_uniform_prior_without_weigh
         assert len(m.param_groups()) == 1
     model = create_model(ModelConfig(backbone="tiny", head={"name": "linear", "bias": False}), 3)
     ctx = MethodContext(3, COUNTS, epochs=1, steps_per_epoch=1, device=torch.device("cpu"))
-    with pytest.raises(ConfigError, match=r"use model.head=linear with bias: true, or set method.sigmoid_bias=false"):
+    with pytest.raises(ConfigError, match=r"use model.head=linear with bias: true, or set the loss's sigmoid_bias: "
+                                          r"false"):
         create_method({"name": "cb_loss", "loss": "sigmoid"}, model, ctx)
+    with pytest.raises(ConfigError, match=r"cb_loss loss=sigmoid_focal starts the head's bias"):  # as IFL's base too
+        create_method({"name": "ifl", "base": "cb_loss", "base_options": {"loss": "sigmoid_focal"}}, model, ctx)
+
+
+def test_ifl_around_a_sigmoid_cb_loss_starts_and_spares_the_bias_as_cb_loss_does():
+    # The bias hooks belong to the loss, so a method that wraps it (IFL with base_options) gets them too.
+    m, ctx = _method("ifl", base="cb_loss", base_options={"loss": "sigmoid_focal", "gamma": 1.0})
+    bias = m.model.head.fc.bias
+    m.on_stage_start(ctx)
+    torch.testing.assert_close(bias.detach(), torch.full((3,), -math.log(2)))
+    groups = m.param_groups()
+    assert [g.weight_decay for g in groups] == [None, 0.0, 0.0] and groups[1].params == [bias]
+    assert groups[2].params == [m.centers] and groups[2].lr == m.cfg.center_lr
+    assert sorted(map(id, [p for g in groups for p in g.params])) == sorted(id(p) for p in m.parameters())
+    m, ctx = _method("ifl", base="cb_loss")  # softmax: the bias decays with the rest
+    assert [g.weight_decay for g in m.param_groups()] == [None, 0.0] and m.param_groups()[1].params == [m.centers]
 
 
 def test_balanced_softmax_golden_and_uniform_invariant():

@@ -7,12 +7,16 @@ method's checkpoint keys do not depend on its loss.
 
 The loss contract: ``Config`` (its options, a strict dataclass), ``requires_head`` (a head it needs),
 ``__init__(cfg, counts, model)`` ((C,) training images per class; the model, to read, never to keep),
-``forward(logits, targets)`` (a scalar), ``on_epoch_start(epoch)`` (a per-epoch schedule: deferred re-weighting)
-and ``adjust_scores(scores)`` (the prediction-time correction that goes with the loss; default none).
+``forward(logits, targets)`` (a scalar), ``on_epoch_start(epoch)`` (a per-epoch schedule: deferred re-weighting),
+``adjust_scores(scores)`` (the prediction-time correction that goes with the loss; default none), and two hooks on the
+model the loss trains, which every method holding a loss calls (its own, IFL's or mixup's base):
+``on_stage_start(model, num_classes)`` (e.g. cb_loss's sigmoid forms start the head's bias) and ``no_decay(model)``
+(its parameters the loss keeps out of weight decay; default none).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from longtail.config import check_val_option, from_dict
+from longtail.config import ConfigError, check_val_option, from_dict
 from longtail.losses.functional import (
     class_balanced_weights,
     focal_loss,
@@ -59,6 +63,14 @@ class Loss(nn.Module):
     def adjust_scores(self, scores: torch.Tensor) -> torch.Tensor:
         """(B, C) prediction scores -> the scores this loss predicts with; default: unchanged."""
         return scores
+
+    def on_stage_start(self, model: Classifier, num_classes: int) -> None:
+        """When the stage starts: after ``init_from``'s weights, before a resumed stage's state loads (which then
+        overwrites what this sets); default nothing."""
+
+    def no_decay(self, model: Classifier) -> list[nn.Parameter]:
+        """The model's parameters this loss trains without weight decay; default none."""
+        return []
 
 
 def create_loss(name: str, options: dict | None, counts: torch.Tensor, model: Classifier | None = None,
@@ -121,12 +133,28 @@ class ClassBalancedLoss(Loss):
     def __init__(self, cfg: Any, counts: torch.Tensor, model: Classifier | None = None) -> None:
         super().__init__(cfg, counts, model)
         self.register_buffer("weights", class_balanced_weights(counts, cfg.beta), persistent=False)  # (C,)
+        self.sigmoid_bias = cfg.loss in SIGMOID_FORMS and cfg.sigmoid_bias
+        if self.sigmoid_bias and model is not None and _head_bias(model) is None:
+            raise ConfigError(f"cb_loss loss={cfg.loss} starts the head's bias at -log(C - 1): use "
+                              f"model.head=linear with bias: true, or set the loss's sigmoid_bias: false")
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         gamma = self.cfg.gamma if self.cfg.loss in ("focal", "sigmoid_focal") else 0.0
         if self.cfg.loss in SIGMOID_FORMS:
             return sigmoid_focal_loss(logits, targets, gamma, self.weights, self.cfg.reduction)
         return focal_loss(logits, targets, gamma, self.weights, self.cfg.reduction)
+
+    def on_stage_start(self, model: Classifier, num_classes: int) -> None:
+        if self.sigmoid_bias:  # sigmoid(-log(C - 1)) = 1 / C: every class starts at the uniform prior
+            with torch.no_grad():
+                _head_bias(model).fill_(-math.log(num_classes - 1))
+
+    def no_decay(self, model: Classifier) -> list[nn.Parameter]:
+        return [_head_bias(model)] if self.sigmoid_bias else []
+
+
+def _head_bias(model: Classifier) -> nn.Parameter | None:
+    return getattr(getattr(model.head, "fc", None), "bias", None)  # (C,) a linear head's
 
 
 class _PriorLoss(Loss):

@@ -154,6 +154,15 @@ class ParamGroup:
         return self.lr is None
 
 
+def decay_groups(params: list[nn.Parameter], no_decay: list[nn.Parameter]) -> list[ParamGroup]:
+    """``params`` as one group at the stage's settings, less those in ``no_decay`` (a loss's ``no_decay(model)``),
+    which form a second group without weight decay when any of them is among ``params`` (trainable)."""
+    excluded = {id(p) for p in no_decay}
+    kept = [p for p in params if id(p) in excluded]
+    groups = [ParamGroup([p for p in params if id(p) not in excluded])]
+    return groups + ([ParamGroup(kept, weight_decay=0.0)] if kept else [])
+
+
 def why_not_a_loss(name: str) -> str | None:
     """Why ``name`` cannot be the loss inside a wrapper such as IFL or mixup, which train with a registered loss
     (``LOSSES``); None if it can. A method that trains its own way would be silently replaced by plain training."""
@@ -407,7 +416,24 @@ class Method(nn.Module):
         """Anything to finalise (e.g. class means)."""
 
 
-class LossMethod(Method):
+class TrainsWithLoss(Method):
+    """A method that holds a registered loss as ``criterion`` (a ``longtail.losses.Loss``, set in its ``__init__``)
+    and passes it the loss's hooks: its stage start (cb_loss's sigmoid forms start the head's bias), the parameters
+    it keeps out of weight decay, and its epoch schedule (deferred re-weighting). LossMethod, mixup and IFL."""
+
+    criterion: nn.Module
+
+    def on_stage_start(self, ctx: MethodContext) -> None:
+        self.criterion.on_stage_start(self.model, ctx.num_classes)
+
+    def param_groups(self) -> list[ParamGroup]:
+        return decay_groups([p for p in self.parameters() if p.requires_grad], self.criterion.no_decay(self.model))
+
+    def on_epoch_start(self, epoch: int, ctx: MethodContext) -> None:
+        self.criterion.on_epoch_start(epoch)
+
+
+class LossMethod(TrainsWithLoss):
     """A method that trains the model's logits with the registered loss ``loss_name`` (its ``criterion``, built
     from the method's own Config, which is the loss's) and predicts with the model's logits."""
 
@@ -420,9 +446,6 @@ class LossMethod(Method):
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self.criterion(logits, targets)
-
-    def on_epoch_start(self, epoch: int, ctx: MethodContext) -> None:
-        self.criterion.on_epoch_start(epoch)  # e.g. deferred re-weighting
 
 
 class _Predict(nn.Module):

@@ -34,7 +34,7 @@ from longtail.data.base import LTDataset
 from longtail.data.samplers import Sampler
 from longtail.errors import ConfigError
 from longtail.losses import create_loss
-from longtail.methods.base import BatchInfo, Method, MethodContext, ParamGroup, why_not_a_loss
+from longtail.methods.base import BatchInfo, MethodContext, ParamGroup, TrainsWithLoss, decay_groups, why_not_a_loss
 from longtail.models import Classifier
 from longtail.registry import LOSSES, METHODS
 
@@ -128,7 +128,7 @@ def _running_stats_frozen(module: nn.Module):
 
 
 @METHODS.register("ifl")
-class IFL(Method):
+class IFL(TrainsWithLoss):
     """IFL around the registered loss ``base`` (Balanced Softmax by default, as the paper's ``center_dual``).
 
     Milestones are fractions of the stage (the paper's epochs 60 and 80 of 100 -> 0.6, 0.8), so a recipe of
@@ -221,8 +221,8 @@ class IFL(Method):
     def param_groups(self) -> list[ParamGroup]:
         rest = [p for n, p in self.named_parameters() if p.requires_grad and n != "centers"]
         # The centres: plain SGD at their own constant lr (no momentum, decay or schedule), as the reference.
-        return [ParamGroup(rest),
-                ParamGroup([self.centers], lr=self.cfg.center_lr, momentum=0.0, weight_decay=0.0, nesterov=False)]
+        return decay_groups(rest, self.criterion.no_decay(self.model)) + [
+            ParamGroup([self.centers], lr=self.cfg.center_lr, momentum=0.0, weight_decay=0.0, nesterov=False)]
 
     def sampler(self, dataset: LTDataset, ctx: MethodContext) -> Sampler:
         if len(self.train_targets) != len(dataset.train.targets):
@@ -237,7 +237,7 @@ class IFL(Method):
 
     def on_epoch_start(self, epoch: int, ctx: MethodContext) -> None:
         self._ctx = ctx
-        self.criterion.on_epoch_start(epoch)
+        super().on_epoch_start(epoch, ctx)  # the base loss's schedule
         self._weight = self.center_weight(epoch, ctx.epochs)
         updates = self._at(self.cfg.update_milestones, ctx.epochs)
         if epoch - 1 in updates and int(self.record_epoch) == epoch - 1:

@@ -5,12 +5,10 @@ logits with it."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from longtail.config import ConfigError
 from longtail.losses import (  # noqa: F401  (re-exported: longtail.methods.losses named them first)
     class_balanced_weights,
     create_loss,
@@ -20,7 +18,6 @@ from longtail.losses import (  # noqa: F401  (re-exported: longtail.methods.loss
     posthoc_adjusted,
 )
 from longtail.losses.modules import (
-    SIGMOID_FORMS,
     BalancedSoftmaxLoss,
     ClassBalancedLoss,
     FocalLoss,
@@ -28,7 +25,7 @@ from longtail.losses.modules import (
     LogitAdjustedLoss,
     PosthocLogitAdjustment,
 )
-from longtail.methods.base import BatchInfo, LossMethod, Method, MethodContext, ParamGroup, why_not_a_loss
+from longtail.methods.base import BatchInfo, LossMethod, MethodContext, TrainsWithLoss, why_not_a_loss
 from longtail.models import Classifier
 from longtail.registry import LOSSES, METHODS
 
@@ -51,29 +48,6 @@ class ClassBalanced(LossMethod):
 
     loss_name = "cb_loss"
     Config = ClassBalancedLoss.Config
-
-    def __init__(self, model: Classifier, cfg, ctx: MethodContext) -> None:
-        super().__init__(model, cfg, ctx)
-        self.sigmoid_bias = cfg.loss in SIGMOID_FORMS and cfg.sigmoid_bias
-        if self.sigmoid_bias and self._head_bias() is None:
-            raise ConfigError(f"cb_loss loss={cfg.loss} starts the head's bias at -log(C - 1): use "
-                              f"model.head=linear with bias: true, or set method.sigmoid_bias=false")
-
-    def _head_bias(self) -> torch.nn.Parameter | None:
-        return getattr(getattr(self.model.head, "fc", None), "bias", None)  # (C,) a linear head's
-
-    def on_stage_start(self, ctx: MethodContext) -> None:
-        # After init_from's weights, before a resumed stage's state loads (which then overwrites it).
-        if self.sigmoid_bias:
-            with torch.no_grad():
-                self._head_bias().fill_(-math.log(ctx.num_classes - 1))
-
-    def param_groups(self) -> list[ParamGroup]:
-        if not self.sigmoid_bias:
-            return super().param_groups()
-        bias = self._head_bias()
-        rest = [p for p in self.parameters() if p.requires_grad and p is not bias]
-        return [ParamGroup(rest)] + ([ParamGroup([bias], weight_decay=0.0)] if bias.requires_grad else [])
 
 
 @METHODS.register("logit_adjust")
@@ -122,7 +96,7 @@ class LDAMDRW(LossMethod):
 
 
 @METHODS.register("mixup")
-class Mixup(Method):
+class Mixup(TrainsWithLoss):
     """Mixup (Zhang et al., ICLR 2018) around any registered loss: x~ = lam x + (1 - lam) x[j], lam ~ Beta(a, a),
     L = lam l(f(x~), y) + (1 - lam) l(f(x~), y[j]), with l the loss ``base`` at its defaults.
 
@@ -159,9 +133,6 @@ class Mixup(Method):
         super().__init__(model, cfg, ctx)
         # The base's loss at its defaults: a submodule that saves nothing (its constants are non-persistent).
         self.criterion = create_loss(cfg.base, None, ctx.train_counts, model, f"method.base ({cfg.base})")
-
-    def on_epoch_start(self, epoch: int, ctx: MethodContext) -> None:
-        self.criterion.on_epoch_start(epoch)  # e.g. deferred re-weighting
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor,
                 batch: BatchInfo | None = None) -> dict[str, torch.Tensor]:
