@@ -210,17 +210,20 @@ def logged_seconds(log_text: str) -> float | None:
 
 
 def pace(log_text: str, last: int = 5) -> float | None:
-    """Seconds per epoch lately: the median of the last ``last`` gaps between consecutive epoch lines of one
-    process (a gap across a "resuming" line holds a start-up and a part epoch, so it is left out); None before
-    two epochs of one process are logged. The machine's pace, not the row's: it changes with the machine."""
-    gaps, prev = [], None
+    """Seconds per epoch lately: the median of the last ``last`` gaps between consecutive epoch lines of the newest
+    process that has logged two epochs (a gap across a "resuming" line holds a start-up and a part epoch, so it is
+    left out; an earlier process may have run on another machine, so its gaps are not mixed in); None before any
+    process has logged two. The machine's pace, not the row's: it changes with the machine."""
+    processes, prev = [[]], None  # the epoch gaps of each process, oldest first
     for t, line in timed_lines(log_text):
         if " INFO resuming " in line:
+            processes.append([])
             prev = None
         elif EPOCH_LINE.search(line):
             if prev is not None:
-                gaps.append(t - prev)
+                processes[-1].append(t - prev)
             prev = t
+    gaps = next((g for g in reversed(processes) if g), None)
     return statistics.median(gaps[-last:]) if gaps else None
 
 

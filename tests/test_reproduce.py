@@ -316,9 +316,13 @@ def test_pace_is_the_recent_epoch_time_of_one_process():
     assert rp.pace(first) == 60.0
     # A resume on a slower machine: the gap across it (start-up, a part epoch) is not an epoch's time.
     later = first + "2026-12-01 12:00:00,000 INFO resuming r from its last checkpoint\n" + epoch("12:00:30", 4)
-    assert rp.pace(later) == 60.0
-    later += epoch("12:02:30", 5) + epoch("12:04:30", 6) + epoch("12:06:30", 7) + epoch("12:09:30", 8)
-    assert rp.pace(later) == 120.0  # the last five gaps: 60, 120, 120, 120, 180
+    assert rp.pace(later) == 60.0  # the new process has one epoch line, no gap yet: the last one's pace
+    later += epoch("12:02:30", 5)
+    assert rp.pace(later) == 120.0  # its first gap: the new machine's pace, not mixed with the old one's
+    later += epoch("12:04:30", 6) + epoch("12:06:30", 7) + epoch("12:09:30", 8)
+    assert rp.pace(later) == 120.0  # its gaps 120, 120, 120, 180
+    later += epoch("12:12:30", 9) + epoch("12:15:30", 10)
+    assert rp.pace(later) == 180.0  # the last five: 120, 120, 180, 180, 180
     assert rp.pace(epoch("10:00:00", 1)) is None and rp.pace("no times here\n") is None
 
 
