@@ -374,3 +374,32 @@ def test_a_resumed_row_keeps_its_thread_count(campaign_dir):
     threads, note = camp.row_threads(row, 1, explicit=True, resumed=True)
     assert threads == 1 and "not bit-exact" in note
     assert camp.row_threads(row, 2, explicit=True, resumed=True) == (2, None)
+
+
+def test_a_campaign_s_own_outputs_do_not_make_the_recorded_commit_dirty(tmp_path):
+    from longtail.utils import git_commit
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    for rel in ("src/pkg/a.py", "benchmarks/reproduce.yaml", "benchmarks/runs/r/train.log",
+                "benchmarks/results/r.json", "README.md"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("0\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "x")
+    where = tmp_path / "src" / "pkg"  # as the package's own folder, below the top
+    clean = git_commit(where)
+    assert re.fullmatch(r"[0-9a-f]{40}", clean)
+    (tmp_path / "benchmarks/runs/r/train.log").write_text("epoch 1\n")  # what a training row writes
+    (tmp_path / "benchmarks/results/r.json").write_text("{}\n")
+    (tmp_path / "README.md").write_text("the results table, regenerated\n")
+    (tmp_path / "untracked.txt").write_text("x\n")
+    assert git_commit(where) == clean
+    for rel in ("src/pkg/a.py", "benchmarks/reproduce.yaml"):  # code or the table's rows changed: dirty
+        (tmp_path / rel).write_text("1\n")
+        assert git_commit(where) == clean + "+dirty"
+        git("checkout", "-q", "--", rel)
+    assert git_commit(tmp_path / "benchmarks") == clean

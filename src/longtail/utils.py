@@ -149,15 +149,23 @@ def display_name(name: str) -> str:
         return name.encode("utf-8", "replace").decode("utf-8")
 
 
-def git_commit() -> str | None:
-    """The commit of the longtail source checkout (with '+dirty' if modified), or None outside git."""
-    here = Path(__file__).resolve().parent
+# What the reproduction campaign writes while it trains (run folders, result records, the README's results table),
+# not the code that trains.
+OUTPUT_PATHS = ("benchmarks/runs", "benchmarks/results", "README.md")
+
+
+def git_commit(where: Path | None = None) -> str | None:
+    """The commit of the longtail source checkout (``where``: a folder inside it; default this package's), with
+    '+dirty' if a tracked file outside ``OUTPUT_PATHS`` is modified, or None outside git. A campaign's own
+    checkpoints and logs change under benchmarks/runs while it trains: they do not make the code dirty."""
+    here = where or Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
         if out.returncode != 0:
             return None
         commit = out.stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+        pathspec = [":(top)", *(f":(top,exclude){p}" for p in OUTPUT_PATHS)]
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *pathspec], cwd=here,
                                capture_output=True, text=True, timeout=5).stdout.strip()
         return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
