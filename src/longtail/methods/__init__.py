@@ -6,11 +6,19 @@ from dataclasses import dataclass
 
 from longtail.config import from_dict
 from longtail.methods import ce, decoupling, dlsa, ifl, losses, tde  # noqa: F401  (fill the registry)
-from longtail.methods.base import BatchInfo, LossMethod, Method, MethodContext, ParamGroup, check_contract
+from longtail.methods.base import (
+    BatchInfo,
+    LossMethod,
+    Method,
+    MethodContext,
+    ParamGroup,
+    TrainsWithLoss,
+    check_contract,
+)
 from longtail.models import Classifier
 from longtail.registry import METHODS
 
-__all__ = ["BatchInfo", "LossMethod", "Method", "MethodContext", "ParamGroup", "create_method"]
+__all__ = ["BatchInfo", "LossMethod", "Method", "MethodContext", "ParamGroup", "TrainsWithLoss", "create_method"]
 
 
 def create_method(spec: dict, model: Classifier, ctx: MethodContext) -> Method:
